@@ -1,0 +1,45 @@
+"""``VLLMSteeringConfig``: the one config object that describes an engine (and, in Serve, the app)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+
+class VLLMSteeringConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    model_name: str = Field(description="HF model name or local checkpoint path")
+    tensor_parallel_size: int = 1
+    dtype: str = "auto"
+    max_model_len: int | None = None
+    gpu_memory_utilization: float = 0.9
+    max_num_seqs: int | None = None
+    max_num_batched_tokens: int | None = None
+    enable_prefix_caching: bool | None = None
+    enforce_eager: bool = True
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    bootstrap_layers: list[int] | None = Field(
+        default=None, description="decoder layers that can be steered, fixed at engine start; None = all")
+    max_ops_per_layer: int = Field(default=4, ge=1, le=64)
+    # CPU only: KV cache size and OpenMP binding (TP=2 on 2 cores needs "0|1").
+    cpu_kvcache_space_gib: int = 1
+    cpu_omp_threads_bind: str | None = None
+    distributed_executor_backend: Literal["mp", "ray"] | None = None
+    engine_kwargs: dict[str, Any] = Field(default_factory=dict, description="extra vLLM AsyncEngineArgs")
+
+    @field_validator("bootstrap_layers")
+    @classmethod
+    def _layers(cls, v: list[int] | None) -> list[int] | None:
+        if v is not None and (not v or min(v) < 0):
+            raise ValueError("bootstrap_layers must be None (all) or a non-empty list of indices >= 0")
+        return sorted(set(v)) if v is not None else None
+
+    def resolved_device(self) -> str:
+        if self.device != "auto":
+            return self.device
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"

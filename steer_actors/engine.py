@@ -1,0 +1,164 @@
+"""``SteerEngine``: one vLLM ``AsyncLLM`` with steering, run as a Ray actor (``EngineActor``).
+
+Steering changes reach every TP rank through ``collective_rpc`` into
+:class:`steer_actors.worker_ext.SteerWorkerExtension`, as stage-then-commit so a coordinator can make
+a change atomic across replicas. Every result carries the spec version and fingerprint it ran under.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from typing import Any
+
+from . import vllm_compat
+from .config import VLLMSteeringConfig
+from .results import GenerationResult, result_from_output
+from .specs import SteeringSpec, apply_edit
+
+PATCH_VERSION = "1"  # bump when the data-plane math changes: it keys vLLM's compile cache
+
+
+class SteerEngine:
+    def __init__(self, config: dict[str, Any] | VLLMSteeringConfig):
+        self.config = cfg = VLLMSteeringConfig.model_validate(config)
+        device = cfg.resolved_device()
+        if device == "cpu":
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(cfg.cpu_kvcache_space_gib))
+            if cfg.cpu_omp_threads_bind:
+                os.environ["VLLM_CPU_OMP_THREADS_BIND"] = cfg.cpu_omp_threads_bind
+        kwargs: dict[str, Any] = dict(
+            model=cfg.model_name,
+            tensor_parallel_size=cfg.tensor_parallel_size,
+            dtype=cfg.dtype,
+            enforce_eager=cfg.enforce_eager,
+            seed=cfg.seed,
+            worker_extension_cls="steer_actors.worker_ext.SteerWorkerExtension",
+            additional_config={vllm_compat.CONFIG_KEY: {
+                "patch": PATCH_VERSION,
+                "layers": cfg.bootstrap_layers,
+                "max_ops_per_layer": cfg.max_ops_per_layer,
+            }},
+        )
+        if device == "cuda":
+            kwargs["gpu_memory_utilization"] = cfg.gpu_memory_utilization
+        for name in ("max_model_len", "max_num_seqs", "max_num_batched_tokens", "enable_prefix_caching"):
+            if getattr(cfg, name) is not None:
+                kwargs[name] = getattr(cfg, name)
+        backend = cfg.distributed_executor_backend or ("ray" if device == "cuda" and cfg.tensor_parallel_size > 1
+                                                       else "mp")
+        kwargs["distributed_executor_backend"] = backend
+        kwargs.update(cfg.engine_kwargs)
+        self.engine = vllm_compat.make_async_llm(vllm_compat.engine_args(**kwargs))
+        mc = self.engine.vllm_config.model_config
+        self.hidden_size = mc.get_hidden_size()
+        self.num_layers = mc.get_num_layers(self.engine.vllm_config.parallel_config)
+        self.spec = SteeringSpec()
+        self.version = 0
+        self.fingerprint = self.spec.fingerprint()
+        self._tokenizer = None
+        self._layers: list[int] | None = None
+        self._max_ops = cfg.max_ops_per_layer
+
+    # ---- introspection -------------------------------------------------------------------------
+    async def info(self) -> dict[str, Any]:
+        if self._layers is None:
+            ranks = await self.engine.collective_rpc("steer_info")
+            self._layers = ranks[0]["layers"]
+        return {
+            "model": self.config.model_name,
+            "hidden_size": self.hidden_size,
+            "num_layers": self.num_layers,
+            "steerable_layers": self._layers,
+            "max_ops_per_layer": self._max_ops,
+            "spec_version": self.version,
+            "spec_fingerprint": self.fingerprint,
+        }
+
+    async def worker_state(self) -> list[dict[str, Any]]:
+        """Per-rank view (version and fingerprint each TP rank has committed)."""
+        return await self.engine.collective_rpc("steer_info")
+
+    # ---- steering: two-phase, driven by the coordinator (or by ``apply_spec`` alone) -----------
+    async def stage(self, version: int, spec_wire: dict[str, Any]) -> str:
+        spec = SteeringSpec.from_wire(spec_wire)
+        info = await self.info()
+        spec.validate_for(self.hidden_size, self.num_layers, info["steerable_layers"], self._max_ops)
+        fps = await self.engine.collective_rpc("steer_stage", args=(int(version), spec_wire))
+        self._staged = (int(version), spec)
+        return fps[0]
+
+    async def commit(self, version: int) -> str:
+        staged = getattr(self, "_staged", None)
+        if staged is None or staged[0] != int(version):
+            raise ValueError(f"version {version} was not staged on this engine")
+        fps = await self.engine.collective_rpc("steer_commit", args=(int(version),))
+        self.version, self.spec, self.fingerprint, self._staged = int(version), staged[1], fps[0], None
+        return self.fingerprint
+
+    async def abort(self, version: int) -> None:
+        self._staged = None
+        await self.engine.collective_rpc("steer_abort", args=(int(version),))
+
+    async def apply_spec(self, spec_wire: dict[str, Any], version: int | None = None) -> dict[str, Any]:
+        """Stage and commit on this engine alone; returns the new version and fingerprint."""
+        v = self.version + 1 if version is None else int(version)
+        try:
+            await self.stage(v, spec_wire)
+        except Exception:
+            await self.abort(v)
+            raise
+        await self.commit(v)
+        return {"spec_version": self.version, "spec_fingerprint": self.fingerprint}
+
+    async def edit(self, edit: dict[str, Any]) -> dict[str, Any]:
+        """Apply one setter-style edit (see :func:`steer_actors.specs.apply_edit`) to the current spec."""
+        return await self.apply_spec(apply_edit(self.spec, edit).to_wire())
+
+    async def export_spec(self) -> dict[str, Any]:
+        return {"spec": self.spec.to_wire(), "spec_version": self.version, "spec_fingerprint": self.fingerprint}
+
+    # ---- generation ----------------------------------------------------------------------------
+    async def generate(self, prompts: list[str] | list[list[int]], sampling: dict[str, Any] | None = None
+                       ) -> list[dict[str, Any]]:
+        import asyncio
+
+        from vllm import SamplingParams
+
+        params = SamplingParams(**(sampling or {}))
+        version, fp = self.version, self.fingerprint
+
+        async def one(prompt: str | list[int]) -> GenerationResult:
+            inp = {"prompt_token_ids": list(prompt)} if isinstance(prompt, list) else prompt
+            final = None
+            async for out in self.engine.generate(inp, params, request_id=uuid.uuid4().hex):
+                final = out
+            return result_from_output(final, version, fp)
+
+        results = await asyncio.gather(*(one(p) for p in prompts))
+        return [r.to_dict() for r in results]
+
+    def tokenizer(self):
+        if self._tokenizer is None:
+            from transformers import AutoTokenizer
+
+            self._tokenizer = AutoTokenizer.from_pretrained(self.config.model_name)
+        return self._tokenizer
+
+    async def chat(self, conversations: list[list[dict[str, str]]], sampling: dict[str, Any] | None = None,
+                   chat_template_kwargs: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+        tok = self.tokenizer()
+        prompts = [tok.apply_chat_template(c, tokenize=True, add_generation_prompt=True,
+                                           **(chat_template_kwargs or {})) for c in conversations]
+        prompts = [list(p["input_ids"]) if isinstance(p, dict) or hasattr(p, "keys") else list(p) for p in prompts]
+        return await self.generate(prompts, sampling)
+
+    async def shutdown(self) -> None:
+        self.engine.shutdown()
+
+
+def engine_actor_class(num_cpus: float = 0, num_gpus: float = 0):
+    """The Ray actor class for :class:`SteerEngine` (GPUs are claimed by vLLM's own workers)."""
+    import ray
+
+    return ray.remote(num_cpus=num_cpus, num_gpus=num_gpus)(SteerEngine)

@@ -1,0 +1,115 @@
+"""Pure math of the steering ops on the residual stream ``s = h + r`` (fp32, no vLLM).
+
+Two forms of the same ops:
+
+* the reference form (``add``, ``cap``, ``ablate``, ``apply_reference``): one readable function per op,
+  used by the HF oracle and as the definition the fused form is tested against;
+* the slot form (``apply_slots``): a fixed number of op slots per layer, each a branch-free
+  ``s += a; p = s·u; s += (clamp(p, lo, hi) - p + (g - 1) p) u``. A neutral slot (a = u = 0,
+  lo = -inf, hi = +inf, g = 1) is the identity, so the same code runs whatever is set, which is what
+  lets torch.compile and CUDA graphs keep one graph while the buffers change in place.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+OpKind = Literal["add", "cap", "ablation"]
+
+
+@dataclass(frozen=True)
+class Op:
+    """One validated op, fp32 CPU tensors. ``vector`` is raw for add, unit-norm otherwise."""
+
+    kind: OpKind
+    vector: torch.Tensor
+    scale: float = 1.0
+    min: float | None = None
+    max: float | None = None
+
+
+def add(s: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    return s + scale * v
+
+
+def cap(s: torch.Tensor, u: torch.Tensor, lo: float | None, hi: float | None) -> torch.Tensor:
+    p = s @ u
+    c = torch.clamp(p, min=lo, max=hi)
+    return s + (c - p).unsqueeze(-1) * u
+
+
+def ablate(s: torch.Tensor, u: torch.Tensor, scale: float) -> torch.Tensor:
+    return s + (scale - 1.0) * (s @ u).unsqueeze(-1) * u
+
+
+def apply_reference(s: torch.Tensor, ops: list[Op]) -> torch.Tensor:
+    """Apply ``ops`` in order to ``s`` (``[..., H]``), in fp32, returning a new tensor."""
+    out = s.float()
+    for op in ops:
+        v = op.vector.to(out.device)
+        if op.kind == "add":
+            out = add(out, v, op.scale)
+        elif op.kind == "cap":
+            out = cap(out, v, op.min, op.max)
+        else:
+            out = ablate(out, v, op.scale)
+    return out
+
+
+@dataclass
+class SlotRows:
+    """Host-side rows for the K slots of one layer, ready to copy into the device buffers."""
+
+    add: torch.Tensor  # [K, H]
+    unit: torch.Tensor  # [K, H]
+    lo: torch.Tensor  # [K]
+    hi: torch.Tensor  # [K]
+    gamma: torch.Tensor  # [K]
+
+
+def neutral_rows(num_slots: int, hidden: int) -> SlotRows:
+    return SlotRows(
+        add=torch.zeros(num_slots, hidden),
+        unit=torch.zeros(num_slots, hidden),
+        lo=torch.full((num_slots,), -math.inf),
+        hi=torch.full((num_slots,), math.inf),
+        gamma=torch.ones(num_slots),
+    )
+
+
+def ops_to_rows(ops: list[Op], num_slots: int, hidden: int) -> SlotRows:
+    if len(ops) > num_slots:
+        raise ValueError(f"{len(ops)} ops on one layer, but the engine has {num_slots} slots per layer")
+    rows = neutral_rows(num_slots, hidden)
+    for k, op in enumerate(ops):
+        if op.kind == "add":
+            rows.add[k] = op.scale * op.vector
+        elif op.kind == "cap":
+            rows.unit[k] = op.vector
+            rows.lo[k] = -math.inf if op.min is None else op.min
+            rows.hi[k] = math.inf if op.max is None else op.max
+        else:
+            rows.unit[k] = op.vector
+            rows.gamma[k] = op.scale
+    return rows
+
+
+def apply_slots(
+    s: torch.Tensor,
+    add_: torch.Tensor,
+    unit: torch.Tensor,
+    lo: torch.Tensor,
+    hi: torch.Tensor,
+    gamma: torch.Tensor,
+) -> torch.Tensor:
+    """Fused form over K slots: ``s`` is ``[T, H]`` fp32; slot tensors as in :class:`SlotRows`."""
+    for k in range(add_.shape[0]):
+        s = s + add_[k]
+        p = s @ unit[k]
+        c = torch.clamp(p, min=lo[k], max=hi[k])
+        s = s + ((c - p) + (gamma[k] - 1.0) * p).unsqueeze(-1) * unit[k]
+    return s

@@ -1,0 +1,97 @@
+"""Decoder-layer patch: installs a :class:`LayerSteerer` in each steerable layer at construction.
+
+The patch is inert for stock engines: a layer gets a steerer only when the engine was started with
+``additional_config["steer_actors"]`` (see :mod:`steer_actors.vllm_compat`), and only for the layers
+listed there, so unpatched layers and stock vLLM pay nothing.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+from torch import nn
+
+from . import vllm_compat
+from .ops import SlotRows, apply_slots
+
+_PATCHED_ATTR = "__steer_actors_patched__"
+
+
+class LayerSteerer(nn.Module):
+    """Per-layer steering state: K op slots in fp32 buffers allocated once and updated in place.
+
+    Allocated at construction, never lazily, because torch.compile and CUDA graphs freeze tensors
+    created inside the first forward; in-place ``copy_`` into these buffers is seen by both.
+    """
+
+    def __init__(self, layer_idx: int, hidden: int, num_slots: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.hidden = hidden
+        self.num_slots = num_slots
+        f32 = dict(dtype=torch.float32)
+        self.register_buffer("add", torch.zeros(num_slots, hidden, **f32), persistent=False)
+        self.register_buffer("unit", torch.zeros(num_slots, hidden, **f32), persistent=False)
+        self.register_buffer("lo", torch.full((num_slots,), -math.inf, **f32), persistent=False)
+        self.register_buffer("hi", torch.full((num_slots,), math.inf, **f32), persistent=False)
+        self.register_buffer("gamma", torch.ones(num_slots, **f32), persistent=False)
+
+    def forward(self, delta: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        r = residual.float()
+        s = apply_slots(delta.float() + r, self.add, self.unit, self.lo, self.hi, self.gamma)
+        return (s - r).to(delta.dtype), residual
+
+    @torch.inference_mode()
+    def load_rows(self, rows: SlotRows) -> None:
+        for name in ("add", "unit", "lo", "hi", "gamma"):
+            getattr(self, name).copy_(getattr(rows, name), non_blocking=False)
+
+
+def _wrap_init(orig_init):
+    @functools.wraps(orig_init)
+    def __init__(self, *args, **kwargs):
+        orig_init(self, *args, **kwargs)
+        cfg = vllm_compat.steering_config_at_construction()
+        if cfg is None:
+            return
+        idx = vllm_compat.layer_index_from_prefix(kwargs.get("prefix", ""))
+        layers = cfg.get("layers")
+        if idx is None or (layers is not None and idx not in layers):
+            return
+        self.steerer = LayerSteerer(idx, vllm_compat.hidden_size_at_construction(self), int(cfg["max_ops_per_layer"]))
+
+    return __init__
+
+
+def _wrap_forward(orig_forward):
+    @functools.wraps(orig_forward)
+    def forward(self, *args, **kwargs):
+        out = orig_forward(self, *args, **kwargs)
+        steerer = self.__dict__.get("_modules", {}).get("steerer")
+        # A patched subclass whose forward calls a patched base's forward steers once, at the outermost.
+        if steerer is None or type(self).forward is not forward:
+            return out
+        return steerer(*out)
+
+    return forward
+
+
+def install() -> list[str]:
+    """Patch every known decoder-layer class once per process; returns the names patched."""
+    patched = []
+    for cls in vllm_compat.decoder_layer_classes():
+        if cls.__dict__.get(_PATCHED_ATTR):
+            continue
+        if "__init__" in cls.__dict__:
+            cls.__init__ = _wrap_init(cls.__dict__["__init__"])
+        if "forward" in cls.__dict__:
+            cls.forward = _wrap_forward(cls.__dict__["forward"])
+        setattr(cls, _PATCHED_ATTR, True)
+        patched.append(cls.__qualname__)
+    return patched
+
+
+def steerers(model: nn.Module) -> dict[int, LayerSteerer]:
+    return {m.layer_idx: m for m in model.modules() if isinstance(m, LayerSteerer)}

@@ -1,0 +1,246 @@
+"""Steering specs: the pydantic models researchers write, their validation and their wire forms.
+
+A :class:`SteeringSpec` maps decoder-layer index -> :class:`LayerSteeringSpec`, an ordered list of
+operations applied to the residual stream ``s = h + r`` after that layer:
+
+* :class:`AddSpec`: ``s += scale * vector``
+* :class:`ProjectionCapSpec`: ``p = s·û; s += (clamp(p, min, max) - p) û``
+* :class:`AblationSpec`: ``s += (scale - 1)(s·û) û`` (0 removes the direction, > 1 amplifies it)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from typing import Annotated, Any, Literal, Union
+
+import numpy as np
+import torch
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer, field_validator, model_validator
+
+from . import wire
+from .ops import Op
+
+
+def _to_vector(value: Any) -> torch.Tensor:
+    if isinstance(value, torch.Tensor):
+        t = value.detach().to("cpu", torch.float32)
+    elif wire.is_encoded_tensor(value):
+        t = wire.decode_tensor(value).to(torch.float32)
+    elif isinstance(value, (list, tuple, np.ndarray)):
+        try:
+            t = torch.as_tensor(np.asarray(value, dtype=np.float32))
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"vector must be numbers: {e}") from None
+    else:
+        raise ValueError(f"vector must be a tensor, array, list of floats or encoded tensor, not {type(value).__name__}")
+    if t.dim() != 1 or t.numel() == 0:
+        raise ValueError(f"vector must be 1-D and non-empty, got shape {list(t.shape)}")
+    if not torch.isfinite(t).all():
+        raise ValueError("vector contains NaN or Inf")
+    return t.contiguous().clone()
+
+
+Vector = Annotated[
+    torch.Tensor,
+    BeforeValidator(_to_vector),
+    PlainSerializer(lambda t: t.tolist(), return_type=list[float], when_used="json"),
+]
+
+
+def _finite(name: str, v: float | None) -> float | None:
+    if v is not None and not math.isfinite(v):
+        raise ValueError(f"{name} must be finite, got {v}")
+    return v
+
+
+class _OpBase(BaseModel):
+    model_config = ConfigDict(arbitrary_types_allowed=True, frozen=True)
+    vector: Vector
+
+
+class AddSpec(_OpBase):
+    """Add ``scale * vector`` (the vector as given, not normalised)."""
+
+    kind: Literal["add"] = "add"
+    scale: float = 1.0
+
+    _check_scale = field_validator("scale")(classmethod(lambda cls, v: _finite("scale", v)))
+
+    def to_op(self) -> Op:
+        return Op("add", self.vector, scale=self.scale)
+
+
+class _DirectionSpec(_OpBase):
+    @field_validator("vector")
+    @classmethod
+    def _nonzero(cls, v: torch.Tensor) -> torch.Tensor:
+        if float(v.norm()) == 0.0:
+            raise ValueError("direction vector has zero norm")
+        return v
+
+    def unit(self) -> torch.Tensor:
+        return self.vector / self.vector.norm()
+
+
+class ProjectionCapSpec(_DirectionSpec):
+    """Clamp the projection of ``s`` on ``vector``'s direction into ``[min, max]``."""
+
+    kind: Literal["cap"] = "cap"
+    min: float | None = None
+    max: float | None = None
+
+    @model_validator(mode="after")
+    def _bounds(self) -> "ProjectionCapSpec":
+        _finite("min", self.min), _finite("max", self.max)
+        if self.min is None and self.max is None:
+            raise ValueError("projection cap needs min, max or both")
+        if self.min is not None and self.max is not None and self.min > self.max:
+            raise ValueError(f"projection cap min ({self.min}) > max ({self.max})")
+        return self
+
+    def to_op(self) -> Op:
+        return Op("cap", self.unit(), min=self.min, max=self.max)
+
+
+class AblationSpec(_DirectionSpec):
+    """Scale the component of ``s`` along ``vector``'s direction by ``scale`` (0 = remove)."""
+
+    kind: Literal["ablation"] = "ablation"
+    scale: float = 0.0
+
+    _check_scale = field_validator("scale")(classmethod(lambda cls, v: _finite("scale", v)))
+
+    def to_op(self) -> Op:
+        return Op("ablation", self.unit(), scale=self.scale)
+
+
+SteeringOpSpec = Annotated[Union[AddSpec, ProjectionCapSpec, AblationSpec], Field(discriminator="kind")]
+
+
+class LayerSteeringSpec(BaseModel):
+    model_config = ConfigDict(frozen=True)
+    operations: list[SteeringOpSpec] = Field(default_factory=list)
+
+    def to_ops(self) -> list[Op]:
+        return [o.to_op() for o in self.operations]
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"operations": [{**o.model_dump(exclude={"vector"}), "vector": wire.encode_tensor(o.vector)}
+                               for o in self.operations]}
+
+    def fingerprint(self) -> str:
+        return hashlib.sha256(wire.packb(self.to_wire())).hexdigest()[:16]
+
+
+class SteeringSpec(BaseModel):
+    """Ops per decoder layer. Layers absent or with no operations are unsteered."""
+
+    model_config = ConfigDict(frozen=True)
+    layers: dict[int, LayerSteeringSpec] = Field(default_factory=dict)
+
+    @field_validator("layers")
+    @classmethod
+    def _layer_indices(cls, layers: dict[int, LayerSteeringSpec]) -> dict[int, LayerSteeringSpec]:
+        bad = [i for i in layers if i < 0]
+        if bad:
+            raise ValueError(f"layer indices must be >= 0, got {bad}")
+        return {i: layers[i] for i in sorted(layers) if layers[i].operations}
+
+    def is_empty(self) -> bool:
+        return not self.layers
+
+    # ---- wire forms ------------------------------------------------------------------------
+    def to_wire(self) -> dict[str, Any]:
+        """msgpack-safe dict: vectors as float32 little-endian bytes + shape."""
+        return {"layers": {str(i): ls.to_wire() for i, ls in self.layers.items()}}
+
+    @classmethod
+    def from_wire(cls, payload: Any) -> "SteeringSpec":
+        if not isinstance(payload, dict):
+            raise ValueError("steering spec payload must be a map")
+        return cls.model_validate(payload)
+
+    def to_msgpack(self) -> bytes:
+        return wire.packb(self.to_wire())
+
+    @classmethod
+    def from_msgpack(cls, data: bytes) -> "SteeringSpec":
+        return cls.from_wire(wire.unpackb(data))
+
+    def fingerprint(self) -> str:
+        """Content hash: equal specs (same ops, same float32 bytes) give equal fingerprints."""
+        return hashlib.sha256(self.to_msgpack()).hexdigest()[:16]
+
+    # ---- checks against an engine ------------------------------------------------------------
+    def validate_for(self, hidden_size: int, num_layers: int, steerable_layers: list[int] | None = None,
+                     max_ops_per_layer: int | None = None) -> None:
+        """Raise ``ValueError`` naming the problem if this spec cannot run on the engine described."""
+        for i, ls in self.layers.items():
+            if i >= num_layers:
+                raise ValueError(f"layer {i} out of range: the model has {num_layers} layers (0..{num_layers - 1})")
+            if steerable_layers is not None and i not in steerable_layers:
+                raise ValueError(f"layer {i} is not steerable on this engine (bootstrap_layers={steerable_layers})")
+            if max_ops_per_layer is not None and len(ls.operations) > max_ops_per_layer:
+                raise ValueError(f"layer {i} has {len(ls.operations)} operations; "
+                                 f"the engine allows {max_ops_per_layer} (max_ops_per_layer)")
+            for o in ls.operations:
+                if o.vector.numel() != hidden_size:
+                    raise ValueError(f"layer {i} {o.kind} vector has dimension {o.vector.numel()}, "
+                                     f"the model's hidden size is {hidden_size}")
+
+    # ---- edits (return new specs; specs are immutable) ---------------------------------------
+    def with_layer(self, layer: int, ops: list[Any]) -> "SteeringSpec":
+        layers = dict(self.layers)
+        layers[layer] = LayerSteeringSpec(operations=ops)
+        return SteeringSpec(layers=layers)
+
+    def with_layer_op(self, layer: int, op: AddSpec | ProjectionCapSpec | AblationSpec) -> "SteeringSpec":
+        """Replace this layer's op of the same kind (keeping its place) or append it."""
+        ops = list(self.layers.get(layer, LayerSteeringSpec()).operations)
+        idx = next((k for k, o in enumerate(ops) if o.kind == op.kind), None)
+        if idx is None:
+            ops.append(op)
+        else:
+            ops[idx] = op
+        return self.with_layer(layer, ops)
+
+    def without_layer_kind(self, layer: int, kind: str | None = None) -> "SteeringSpec":
+        ops = self.layers.get(layer, LayerSteeringSpec()).operations
+        return self.with_layer(layer, [o for o in ops if kind is not None and o.kind != kind])
+
+    def without_kind(self, kind: str) -> "SteeringSpec":
+        return SteeringSpec(layers={i: LayerSteeringSpec(operations=[o for o in ls.operations if o.kind != kind])
+                                    for i, ls in self.layers.items()})
+
+
+_OP_TYPES = {"add": AddSpec, "cap": ProjectionCapSpec, "ablation": AblationSpec}
+
+
+def apply_edit(spec: SteeringSpec, edit: dict[str, Any]) -> SteeringSpec:
+    """One setter as data, so the engine and the coordinator share it. ``edit["action"]`` is
+
+    * ``set``: ``layer``, ``op`` (an op dict with ``kind``): replace that layer's op of the same kind or append;
+    * ``clear``: optional ``layer`` and ``kind``: drop matching ops (no layer = every layer; no kind = all kinds);
+    * ``replace``: ``spec`` (wire or dict form): the whole spec.
+    """
+    if not isinstance(edit, dict):
+        raise ValueError("edit must be a map")
+    action = edit.get("action")
+    if action == "replace":
+        return SteeringSpec.from_wire(edit.get("spec") or {})
+    if action == "set":
+        layer, op = edit.get("layer"), edit.get("op")
+        if not isinstance(layer, int) or not isinstance(op, dict) or op.get("kind") not in _OP_TYPES:
+            raise ValueError("set edit needs an integer 'layer' and an 'op' with kind add, cap or ablation")
+        if layer < 0:
+            raise ValueError(f"layer indices must be >= 0, got {layer}")
+        return spec.with_layer_op(layer, _OP_TYPES[op["kind"]].model_validate(op))
+    if action == "clear":
+        layer, kind = edit.get("layer"), edit.get("kind")
+        if kind is not None and kind not in _OP_TYPES:
+            raise ValueError(f"unknown op kind {kind!r}; use add, cap or ablation")
+        if layer is None:
+            return spec.without_kind(kind) if kind else SteeringSpec()
+        return spec.without_layer_kind(int(layer), kind)
+    raise ValueError(f"unknown edit action {action!r}; use set, clear or replace")

@@ -1,0 +1,96 @@
+"""Everything that depends on the vLLM version, in one place (CPU: vLLM 0.32 V1 runner; GPU: 0.26 V2 runner).
+
+The rest of the package talks to vLLM only through these functions.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import re
+from typing import Any, Iterator
+
+import torch
+
+log = logging.getLogger(__name__)
+
+# Key under ``VllmConfig.additional_config``. vLLM hashes additional_config into the compile-cache key
+# (``VllmConfig.compute_hash``), so anything we put here also keys torch.compile artifacts: a graph
+# compiled by stock vLLM (no key) can never be loaded for a patched model, and vice versa.
+CONFIG_KEY = "steer_actors"
+
+# (module, class) of decoder layers whose forward returns ``(delta, residual)``. Subclasses that do
+# not override ``forward`` (Mistral -> Llama, ...) are covered by their base.
+DECODER_LAYERS: list[tuple[str, str]] = [
+    ("vllm.model_executor.models.llama", "LlamaDecoderLayer"),
+    ("vllm.model_executor.models.qwen2", "Qwen2DecoderLayer"),
+    ("vllm.model_executor.models.qwen3", "Qwen3DecoderLayer"),
+    ("vllm.model_executor.models.qwen2_moe", "Qwen2MoeDecoderLayer"),
+    ("vllm.model_executor.models.qwen3_moe", "Qwen3MoeDecoderLayer"),
+    ("vllm.model_executor.models.mistral", "MistralDecoderLayer"),
+]
+
+_LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)$")
+
+
+def decoder_layer_classes() -> Iterator[type]:
+    for mod_name, cls_name in DECODER_LAYERS:
+        try:
+            cls = getattr(importlib.import_module(mod_name), cls_name)
+        except (ImportError, AttributeError) as e:  # model absent in this vLLM build
+            log.debug("steer_actors: skip %s.%s: %s", mod_name, cls_name, e)
+            continue
+        yield cls
+
+
+def layer_index_from_prefix(prefix: str) -> int | None:
+    m = _LAYER_RE.search(prefix or "")
+    return int(m.group(1)) if m else None
+
+
+def steering_config_at_construction() -> dict[str, Any] | None:
+    """The ``additional_config[CONFIG_KEY]`` of the model being built, or None for a stock engine."""
+    try:
+        from vllm.config import get_current_vllm_config_or_none
+    except ImportError:  # older layout
+        from vllm.config.vllm import get_current_vllm_config_or_none
+    cfg = get_current_vllm_config_or_none()
+    if cfg is None:
+        return None
+    extra = cfg.additional_config
+    return extra.get(CONFIG_KEY) if isinstance(extra, dict) else None
+
+
+def hidden_size_at_construction(layer: torch.nn.Module) -> int:
+    size = getattr(layer, "hidden_size", None)
+    if size is None:
+        from vllm.config import get_current_vllm_config
+
+        size = get_current_vllm_config().model_config.get_hidden_size()
+    return int(size)
+
+
+def worker_model(worker: Any) -> torch.nn.Module:
+    """The nn.Module a worker runs, unwrapped from CUDA-graph / ubatch wrappers (V1 and V2 runners)."""
+    model = worker.model_runner.get_model()
+    while not isinstance(model, torch.nn.Module) and hasattr(model, "unwrap"):
+        model = model.unwrap()
+    if not isinstance(model, torch.nn.Module):
+        model = getattr(model, "runnable", model)
+    return model
+
+
+def tp_rank(worker: Any) -> int:
+    return int(getattr(worker, "rank", 0))
+
+
+def engine_args(**kwargs: Any) -> Any:
+    from vllm.engine.arg_utils import AsyncEngineArgs
+
+    return AsyncEngineArgs(**kwargs)
+
+
+def make_async_llm(args: Any) -> Any:
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    return AsyncLLM.from_engine_args(args)

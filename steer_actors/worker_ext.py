@@ -1,0 +1,82 @@
+"""Worker extension (``worker_extension_cls``): the ``steer_*`` methods reached by ``collective_rpc``.
+
+Every TP rank runs the same calls. A change is two-phase so that it lands on every rank of every
+replica or on none: ``steer_stage`` validates and builds the host rows for a version (nothing visible
+changes), ``steer_commit`` copies them into the layer buffers. The engine core runs RPCs between
+model steps, so a commit never tears a forward pass.
+Payloads are msgpack-safe (see :mod:`steer_actors.wire`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from . import vllm_compat
+from .ops import neutral_rows, ops_to_rows
+from .patch import LayerSteerer, steerers
+from .specs import SteeringSpec
+
+
+class SteerWorkerExtension:
+    def _steer_layers(self) -> dict[int, LayerSteerer]:
+        cached = self.__dict__.get("_steer_layer_cache")
+        if cached is None:
+            cached = self._steer_layer_cache = steerers(vllm_compat.worker_model(self))
+        return cached
+
+    def _steer_state(self) -> dict[str, Any]:
+        st = self.__dict__.get("_steer_state_")
+        if st is None:
+            st = self._steer_state_ = {"staged": {}, "version": 0, "fingerprint": SteeringSpec().fingerprint(),
+                                       "loaded": {}}
+        return st
+
+    def steer_info(self) -> dict[str, Any]:
+        layers = self._steer_layers()
+        any_layer = next(iter(layers.values()), None)
+        return {
+            "rank": vllm_compat.tp_rank(self),
+            "layers": sorted(layers),
+            "hidden_size": any_layer.hidden if any_layer else None,
+            "max_ops_per_layer": any_layer.num_slots if any_layer else 0,
+            "version": self._steer_state()["version"],
+            "fingerprint": self._steer_state()["fingerprint"],
+        }
+
+    def steer_stage(self, version: int, spec_wire: dict[str, Any]) -> str:
+        spec = SteeringSpec.from_wire(spec_wire)
+        layers = self._steer_layers()
+        if not layers:
+            raise ValueError("this engine has no steerable layers (was it started by steer_actors?)")
+        any_layer = next(iter(layers.values()))
+        spec.validate_for(any_layer.hidden, num_layers=max(layers) + 1, steerable_layers=sorted(layers),
+                          max_ops_per_layer=any_layer.num_slots)
+        rows = {}
+        for idx, layer in layers.items():
+            ls = spec.layers.get(idx)
+            key = ls.fingerprint() if ls else ""
+            rows[idx] = (key, ops_to_rows(ls.to_ops(), layer.num_slots, layer.hidden) if ls
+                         else neutral_rows(layer.num_slots, layer.hidden))
+        fp = spec.fingerprint()
+        self._steer_state()["staged"][int(version)] = (fp, rows)
+        return fp
+
+    def steer_commit(self, version: int) -> str:
+        st = self._steer_state()
+        try:
+            fp, rows = st["staged"].pop(int(version))
+        except KeyError:
+            raise ValueError(f"no staged steering version {version}") from None
+        layers = self._steer_layers()
+        for idx, (key, layer_rows) in rows.items():
+            if st["loaded"].get(idx) != key:  # only layers whose ops changed are copied
+                layers[idx].load_rows(layer_rows)
+                st["loaded"][idx] = key
+        # Older staged versions can never commit after a newer one.
+        for v in [v for v in st["staged"] if v < int(version)]:
+            del st["staged"][v]
+        st["version"], st["fingerprint"] = int(version), fp
+        return fp
+
+    def steer_abort(self, version: int) -> None:
+        self._steer_state()["staged"].pop(int(version), None)
