@@ -10,16 +10,35 @@ operations applied to the residual stream ``s = h + r`` after that layer:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 from typing import Annotated, Any, Literal, Union
 
 import numpy as np
 import torch
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer, field_validator, model_validator
+from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer, ValidationError,
+                      field_validator, model_validator)
 
 from . import wire
 from .ops import Op
+
+
+@contextlib.contextmanager
+def plain_value_errors():
+    """Re-raise pydantic's ValidationError as a short plain ValueError.
+
+    Ray cannot re-raise ValidationError on the caller's side (it cannot be subclassed), and HTTP
+    clients want the message, not a dump of a 4096-float input.
+    """
+    try:
+        yield
+    except ValidationError as e:
+        parts = []
+        for err in e.errors(include_url=False, include_input=False):
+            loc = ".".join(str(x) for x in err["loc"])
+            parts.append(f"{loc}: {err['msg']}" if loc else err["msg"])
+        raise ValueError("; ".join(parts)) from None
 
 
 def _to_vector(value: Any) -> torch.Tensor:
@@ -159,7 +178,8 @@ class SteeringSpec(BaseModel):
     def from_wire(cls, payload: Any) -> "SteeringSpec":
         if not isinstance(payload, dict):
             raise ValueError("steering spec payload must be a map")
-        return cls.model_validate(payload)
+        with plain_value_errors():
+            return cls.model_validate(payload)
 
     def to_msgpack(self) -> bytes:
         return wire.packb(self.to_wire())
@@ -235,7 +255,8 @@ def apply_edit(spec: SteeringSpec, edit: dict[str, Any]) -> SteeringSpec:
             raise ValueError("set edit needs an integer 'layer' and an 'op' with kind add, cap or ablation")
         if layer < 0:
             raise ValueError(f"layer indices must be >= 0, got {layer}")
-        return spec.with_layer_op(layer, _OP_TYPES[op["kind"]].model_validate(op))
+        with plain_value_errors():
+            return spec.with_layer_op(layer, _OP_TYPES[op["kind"]].model_validate(op))
     if action == "clear":
         layer, kind = edit.get("layer"), edit.get("kind")
         if kind is not None and kind not in _OP_TYPES:

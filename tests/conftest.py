@@ -1,0 +1,66 @@
+"""Shared fixtures: one local Ray, tiny models, and engine actors shared across tests (an engine
+start costs ~30 s on this 2-core machine)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def qwen3_path() -> str:
+    from steer_actors.testing import build_tiny_model
+
+    return build_tiny_model("qwen3")
+
+
+@pytest.fixture(scope="session")
+def llama_path() -> str:
+    from steer_actors.testing import build_tiny_model
+
+    return build_tiny_model("llama")
+
+
+def start_engine(ray, **config):
+    from steer_actors.engine import engine_actor_class
+
+    config.setdefault("dtype", "float32")
+    config.setdefault("max_model_len", 512)
+    actor = engine_actor_class().remote(config)
+    ray.get(actor.info.remote())
+    return actor
+
+
+@pytest.fixture(scope="session")
+def qwen3_engine(ray_local, qwen3_path):
+    actor = start_engine(ray_local, model_name=qwen3_path)
+    yield actor
+    ray_local.get(actor.shutdown.remote())
+    ray_local.kill(actor)
+
+
+@pytest.fixture(scope="session")
+def oracles(qwen3_path, llama_path):
+    from steer_actors.testing.hf_oracle import HFOracle
+
+    return {"qwen3": HFOracle(qwen3_path), "llama": HFOracle(llama_path)}
+
+
+def rand_vec(seed: int, hidden: int = 256, norm: float = 1.0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    v = torch.randn(hidden, generator=g)
+    return v / v.norm() * norm

@@ -1,0 +1,88 @@
+"""Spec models: validation errors name the problem; msgpack and JSON round trips are exact."""
+
+import math
+
+import msgpack
+import pytest
+import torch
+
+from steer_actors.specs import AblationSpec, AddSpec, LayerSteeringSpec, ProjectionCapSpec, SteeringSpec, apply_edit
+from steer_actors import wire
+
+
+def _spec():
+    g = torch.Generator().manual_seed(0)
+    return SteeringSpec(layers={
+        2: LayerSteeringSpec(operations=[AddSpec(vector=torch.randn(8, generator=g), scale=1.5),
+                                         ProjectionCapSpec(vector=torch.randn(8, generator=g), min=-1.0, max=2.0)]),
+        0: LayerSteeringSpec(operations=[AblationSpec(vector=torch.randn(8, generator=g), scale=0.25)]),
+    })
+
+
+def test_msgpack_and_json_round_trip():
+    s = _spec()
+    via_msgpack = SteeringSpec.from_msgpack(s.to_msgpack())
+    via_json = SteeringSpec.model_validate_json(s.model_dump_json())
+    for other in (via_msgpack, via_json):
+        assert other.fingerprint() == s.fingerprint()
+        for i in s.layers:
+            for a, b in zip(s.layers[i].operations, other.layers[i].operations):
+                assert torch.equal(a.vector, b.vector) and a.model_dump(exclude={"vector"}) == b.model_dump(
+                    exclude={"vector"})
+    assert list(s.layers) == [0, 2]  # canonical order, so fingerprints do not depend on insertion order
+
+
+def test_wire_is_plain_msgpack_with_float32_bytes():
+    raw = msgpack.unpackb(_spec().to_msgpack(), raw=False)
+    vec = raw["layers"]["2"]["operations"][0]["vector"]
+    assert vec["dtype"] == "float32" and vec["shape"] == [8] and len(vec["data"]) == 32
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda: AddSpec(vector=[1.0, float("nan")]), "NaN or Inf"),
+    (lambda: AddSpec(vector=[1.0, math.inf]), "NaN or Inf"),
+    (lambda: AddSpec(vector=[1.0, 2.0], scale=math.nan), "finite"),
+    (lambda: ProjectionCapSpec(vector=[0.0, 0.0], max=1.0), "zero norm"),
+    (lambda: AblationSpec(vector=[0.0, 0.0]), "zero norm"),
+    (lambda: ProjectionCapSpec(vector=[1.0, 0.0], min=2.0, max=1.0), "min .* > max"),
+    (lambda: ProjectionCapSpec(vector=[1.0, 0.0]), "needs min, max or both"),
+    (lambda: AddSpec(vector=[[1.0, 2.0]]), "1-D"),
+    (lambda: SteeringSpec(layers={-1: LayerSteeringSpec(operations=[AddSpec(vector=[1.0])])}), ">= 0"),
+    (lambda: AddSpec(vector={"data": b"\x00" * 3, "shape": [1], "dtype": "float32"}), "bytes"),
+])
+def test_invalid_specs_raise_value_error(make, message):
+    with pytest.raises(ValueError, match=message):
+        make()
+
+
+def test_validate_for_engine():
+    s = _spec()
+    s.validate_for(hidden_size=8, num_layers=4)
+    with pytest.raises(ValueError, match="hidden size is 16"):
+        s.validate_for(hidden_size=16, num_layers=4)
+    with pytest.raises(ValueError, match="out of range"):
+        s.validate_for(hidden_size=8, num_layers=2)
+    with pytest.raises(ValueError, match="not steerable"):
+        s.validate_for(hidden_size=8, num_layers=4, steerable_layers=[2])
+    with pytest.raises(ValueError, match="max_ops_per_layer"):
+        s.validate_for(hidden_size=8, num_layers=4, max_ops_per_layer=1)
+
+
+def test_edits_keep_order_and_replace_same_kind():
+    s = apply_edit(SteeringSpec(), {"action": "set", "layer": 1, "op": {"kind": "add", "vector": [1.0, 0.0]}})
+    s = apply_edit(s, {"action": "set", "layer": 1, "op": {"kind": "ablation", "vector": [0.0, 1.0]}})
+    s = apply_edit(s, {"action": "set", "layer": 1, "op": {"kind": "add", "vector": [2.0, 0.0], "scale": 3.0}})
+    ops = s.layers[1].operations
+    assert [o.kind for o in ops] == ["add", "ablation"] and ops[0].scale == 3.0 and ops[0].vector[0] == 2.0
+    assert [o.kind for o in apply_edit(s, {"action": "clear", "kind": "add"}).layers[1].operations] == ["ablation"]
+    assert apply_edit(s, {"action": "clear", "layer": 1}).is_empty()
+    assert apply_edit(s, {"action": "clear"}).is_empty()
+    with pytest.raises(ValueError, match="unknown edit action"):
+        apply_edit(s, {"action": "explode"})
+
+
+def test_malformed_msgpack():
+    with pytest.raises(ValueError, match="malformed msgpack"):
+        SteeringSpec.from_msgpack(b"\xc1\xff\x00")
+    with pytest.raises(ValueError):
+        SteeringSpec.from_wire(wire.unpackb(wire.packb([1, 2, 3])))

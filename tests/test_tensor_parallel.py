@@ -1,0 +1,32 @@
+"""TP=2 on CPU (mp executor, one OpenMP thread per rank) steers exactly like TP=1."""
+
+import pytest
+
+from conftest import start_engine
+from test_engine_steering import PROMPTS, SAMPLING, apply, generate, parity_specs
+
+pytestmark = pytest.mark.engine
+
+
+@pytest.fixture(scope="module")
+def qwen3_tp2(ray_local, qwen3_path):
+    actor = start_engine(ray_local, model_name=qwen3_path, tensor_parallel_size=2, cpu_omp_threads_bind="0|1")
+    yield actor
+    ray_local.get(actor.shutdown.remote())
+    ray_local.kill(actor)
+
+
+def test_tp2_matches_tp1_under_steering(ray_local, qwen3_tp2, qwen3_engine, oracles):
+    oracle = oracles["qwen3"]
+    ids = [oracle.tokenizer(p).input_ids for p in PROMPTS]
+    for name, spec in parity_specs(oracle, ids).items():
+        for engine in (qwen3_tp2, qwen3_engine):
+            apply(ray_local, engine, spec)
+        tp2 = generate(ray_local, qwen3_tp2, ids)
+        tp1 = generate(ray_local, qwen3_engine, ids)
+        assert [r["token_ids"] for r in tp2] == [r["token_ids"] for r in tp1], name
+        ranks = ray_local.get(qwen3_tp2.worker_state.remote())
+        assert sorted(r["rank"] for r in ranks) == [0, 1]
+        assert len({(r["version"], r["fingerprint"]) for r in ranks}) == 1
+    for engine in (qwen3_tp2, qwen3_engine):
+        apply(ray_local, engine, None)
