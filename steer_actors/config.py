@@ -30,12 +30,34 @@ class VLLMSteeringConfig(BaseModel):
     distributed_executor_backend: Literal["mp", "ray"] | None = None
     engine_kwargs: dict[str, Any] = Field(default_factory=dict, description="extra vLLM AsyncEngineArgs")
 
+    # ---- serving (Ray Serve app) ----
+    num_replicas: int = Field(default=1, ge=1, description="engine replicas behind one coordinator")
+    replica_overrides: list[dict[str, Any]] = Field(
+        default_factory=list, description="per-replica changes to the engine fields above, by replica index")
+    max_ongoing_requests: int = Field(
+        default=1024, description="Serve's per-replica cap for ingress and coordinator (Serve's default of 5 "
+                                  "would throttle an LLM; the engine does its own batching and queueing)")
+    max_body_bytes: int = Field(default=64 << 20, description="largest HTTP body accepted (413 beyond)")
+
     @field_validator("bootstrap_layers")
     @classmethod
     def _layers(cls, v: list[int] | None) -> list[int] | None:
         if v is not None and (not v or min(v) < 0):
             raise ValueError("bootstrap_layers must be None (all) or a non-empty list of indices >= 0")
         return sorted(set(v)) if v is not None else None
+
+    def for_replica(self, index: int) -> "VLLMSteeringConfig":
+        if index < len(self.replica_overrides) and self.replica_overrides[index]:
+            return self.model_copy(update=self.replica_overrides[index])
+        return self
+
+    def resolved_model(self) -> str:
+        """``tiny:qwen3`` / ``tiny:llama`` name the locally built tiny models; anything else goes to vLLM."""
+        if self.model_name.startswith("tiny:"):
+            from .testing import build_tiny_model
+
+            return build_tiny_model(self.model_name.split(":", 1)[1])
+        return self.model_name
 
     def resolved_device(self) -> str:
         if self.device != "auto":

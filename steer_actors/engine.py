@@ -28,7 +28,7 @@ class SteerEngine:
             if cfg.cpu_omp_threads_bind:
                 os.environ["VLLM_CPU_OMP_THREADS_BIND"] = cfg.cpu_omp_threads_bind
         kwargs: dict[str, Any] = dict(
-            model=cfg.model_name,
+            model=cfg.resolved_model(),
             tensor_parallel_size=cfg.tensor_parallel_size,
             dtype=cfg.dtype,
             enforce_eager=cfg.enforce_eager,
@@ -142,7 +142,7 @@ class SteerEngine:
         if self._tokenizer is None:
             from transformers import AutoTokenizer
 
-            self._tokenizer = AutoTokenizer.from_pretrained(self.config.model_name)
+            self._tokenizer = AutoTokenizer.from_pretrained(self.config.resolved_model())
         return self._tokenizer
 
     async def chat(self, conversations: list[list[dict[str, str]]], sampling: dict[str, Any] | None = None,

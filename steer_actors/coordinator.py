@@ -1,0 +1,117 @@
+"""``SteeringCoordinator``: the one owner of the global steering state of an app.
+
+It holds the readers-writer lock (generate/chat read; changes write), the current spec, the spec
+stack, a monotonic version and the spec's content fingerprint, and the engine replicas. A change is
+staged on every replica (every TP rank) and committed only if all staged; otherwise all abort and
+the caller gets the error, so no replica ever runs a version the others do not.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from typing import Any
+
+from .config import VLLMSteeringConfig
+from .engine import engine_actor_class
+from .rwlock import AsyncRWLock
+from .specs import SteeringSpec, apply_edit
+
+
+def _cause(err: BaseException) -> BaseException:
+    return getattr(err, "cause", None) or err
+
+
+class SteeringCoordinator:
+    def __init__(self, config: dict[str, Any] | VLLMSteeringConfig, engines: list[Any] | None = None):
+        import ray
+
+        self.config = cfg = VLLMSteeringConfig.model_validate(config)
+        if engines is None:
+            actor_cls = engine_actor_class()
+            engines = [actor_cls.remote(cfg.for_replica(i).model_dump()) for i in range(cfg.num_replicas)]
+        self.engines = engines
+        infos = ray.get([e.info.remote() for e in engines])  # blocks until every engine is up
+        self._info = infos[0]
+        self.lock = AsyncRWLock()
+        self.spec = SteeringSpec()
+        self.version = 0
+        self.fingerprint = self.spec.fingerprint()
+        self.stack: list[SteeringSpec] = []
+        self._in_flight = [0] * len(engines)
+        self._rr = itertools.count()
+
+    # ---- reads -------------------------------------------------------------------------------
+    def _pick_engine(self) -> int:
+        start = next(self._rr)
+        n = len(self.engines)
+        return min(((start + k) % n for k in range(n)), key=lambda i: self._in_flight[i])
+
+    async def _call_engine(self, method: str, *args: Any) -> Any:
+        async with self.lock.read():
+            i = self._pick_engine()
+            self._in_flight[i] += 1
+            try:
+                return await getattr(self.engines[i], method).remote(*args)
+            finally:
+                self._in_flight[i] -= 1
+
+    async def generate(self, prompts: list[Any], sampling: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+        if not isinstance(prompts, list) or not prompts:
+            raise ValueError("prompts must be a non-empty list of strings or token-id lists")
+        return await self._call_engine("generate", prompts, sampling)
+
+    async def chat(self, conversations: list[list[dict[str, str]]], sampling: dict[str, Any] | None = None,
+                   chat_template_kwargs: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+        if not isinstance(conversations, list) or not conversations:
+            raise ValueError("conversations must be a non-empty list of message lists")
+        return await self._call_engine("chat", conversations, sampling, chat_template_kwargs)
+
+    async def info(self) -> dict[str, Any]:
+        return {**self._info, **self._state(), "num_replicas": len(self.engines)}
+
+    def _state(self) -> dict[str, Any]:
+        return {"spec_version": self.version, "spec_fingerprint": self.fingerprint, "stack_depth": len(self.stack)}
+
+    async def get_spec(self) -> dict[str, Any]:
+        return {"spec": self.spec.to_wire(), **self._state()}
+
+    async def replica_states(self) -> list[list[dict[str, Any]]]:
+        """What every TP rank of every replica has committed (for tests and health checks)."""
+        return list(await asyncio.gather(*(e.worker_state.remote() for e in self.engines)))
+
+    # ---- writes ------------------------------------------------------------------------------
+    async def _commit_all(self, spec: SteeringSpec) -> None:
+        """Stage on every replica, then commit on every replica; caller holds the write lock."""
+        version, wire = self.version + 1, spec.to_wire()
+        staged = await asyncio.gather(*(e.stage.remote(version, wire) for e in self.engines),
+                                      return_exceptions=True)
+        failed = [(i, _cause(r)) for i, r in enumerate(staged) if isinstance(r, BaseException)]
+        if failed:
+            await asyncio.gather(*(e.abort.remote(version) for e in self.engines), return_exceptions=True)
+            i, err = failed[0]
+            msg = f"replica {i} rejected the change: {err}" if len(self.engines) > 1 else str(err)
+            raise (ValueError if isinstance(err, ValueError) else RuntimeError)(msg)
+        await asyncio.gather(*(e.commit.remote(version) for e in self.engines))
+        self.spec, self.version, self.fingerprint = spec, version, spec.fingerprint()
+
+    async def edit(self, edit: dict[str, Any]) -> dict[str, Any]:
+        async with self.lock.write():
+            await self._commit_all(apply_edit(self.spec, edit))
+            return self._state()
+
+    async def push(self, spec_wire: dict[str, Any]) -> dict[str, Any]:
+        spec = SteeringSpec.from_wire(spec_wire)
+        async with self.lock.write():
+            previous = self.spec
+            await self._commit_all(spec)
+            self.stack.append(previous)
+            return self._state()
+
+    async def pop(self) -> dict[str, Any]:
+        async with self.lock.write():
+            if not self.stack:
+                raise ValueError("steering stack is empty: pop without a matching push")
+            await self._commit_all(self.stack[-1])
+            self.stack.pop()
+            return self._state()
