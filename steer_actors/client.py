@@ -42,6 +42,20 @@ async def _unwrap(response: Any) -> Any:
         raise ValueError(str(cause if cause is not None else e)) from None
 
 
+def _blocking(fn):
+    """Run a blocking Serve call; from inside a running event loop (``await``-style scripts that
+    construct the client) it runs on a helper thread, which Serve allows."""
+    import asyncio
+    import concurrent.futures
+
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return fn()
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        return pool.submit(fn).result()
+
+
 class VLLMSteerModel:
     def __init__(self, cfg: VLLMSteeringConfig | dict[str, Any] | None = None, *,
                  bootstrap_layers: Sequence[int] | None = None, app_name: str = DEFAULT_APP,
@@ -66,7 +80,7 @@ class VLLMSteerModel:
             _handle = serve.run(build_app(cfg), name=app_name, route_prefix=f"/{app_name}")
         self._handle = _handle
         self.config = cfg
-        self._info = _handle.info.remote().result()
+        self._info = _blocking(lambda: _handle.info.remote().result())
         self._target_layer: int | None = None
 
     @classmethod

@@ -4,21 +4,34 @@ start costs ~30 s on this 2-core machine)."""
 from __future__ import annotations
 
 import os
+import subprocess
 
 import pytest
 import torch
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The test cluster listens on loopback only; every driver (pytest, `serve run`, job-style scripts)
+# inherits this, so none needs Ray's token.
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+
+RAY_PORT = int(os.environ.get("STEER_TEST_RAY_PORT", "6390"))
+RAY_ADDRESS = f"127.0.0.1:{RAY_PORT}"
 
 
 @pytest.fixture(scope="session")
 def ray_local():
+    """A real Ray head started with `ray start`, so other driver processes (`serve run`, job-style
+    scripts) can attach to the same cluster as the tests."""
     import ray
 
-    if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    subprocess.run(["ray", "stop", "--force"], capture_output=True)
+    subprocess.run(["ray", "start", "--head", f"--port={RAY_PORT}", "--num-cpus=2", "--include-dashboard=false",
+                    "--disable-usage-stats"], check=True, capture_output=True)
+    ray.init(address=RAY_ADDRESS, log_to_driver=False)
     yield ray
     ray.shutdown()
+    subprocess.run(["ray", "stop", "--force"], capture_output=True)
 
 
 @pytest.fixture(scope="session")

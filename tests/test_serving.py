@@ -1,0 +1,289 @@
+"""The Serve app end to end: `serve run` a 2-replica app, then drive it over HTTP, through a handle
+in this process and from a separate Ray driver process, checking tokens against HF."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import msgpack
+import numpy as np
+import pytest
+import torch
+
+from conftest import RAY_ADDRESS, rand_vec
+from steer_actors.specs import AblationSpec, AddSpec, LayerSteeringSpec, SteeringSpec
+
+pytestmark = pytest.mark.engine
+
+BASE = "http://127.0.0.1:8000/steer"
+PROMPT = "Once upon a time there was"
+SAMPLING = dict(max_tokens=8, temperature=0.0, ignore_eos=True)
+REPO = Path(__file__).resolve().parents[1]
+
+
+def add_spec(seed: int, layer: int = 1, scale: float = 6.0) -> SteeringSpec:
+    return SteeringSpec(layers={layer: LayerSteeringSpec(operations=[AddSpec(vector=rand_vec(seed), scale=scale)])})
+
+
+@pytest.fixture(scope="module")
+def served_app(ray_local, qwen3_path, tmp_path_factory):
+    """`serve run` of a config with two replicas; replica 1 patches only layers 0-2."""
+    cfg = tmp_path_factory.mktemp("serve") / "app.yaml"
+    cfg.write_text(json.dumps({
+        "proxy_location": "HeadOnly",
+        "http_options": {"host": "127.0.0.1", "port": 8000},
+        "applications": [{
+            "name": "steer", "route_prefix": "/steer", "import_path": "deployments.app:build_app",
+            "args": {"model_name": qwen3_path, "dtype": "float32", "max_model_len": 512, "num_replicas": 2,
+                     "replica_overrides": [{}, {"bootstrap_layers": [0, 1, 2]}], "max_body_bytes": 1 << 20},
+        }],
+    }))  # JSON is YAML
+    proc = subprocess.Popen(["serve", "run", "--address", RAY_ADDRESS, str(cfg)], cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while True:
+        try:
+            if httpx.get(f"{BASE}/v1/info", timeout=5).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        assert proc.poll() is None and time.time() < deadline, "serve run did not come up"
+        time.sleep(2)
+    yield BASE
+    proc.terminate()
+    proc.wait(60)
+
+
+@pytest.fixture(scope="module")
+def client(served_app):
+    from steer_actors import VLLMSteerModel
+
+    return VLLMSteerModel.connect(address=RAY_ADDRESS, app="steer")
+
+
+@pytest.fixture(scope="module")
+def oracle_tokens(oracles):
+    o = oracles["qwen3"]
+    ids = o.tokenizer(PROMPT).input_ids
+    cache: dict[str, list[int]] = {}
+
+    def tokens(spec: SteeringSpec) -> list[int]:
+        fp = spec.fingerprint()
+        if fp not in cache:
+            cache[fp] = o.greedy(ids, SAMPLING["max_tokens"], spec if not spec.is_empty() else None).token_ids
+        return cache[fp]
+
+    return tokens
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def test_lock_semantics_under_concurrency(client, oracle_tokens):
+    """32 readers and 8 writers at once: versions are consecutive, each response's tokens are those
+    of the spec its version names (HF), on both replicas."""
+    specs = [add_spec(100 + k) for k in range(8)]
+    by_fp = {s.fingerprint(): s for s in specs} | {SteeringSpec().fingerprint(): SteeringSpec()}
+
+    async def main():
+        await client.clear_all()
+        v0 = (await client.steering_state())["spec_version"]
+
+        async def reader(i):
+            await asyncio.sleep(0.05 * (i % 8))
+            return (await client.generate([PROMPT], **SAMPLING))[0]
+
+        async def writer(k):
+            await asyncio.sleep(0.07 * k)
+            return await client.apply_steering_spec(specs[k])
+
+        res = await asyncio.gather(*[reader(i) for i in range(32)], *[writer(k) for k in range(8)])
+        return v0, res[:32], res[32:]
+
+    v0, reads, writes = run(main())
+    assert sorted(w["spec_version"] for w in writes) == list(range(v0 + 1, v0 + 9))  # one at a time, no gaps
+    version_fp = {w["spec_version"]: w["spec_fingerprint"] for w in writes}
+    for r in reads:
+        if r.spec_version in version_fp:
+            assert r.spec_fingerprint == version_fp[r.spec_version]
+        assert r.token_ids == oracle_tokens(by_fp[r.spec_fingerprint])
+    assert len({r.spec_version for r in reads}) > 1  # the readers really interleaved with the writers
+
+
+def test_writer_waits_for_in_flight_and_later_readers_see_new_spec(client, oracle_tokens):
+    new = add_spec(7)
+
+    async def main():
+        await client.clear_all()
+        v0 = (await client.steering_state())["spec_version"]
+        done = {}
+
+        async def timed(name, coro):
+            out = await coro
+            done[name] = time.monotonic()
+            return out
+
+        long_gen = asyncio.create_task(timed("long", client.generate([PROMPT], max_tokens=300, temperature=0.0,
+                                                                      ignore_eos=True)))
+        await asyncio.sleep(1.0)
+        write = asyncio.create_task(timed("write", client.apply_steering_spec(new)))
+        await asyncio.sleep(0.5)
+        late = asyncio.create_task(timed("late", client.generate([PROMPT], **SAMPLING)))
+        return v0, done, await long_gen, await write, await late
+
+    v0, done, long_out, write, late = run(main())
+    assert done["long"] <= done["write"] <= done["late"]
+    assert long_out[0].spec_version == v0 and write["spec_version"] == v0 + 1
+    assert late[0].spec_version == v0 + 1 and late[0].token_ids == oracle_tokens(new)
+
+
+def test_steering_context_and_stack(client, oracle_tokens):
+    a, b = add_spec(21), add_spec(22, layer=2)
+
+    async def main():
+        await client.apply_steering_spec(a)
+        async with client.steering(b):
+            inner = (await client.generate([PROMPT], **SAMPLING))[0]
+            assert (await client.steering_state())["stack_depth"] == 1
+        with pytest.raises(RuntimeError, match="boom"):
+            async with client.steering(b):
+                raise RuntimeError("boom")
+        after = (await client.generate([PROMPT], **SAMPLING))[0]
+        exported = await client.export_steering_spec()
+        await client.push_steering_spec(b)
+        await client.push_steering_spec(SteeringSpec())
+        depth2 = (await client.steering_state())["stack_depth"]
+        await client.pop_steering_spec()
+        mid = await client.export_steering_spec()
+        await client.pop_steering_spec()
+        with pytest.raises(ValueError, match="stack is empty"):
+            await client.pop_steering_spec()
+        return inner, after, exported, depth2, mid
+
+    inner, after, exported, depth2, mid = run(main())
+    assert inner.token_ids == oracle_tokens(b)
+    assert after.token_ids == oracle_tokens(a)
+    assert exported.fingerprint() == a.fingerprint() and mid.fingerprint() == b.fingerprint() and depth2 == 2
+
+
+def test_two_replicas_steer_and_fail_atomically(client, oracle_tokens):
+    spec = add_spec(31)
+
+    async def main():
+        await client.apply_steering_spec(spec)
+        outs = await asyncio.gather(*[client.generate([PROMPT], **SAMPLING) for _ in range(6)])
+        before = await client.steering_state()
+        # replica 1 does not patch layer 3: the change must fail there and commit nowhere
+        bad = SteeringSpec(layers={3: LayerSteeringSpec(operations=[AddSpec(vector=rand_vec(32), scale=6.0)])})
+        with pytest.raises(ValueError, match="replica 1 .*not steerable"):
+            await client.apply_steering_spec(bad)
+        after = await client.steering_state()
+        states = await client._handle.replica_states.remote()
+        again = await asyncio.gather(*[client.generate([PROMPT], **SAMPLING) for _ in range(6)])
+        return outs, before, after, states, again
+
+    outs, before, after, states, again = run(main())
+    assert all(o[0].token_ids == oracle_tokens(spec) for o in outs + again)
+    assert before == after
+    ranks = [r for replica in states for r in replica]
+    assert len(states) == 2 and {(r["version"], r["fingerprint"]) for r in ranks} == {
+        (before["spec_version"], before["spec_fingerprint"])}
+
+
+def _http_scenario(base: str) -> list[list[int]]:
+    """Clear, steer layer 1 with add (msgpack body), cap layer 2 (JSON), generate; returns tokens."""
+    with httpx.Client(base_url=base, timeout=120) as c:
+        assert c.delete("/v1/steering").status_code == 200
+        vec = rand_vec(41).numpy().astype("<f4")
+        body = msgpack.packb({"vector": {"data": vec.tobytes(), "shape": [256], "dtype": "float32"}, "scale": 6.0})
+        r = c.put("/v1/steering/layers/1/add", content=body, headers={"content-type": "application/msgpack"})
+        assert r.status_code == 200, r.text
+        r = c.put("/v1/steering/layers/2/cap", json={"vector": rand_vec(42).tolist(), "max": 0.0})
+        assert r.status_code == 200, r.text
+        r = c.post("/v1/generate", json={"prompts": [PROMPT, "Hello world, the sea"], "sampling": SAMPLING})
+        assert r.status_code == 200, r.text
+        return [x["token_ids"] for x in r.json()["results"]]
+
+
+HANDLE_SCENARIO = f"""
+import asyncio, json, sys
+sys.path.insert(0, {str(REPO / 'tests')!r})
+from conftest import rand_vec
+from steer_actors import VLLMSteerModel
+async def main():
+    m = VLLMSteerModel.connect(address={RAY_ADDRESS!r}, app="steer")
+    await m.clear_all()
+    await m.set_layer_vector(1, rand_vec(41), scale=6.0)
+    await m.set_layer_projection_cap(2, rand_vec(42), max=0.0)
+    out = await m.generate([{PROMPT!r}, "Hello world, the sea"], max_tokens=8, temperature=0.0, ignore_eos=True)
+    print("TOKENS=" + json.dumps([o.token_ids for o in out]))
+asyncio.run(main())
+"""
+
+
+def test_http_handle_and_separate_driver_agree(served_app, client, oracles):
+    http_tokens = _http_scenario(served_app)
+    proc = subprocess.run([sys.executable, "-c", HANDLE_SCENARIO], capture_output=True, text=True, timeout=300,
+                          cwd=REPO)
+    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("TOKENS=")]
+    assert line, proc.stderr[-3000:]
+    driver_tokens = json.loads(line[0][len("TOKENS="):])
+    spec = run(client.export_steering_spec())
+    o = oracles["qwen3"]
+    want = [o.greedy(o.tokenizer(p).input_ids, 8, spec).token_ids for p in [PROMPT, "Hello world, the sea"]]
+    assert http_tokens == driver_tokens == want
+    assert [op.kind for op in spec.layers[1].operations] == ["add"] and spec.layers[2].operations[0].kind == "cap"
+    run(client.clear_all())
+
+
+@pytest.mark.parametrize("method, path, kwargs, status, message", [
+    ("post", "/v1/generate", dict(content=b"{not json", headers={"content-type": "application/json"}), 400, "invalid"),
+    ("post", "/v1/generate", dict(content=b"\xc1\xc1", headers={"content-type": "application/msgpack"}), 400,
+     "msgpack"),
+    ("post", "/v1/generate", dict(json={"prompts": []}), 400, "prompts"),
+    ("post", "/v1/generate", dict(content=b"x", headers={"content-type": "text/plain"}), 415, "content type"),
+    ("put", "/v1/steering/layers/1/add", dict(json={"vector": [1.0] * 3}), 400, "hidden size"),
+    ("put", "/v1/steering/layers/1/add", dict(json={"vector": [1.0, "x"]}), 400, "vector"),
+    ("put", "/v1/steering/layers/9/add", dict(json={"vector": [1.0] * 256}), 400, "out of range"),
+    ("put", "/v1/steering/layers/1/cap", dict(json={"vector": [0.0] * 256, "max": 1.0}), 400, "zero norm"),
+    ("put", "/v1/steering/layers/1/cap", dict(json={"vector": [1.0] * 256, "min": 2.0, "max": 1.0}), 400, "min"),
+    ("put", "/v1/steering/layers/1/warp", dict(json={"vector": [1.0] * 256}), 400, "kind"),
+    ("put", "/v1/steering/layers/1/add", dict(content=msgpack.packb({"vector": {"data": b"\x00" * 7, "shape": [256],
+                                                                                "dtype": "float32"}}),
+                                              headers={"content-type": "application/msgpack"}), 400, "bytes"),
+    ("put", "/v1/steering", dict(content=b"0" * (1 << 20 + 1), headers={"content-type": "application/json"}), 413,
+     "exceeds"),
+    ("post", "/v1/steering/pop", {}, 400, "stack is empty"),
+])
+def test_malformed_http_is_4xx_and_changes_nothing(served_app, client, method, path, kwargs, status, message):
+    run(client.apply_steering_spec(add_spec(51)))
+    before = httpx.get(f"{served_app}/v1/steering").json()
+    r = getattr(httpx, method)(f"{served_app}{path}", timeout=60, **kwargs)
+    assert r.status_code == status, r.text
+    assert message in r.json()["error"]
+    after = httpx.get(f"{served_app}/v1/steering").json()
+    assert after == before
+    ok = httpx.post(f"{served_app}/v1/generate", json={"prompts": [PROMPT], "sampling": SAMPLING}, timeout=60)
+    assert ok.status_code == 200 and ok.json()["results"][0]["spec_version"] == before["spec_version"]
+
+
+def test_msgpack_spec_round_trip_over_http(served_app):
+    spec = SteeringSpec(layers={0: LayerSteeringSpec(operations=[AblationSpec(vector=rand_vec(61), scale=0.5)])})
+    r = httpx.put(f"{served_app}/v1/steering", content=spec.to_msgpack(),
+                  headers={"content-type": "application/msgpack", "accept": "application/msgpack"})
+    assert r.status_code == 200
+    got = httpx.get(f"{served_app}/v1/steering", headers={"accept": "application/msgpack"})
+    back = msgpack.unpackb(got.content, raw=False)
+    assert SteeringSpec.from_wire(back["spec"]).fingerprint() == spec.fingerprint()
+    assert back["spec_fingerprint"] == spec.fingerprint()
+    assert np.frombuffer(back["spec"]["layers"]["0"]["operations"][0]["vector"]["data"], "<f4").shape == (256,)
+    httpx.delete(f"{served_app}/v1/steering")
+    assert httpx.get(f"{served_app}/openapi.json").status_code in (200, 404)
