@@ -29,6 +29,7 @@ class VLLMSteeringConfig(BaseModel):
     cpu_omp_threads_bind: str | None = None
     distributed_executor_backend: Literal["mp", "ray"] | None = None
     engine_kwargs: dict[str, Any] = Field(default_factory=dict, description="extra vLLM AsyncEngineArgs")
+    env: dict[str, str] = Field(default_factory=dict, description="environment for the engine's processes")
 
     # ---- serving (Ray Serve app) ----
     num_replicas: int = Field(default=1, ge=1, description="engine replicas behind one coordinator")

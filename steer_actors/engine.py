@@ -16,13 +16,24 @@ from .config import VLLMSteeringConfig
 from .results import GenerationResult, result_from_output
 from .specs import SteeringSpec, apply_edit
 
-PATCH_VERSION = "1"  # bump when the data-plane math changes: it keys vLLM's compile cache
+def _data_plane_hash() -> str:
+    """Hash of the data-plane sources: it goes into vLLM's compile-cache key (via additional_config),
+    so graphs compiled by stock vLLM or by an older patch are never reused."""
+    import hashlib
+    from pathlib import Path
+
+    here = Path(__file__).parent
+    h = hashlib.sha256()
+    for name in ("ops.py", "kernels.py", "patch.py", "vllm_compat.py"):
+        h.update((here / name).read_bytes())
+    return h.hexdigest()[:16]
 
 
 class SteerEngine:
     def __init__(self, config: dict[str, Any] | VLLMSteeringConfig):
         self.config = cfg = VLLMSteeringConfig.model_validate(config)
         device = cfg.resolved_device()
+        os.environ.update(cfg.env)
         if device == "cpu":
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(cfg.cpu_kvcache_space_gib))
             if cfg.cpu_omp_threads_bind:
@@ -35,7 +46,7 @@ class SteerEngine:
             seed=cfg.seed,
             worker_extension_cls="steer_actors.worker_ext.SteerWorkerExtension",
             additional_config={vllm_compat.CONFIG_KEY: {
-                "patch": PATCH_VERSION,
+                "patch": _data_plane_hash(),
                 "layers": cfg.bootstrap_layers,
                 "max_ops_per_layer": cfg.max_ops_per_layer,
             }},
@@ -50,6 +61,9 @@ class SteerEngine:
         kwargs["distributed_executor_backend"] = backend
         kwargs.update(cfg.engine_kwargs)
         self.engine = vllm_compat.make_async_llm(vllm_compat.engine_args(**kwargs))
+        from .reaper import start_for_children
+
+        start_for_children()
         mc = self.engine.vllm_config.model_config
         self.hidden_size = mc.get_hidden_size()
         self.num_layers = mc.get_num_layers(self.engine.vllm_config.parallel_config)
@@ -80,10 +94,15 @@ class SteerEngine:
         return await self.engine.collective_rpc("steer_info")
 
     # ---- steering: two-phase, driven by the coordinator (or by ``apply_spec`` alone) -----------
-    async def stage(self, version: int, spec_wire: dict[str, Any]) -> str:
+    async def _validated(self, spec_wire: dict[str, Any]) -> SteeringSpec:
+        """Check on the actor side first, so bad input never reaches (or changes) the workers."""
         spec = SteeringSpec.from_wire(spec_wire)
         info = await self.info()
         spec.validate_for(self.hidden_size, self.num_layers, info["steerable_layers"], self._max_ops)
+        return spec
+
+    async def stage(self, version: int, spec_wire: dict[str, Any]) -> str:
+        spec = await self._validated(spec_wire)
         fps = await self.engine.collective_rpc("steer_stage", args=(int(version), spec_wire))
         self._staged = (int(version), spec)
         return fps[0]
@@ -101,14 +120,11 @@ class SteerEngine:
         await self.engine.collective_rpc("steer_abort", args=(int(version),))
 
     async def apply_spec(self, spec_wire: dict[str, Any], version: int | None = None) -> dict[str, Any]:
-        """Stage and commit on this engine alone; returns the new version and fingerprint."""
+        """Change this engine alone (no coordinator): validate, then stage+commit in one RPC."""
         v = self.version + 1 if version is None else int(version)
-        try:
-            await self.stage(v, spec_wire)
-        except Exception:
-            await self.abort(v)
-            raise
-        await self.commit(v)
+        spec = await self._validated(spec_wire)
+        fps = await self.engine.collective_rpc("steer_apply", args=(v, spec_wire))
+        self.version, self.spec, self.fingerprint = v, spec, fps[0]
         return {"spec_version": self.version, "spec_fingerprint": self.fingerprint}
 
     async def edit(self, edit: dict[str, Any]) -> dict[str, Any]:

@@ -14,7 +14,8 @@ import torch
 from torch import nn
 
 from . import vllm_compat
-from .ops import SlotRows, apply_slots
+from .kernels import steer_residual_
+from .ops import SlotRows
 
 _PATCHED_ATTR = "__steer_actors_patched__"
 
@@ -37,16 +38,18 @@ class LayerSteerer(nn.Module):
         self.register_buffer("lo", torch.full((num_slots,), -math.inf, **f32), persistent=False)
         self.register_buffer("hi", torch.full((num_slots,), math.inf, **f32), persistent=False)
         self.register_buffer("gamma", torch.ones(num_slots, **f32), persistent=False)
+        # 0 while the layer has no ops: the op then does no work (read on the device at replay time).
+        self.register_buffer("active", torch.zeros(1, dtype=torch.int32), persistent=False)
 
     def forward(self, delta: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        r = residual.float()
-        s = apply_slots(delta.float() + r, self.add, self.unit, self.lo, self.hi, self.gamma)
-        return (s - r).to(delta.dtype), residual
+        steer_residual_(delta, residual, self.add, self.unit, self.lo, self.hi, self.gamma, self.active)
+        return delta, residual
 
     @torch.inference_mode()
-    def load_rows(self, rows: SlotRows) -> None:
+    def load_rows(self, rows: SlotRows, active: bool) -> None:
         for name in ("add", "unit", "lo", "hi", "gamma"):
             getattr(self, name).copy_(getattr(rows, name), non_blocking=False)
+        self.active.fill_(int(active))
 
 
 def _wrap_init(orig_init):

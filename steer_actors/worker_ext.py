@@ -70,13 +70,18 @@ class SteerWorkerExtension:
         layers = self._steer_layers()
         for idx, (key, layer_rows) in rows.items():
             if st["loaded"].get(idx) != key:  # only layers whose ops changed are copied
-                layers[idx].load_rows(layer_rows)
+                layers[idx].load_rows(layer_rows, active=bool(key))
                 st["loaded"][idx] = key
         # Older staged versions can never commit after a newer one.
         for v in [v for v in st["staged"] if v < int(version)]:
             del st["staged"][v]
         st["version"], st["fingerprint"] = int(version), fp
         return fp
+
+    def steer_apply(self, version: int, spec_wire: dict[str, Any]) -> str:
+        """Stage and commit in one RPC: one engine alone needs no two-phase round trip."""
+        self.steer_stage(version, spec_wire)
+        return self.steer_commit(version)
 
     def steer_abort(self, version: int) -> None:
         self._steer_state()["staged"].pop(int(version), None)

@@ -1,0 +1,256 @@
+"""GPU benchmark: steering against stock vLLM on the same card, in the same session.
+
+    python bench/gpu.py --model 0.6b --runs stock,ours --out $OUT/part1.json
+    python bench/gpu.py --runs parity,hooks --out $OUT/part2.json
+    python bench/gpu.py --merge $OUT/part*.json --out bench/results/gpu-<card>-<date>.json
+
+Each run is a fresh subprocess (GPU memory freed between them). Prompts are random token ids with
+``ignore_eos`` so every mode does the same work; throughput = generated tokens / wall time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SHAPES = {
+    "0.6b": dict(hidden_size=1024, num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8, head_dim=128,
+                 intermediate_size=3072),
+    "8b": dict(hidden_size=4096, num_hidden_layers=36, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
+               intermediate_size=12288),
+}
+N_PROMPTS, PROMPT_LEN, GEN_LEN = 512, 128, 256
+
+
+def build_checkpoint(shape: str) -> str:
+    out = Path(f"/tmp/bench-qwen3-{shape}")
+    if (out / "config.json").exists():
+        return str(out)
+    import torch
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    cfg = Qwen3Config(vocab_size=151936, max_position_embeddings=4096, rope_theta=1e6, tie_word_embeddings=False,
+                      **SHAPES[shape])
+    cfg.dtype = "bfloat16"
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = Qwen3ForCausalLM(cfg).to(torch.bfloat16)
+    model.save_pretrained(out, safe_serialization=True)
+    del model
+    torch.cuda.empty_cache()
+    return str(out)
+
+
+def _prompts(n=N_PROMPTS, length=PROMPT_LEN, seed=0):
+    import random
+
+    rng = random.Random(seed)
+    return [[rng.randrange(100, 150000) for _ in range(length)] for _ in range(n)]
+
+
+async def _throughput(generate, n=N_PROMPTS, gen_len=GEN_LEN, reps=2) -> float:
+    best = 0.0
+    for rep in range(reps):
+        prompts = _prompts(n, seed=rep)
+        t = time.perf_counter()
+        outs = await generate(prompts, dict(max_tokens=gen_len, temperature=0.0, ignore_eos=True, detokenize=False))
+        dt = time.perf_counter() - t
+        assert all(len(o) == gen_len for o in outs)
+        best = max(best, n * gen_len / dt)
+    return best
+
+
+def _engine_kwargs(model: str, eager: bool) -> dict:
+    return dict(model=model, dtype="bfloat16", enforce_eager=eager, skip_tokenizer_init=True, max_model_len=1024,
+                gpu_memory_utilization=0.85, seed=0)
+
+
+async def run_stock(model: str, eager: bool, hooks: bool) -> dict:
+    """Stock vLLM (our plugin disabled by VLLM_PLUGINS in the parent); ``hooks`` = the seed's hooks."""
+    import uuid
+
+    from vllm import SamplingParams
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    kw = _engine_kwargs(model, eager)
+    if hooks:
+        kw["worker_extension_cls"] = "bench.hooks_ext.HookExtension"
+    t0 = time.perf_counter()
+    llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**kw))
+    start_s = time.perf_counter() - t0
+    if hooks:
+        await llm.collective_rpc("bench_install_hooks", args=(0.5,))
+
+    async def generate(prompts, sp):
+        params = SamplingParams(**sp)
+
+        async def one(p):
+            final = None
+            async for out in llm.generate({"prompt_token_ids": p}, params, request_id=uuid.uuid4().hex):
+                final = out
+            return final.outputs[0].token_ids
+
+        return await asyncio.gather(*(one(p) for p in prompts))
+
+    tps = await _throughput(generate)
+    llm.shutdown()
+    return {"tok_s": tps, "start_s": start_s}
+
+
+def _specs(hidden: int, layers: int):
+    import torch
+
+    from steer_actors.specs import AddSpec, LayerSteeringSpec, ProjectionCapSpec, SteeringSpec
+
+    g = torch.Generator().manual_seed(0)
+    v = lambda: torch.randn(hidden, generator=g)  # noqa: E731
+    one = SteeringSpec(layers={layers // 2: LayerSteeringSpec(operations=[AddSpec(vector=v(), scale=0.5)])})
+    all_layers = SteeringSpec(layers={i: LayerSteeringSpec(operations=[
+        AddSpec(vector=v(), scale=0.1), ProjectionCapSpec(vector=v(), min=-4.0, max=4.0)]) for i in range(layers)})
+    return one, all_layers
+
+
+async def run_ours(model: str, eager: bool, measure: list[str]) -> dict:
+    from steer_actors.engine import SteerEngine
+    from steer_actors.specs import SteeringSpec
+
+    t0 = time.perf_counter()
+    eng = SteerEngine(dict(model_name=model, dtype="bfloat16", enforce_eager=eager, max_model_len=1024,
+                           gpu_memory_utilization=0.85, engine_kwargs={"skip_tokenizer_init": True}))
+    res: dict = {"start_s": time.perf_counter() - t0}
+    info = await eng.info()
+    one, all_layers = _specs(info["hidden_size"], info["num_layers"])
+
+    async def generate(prompts, sp):
+        return [r["token_ids"] for r in await eng.generate(prompts, sp)]
+
+    for name, spec in [("idle", SteeringSpec()), ("one_layer", one), ("all_layers", all_layers)]:
+        if name in measure:
+            await eng.apply_spec(spec.to_wire())
+            res[name] = await _throughput(generate)
+    if "update" in measure:
+        await eng.apply_spec(SteeringSpec().to_wire())
+        bg = asyncio.create_task(generate(_prompts(N_PROMPTS, seed=9), dict(max_tokens=GEN_LEN, ignore_eos=True,
+                                                                              detokenize=False, temperature=0.0)))
+        await asyncio.sleep(2.0)
+        lat = []
+        for i in range(60):
+            t = time.perf_counter()
+            await eng.apply_spec((one if i % 2 == 0 else all_layers).to_wire())
+            lat.append((time.perf_counter() - t) * 1000)
+            await asyncio.sleep(0.02)
+        await bg
+        lat.sort()
+        res["update_ms"] = {"p50": lat[len(lat) // 2], "p99": lat[int(len(lat) * 0.99) - 1], "max": lat[-1]}
+    eng.engine.shutdown()
+    return res
+
+
+async def run_parity(eager: bool) -> dict:
+    """fp32 tiny Qwen3: steered greedy tokens under each op, to compare eager vs graphs and HF."""
+    from steer_actors.engine import SteerEngine
+    from steer_actors.specs import AblationSpec, AddSpec, LayerSteeringSpec, ProjectionCapSpec, SteeringSpec
+    from steer_actors.testing import build_tiny_model
+    import torch
+
+    path = build_tiny_model("qwen3")
+    eng = SteerEngine(dict(model_name=path, dtype="float32", enforce_eager=eager, max_model_len=512,
+                           gpu_memory_utilization=0.3))
+    g = torch.Generator().manual_seed(1)
+    v = lambda: torch.randn(256, generator=g)  # noqa: E731
+    L = lambda *ops: LayerSteeringSpec(operations=list(ops))  # noqa: E731
+    specs = {"none": SteeringSpec(),
+             "add": SteeringSpec(layers={1: L(AddSpec(vector=v(), scale=1.5))}),
+             "cap": SteeringSpec(layers={2: L(ProjectionCapSpec(vector=v(), min=0.5, max=1.0))}),
+             "ablation": SteeringSpec(layers={1: L(AblationSpec(vector=v(), scale=3.0))}),
+             "combo": SteeringSpec(layers={1: L(AddSpec(vector=v(), scale=1.0), AblationSpec(vector=v(), scale=0.0)),
+                                           2: L(ProjectionCapSpec(vector=v(), max=0.0))})}
+    prompts = [[5, 6, 7, 8, 9, 10], [100, 200, 300], list(range(40, 70))]
+    out = {}
+    for name, spec in specs.items():
+        await eng.apply_spec(spec.to_wire())
+        rs = await eng.generate(prompts, dict(max_tokens=16, temperature=0.0, ignore_eos=True))
+        out[name] = [r["token_ids"] for r in rs]
+    eng.engine.shutdown()
+    hf = {}
+    if eager:  # HF oracle once, on the GPU machine
+        from steer_actors.testing.hf_oracle import HFOracle
+
+        o = HFOracle(path)
+        hf = {name: [o.greedy(p, 16, spec if not spec.is_empty() else None).token_ids for p in prompts]
+              for name, spec in specs.items()}
+    return {"tokens": out, "hf": hf}
+
+
+def child(args) -> None:
+    import torch
+
+    if args.child == "stock":
+        res = asyncio.run(run_stock(build_checkpoint(args.model), args.eager, args.hooks))
+    elif args.child == "ours":
+        res = asyncio.run(run_ours(build_checkpoint(args.model), args.eager, args.measure.split(",")))
+    else:
+        res = asyncio.run(run_parity(args.eager))
+    res["card"] = torch.cuda.get_device_name(0)
+    print("RESULT=" + json.dumps(res), flush=True)
+
+
+def spawn(name: str, argv: list[str], plugins: bool = True) -> dict:
+    env = {**os.environ, "PYTHONPATH": f"{REPO}:{os.environ.get('PYTHONPATH', '')}"}
+    if not plugins:
+        env["VLLM_PLUGINS"] = ""
+    t = time.perf_counter()
+    proc = subprocess.run([sys.executable, __file__, *argv], env=env, capture_output=True, text=True, cwd=REPO)
+    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT=")]
+    if not line:
+        print(proc.stdout[-3000:], proc.stderr[-6000:], file=sys.stderr)
+        return {"error": proc.stderr[-1500:]}
+    res = json.loads(line[0][7:])
+    res["wall_s"] = time.perf_counter() - t
+    print(name, json.dumps(res)[:600], flush=True)
+    return res
+
+
+RUNS = {
+    "stock": lambda m: spawn(f"stock-{m}", ["--child", "stock", "--model", m], plugins=False),
+    "ours": lambda m: spawn(f"ours-{m}", ["--child", "ours", "--model", m,
+                                          "--measure", "idle,one_layer,all_layers,update"]),
+    "stock_eager": lambda m: spawn(f"stock-eager-{m}", ["--child", "stock", "--model", m, "--eager"], plugins=False),
+    "hooks": lambda m: spawn(f"hooks-{m}", ["--child", "stock", "--model", m, "--eager", "--hooks"], plugins=False),
+    "ours_eager": lambda m: spawn(f"ours-eager-{m}", ["--child", "ours", "--model", m, "--eager", "--measure",
+                                                       "all_layers"]),
+    "parity_graphs": lambda m: spawn("parity-graphs", ["--child", "parity"]),
+    "parity_eager": lambda m: spawn("parity-eager", ["--child", "parity", "--eager"]),
+}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--child")
+    ap.add_argument("--model", default="0.6b")
+    ap.add_argument("--eager", action="store_true")
+    ap.add_argument("--hooks", action="store_true")
+    ap.add_argument("--measure", default="")
+    ap.add_argument("--runs", default="")
+    ap.add_argument("--out")
+    args = ap.parse_args()
+    if args.child:
+        child(args)
+        return
+    results = {"model": args.model, "n_prompts": N_PROMPTS, "prompt_len": PROMPT_LEN, "gen_len": GEN_LEN}
+    for run in args.runs.split(","):
+        results[run] = RUNS[run](args.model)
+        if args.out:
+            Path(args.out).write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()

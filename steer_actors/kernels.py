@@ -1,0 +1,81 @@
+"""The per-layer steering op as one custom op: ``steer_actors::steer_residual_``.
+
+It rewrites ``delta`` in place so that ``delta + residual`` is the steered stream. Being an opaque
+custom op keeps torch.compile from tracing it (it is captured whole in CUDA graphs), and lets it skip
+work when the layer has no ops: the ``active`` flag lives on the device and is read by the kernel, so
+the decision is made at replay time, not frozen at capture time.
+
+* CUDA: one Triton program per token row; all K slots in registers, one read of ``delta`` and
+  ``residual`` and one write of ``delta``; an inactive layer's programs return after one load.
+* elsewhere (CPU): the torch form of :func:`steer_actors.ops.apply_slots`, skipped when inactive
+  (CPU runs no graphs, so a host-side check is safe there).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .ops import apply_slots
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs
+    triton = None
+
+
+if triton is not None:
+
+    @triton.jit
+    def _steer_kernel(delta_ptr, resid_ptr, add_ptr, unit_ptr, lo_ptr, hi_ptr, gamma_ptr, active_ptr,
+                      stride_d, stride_r, H, K: tl.constexpr, BLOCK_H: tl.constexpr):
+        if tl.load(active_ptr) == 0:
+            return
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.arange(0, BLOCK_H)
+        mask = cols < H
+        d = tl.load(delta_ptr + row * stride_d + cols, mask=mask, other=0.0).to(tl.float32)
+        r = tl.load(resid_ptr + row * stride_r + cols, mask=mask, other=0.0).to(tl.float32)
+        s = d + r
+        for k in tl.static_range(K):
+            a = tl.load(add_ptr + k * H + cols, mask=mask, other=0.0)
+            u = tl.load(unit_ptr + k * H + cols, mask=mask, other=0.0)
+            s = s + a
+            p = tl.sum(s * u, axis=0)
+            c = tl.minimum(tl.maximum(p, tl.load(lo_ptr + k)), tl.load(hi_ptr + k))
+            s = s + ((c - p) + (tl.load(gamma_ptr + k) - 1.0) * p) * u
+        tl.store(delta_ptr + row * stride_d + cols, (s - r).to(delta_ptr.dtype.element_ty), mask=mask)
+
+
+def _torch_impl(delta, residual, add, unit, lo, hi, gamma, active) -> None:
+    if not bool(active.reshape(-1)[0]):
+        return
+    r = residual.float()
+    s = apply_slots(delta.float() + r, add, unit, lo, hi, gamma)
+    delta.copy_((s - r).to(delta.dtype))
+
+
+def _use_triton(delta: torch.Tensor) -> bool:
+    import os
+
+    return triton is not None and (delta.is_cuda or os.environ.get("TRITON_INTERPRET") == "1")
+
+
+@torch.library.custom_op("steer_actors::steer_residual_", mutates_args=("delta",))
+def steer_residual_(delta: torch.Tensor, residual: torch.Tensor, add: torch.Tensor, unit: torch.Tensor,
+                    lo: torch.Tensor, hi: torch.Tensor, gamma: torch.Tensor, active: torch.Tensor) -> None:
+    if delta.numel() == 0:
+        return
+    if not _use_triton(delta):
+        _torch_impl(delta, residual, add, unit, lo, hi, gamma, active)
+        return
+    H = delta.shape[-1]
+    d2, r2 = delta.view(-1, H), residual.view(-1, H)
+    assert d2.stride(-1) == 1 and r2.stride(-1) == 1
+    _steer_kernel[(d2.shape[0],)](d2, r2, add, unit, lo, hi, gamma, active, d2.stride(0), r2.stride(0), H,
+                                  K=add.shape[0], BLOCK_H=triton.next_power_of_2(H), num_warps=4 if H <= 2048 else 8)
+
+
+@steer_residual_.register_fake
+def _(delta, residual, add, unit, lo, hi, gamma, active) -> None:
+    return None

@@ -1,0 +1,75 @@
+"""Compiled mode (torch.compile, enforce_eager=False) steers exactly like eager, changes take effect
+without recompiling, and a compile cache written by stock vLLM is never reused for the patched model."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import start_engine
+from test_engine_steering import PROMPTS, SAMPLING, apply, generate, parity_specs
+
+pytestmark = pytest.mark.engine
+
+STOCK_COMPILE = r"""
+import sys
+from vllm import LLM, SamplingParams
+llm = LLM(model=sys.argv[1], dtype="float32", max_model_len=512, enforce_eager=False)
+out = llm.generate(["Hello world, the sea"], SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True))
+print("STOCK=" + ",".join(map(str, out[0].outputs[0].token_ids)))
+"""
+
+
+@pytest.fixture(scope="module")
+def compile_cache(tmp_path_factory, qwen3_path):
+    """Stock vLLM (our plugin disabled) compiles the model first, into the cache the runtime will use."""
+    root = tmp_path_factory.mktemp("vllm-cache")
+    env = {**os.environ, "VLLM_PLUGINS": "", "VLLM_CACHE_ROOT": str(root), "VLLM_CPU_KVCACHE_SPACE": "1"}
+    proc = subprocess.run([sys.executable, "-c", STOCK_COMPILE, qwen3_path], env=env, capture_output=True,
+                          text=True, timeout=600)
+    stock = [ln for ln in proc.stdout.splitlines() if ln.startswith("STOCK=")]
+    assert stock, proc.stderr[-3000:]
+    assert any((root / "torch_compile_cache").iterdir()), "stock run wrote no compile cache"
+    return root, [int(t) for t in stock[0][6:].split(",")]
+
+
+@pytest.fixture(scope="module")
+def compiled_engine(ray_local, qwen3_path, compile_cache):
+    root, _ = compile_cache
+    actor = start_engine(ray_local, model_name=qwen3_path, enforce_eager=False, env={"VLLM_CACHE_ROOT": str(root)})
+    yield actor
+    ray_local.get(actor.shutdown.remote())
+    ray_local.kill(actor)
+
+
+def test_compiled_equals_eager_and_hf(ray_local, compiled_engine, qwen3_engine, oracles):
+    oracle = oracles["qwen3"]
+    ids = [oracle.tokenizer(p).input_ids for p in PROMPTS]
+    for name, spec in parity_specs(oracle, ids).items():
+        for engine in (compiled_engine, qwen3_engine):
+            apply(ray_local, engine, spec)
+        compiled, eager = generate(ray_local, compiled_engine, ids), generate(ray_local, qwen3_engine, ids)
+        assert [r["token_ids"] for r in compiled] == [r["token_ids"] for r in eager], name
+        for r, p in zip(compiled, ids):
+            assert r["token_ids"] == oracle.greedy(p, SAMPLING["max_tokens"], spec).token_ids, name
+    for engine in (compiled_engine, qwen3_engine):
+        apply(ray_local, engine, None)
+
+
+def test_stock_compile_cache_does_not_disable_steering(ray_local, compiled_engine, compile_cache, oracles):
+    """The runtime compiled into the cache dir stock vLLM filled; steering still bites, and unsteered
+    tokens still equal stock's."""
+    _, stock_tokens = compile_cache
+    oracle = oracles["qwen3"]
+    ids = oracle.tokenizer("Hello world, the sea").input_ids
+    spec = parity_specs(oracle, [ids])["add"]
+    apply(ray_local, compiled_engine, None)
+    plain = generate(ray_local, compiled_engine, [ids], dict(SAMPLING, max_tokens=8))[0]["token_ids"]
+    apply(ray_local, compiled_engine, spec)
+    steered = generate(ray_local, compiled_engine, [ids], dict(SAMPLING, max_tokens=8))[0]["token_ids"]
+    apply(ray_local, compiled_engine, None)
+    assert plain == stock_tokens
+    assert steered != stock_tokens and steered == oracle.greedy(ids, 8, spec).token_ids

@@ -1,0 +1,65 @@
+"""The custom op equals the reference ops: torch path here, and the Triton kernel under Triton's CPU
+interpreter (the same kernel runs on the GPU, where bench/gpu.py checks it again)."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from steer_actors.ops import Op, apply_reference, neutral_rows, ops_to_rows
+
+CHECK = r"""
+import torch, sys
+from steer_actors.kernels import steer_residual_
+from steer_actors.ops import Op, apply_reference, ops_to_rows
+g = torch.Generator().manual_seed(0)
+H = 96
+u = lambda: (lambda v: v / v.norm())(torch.randn(H, generator=g))
+ops = [Op("add", torch.randn(H, generator=g), scale=2.0), Op("cap", u(), min=-0.2, max=0.3),
+       Op("ablation", u(), scale=0.0), Op("ablation", u(), scale=2.5)]
+rows = ops_to_rows(ops, 4, H)
+for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 3e-2)):
+    delta, resid = torch.randn(5, H, generator=g).to(dtype), torch.randn(5, H, generator=g).to(dtype)
+    want = apply_reference(delta.float() + resid.float(), ops)
+    d = delta.clone()
+    steer_residual_(d, resid, rows.add, rows.unit, rows.lo, rows.hi, rows.gamma, torch.ones(1, dtype=torch.int32))
+    err = ((d.float() + resid.float()) - want).abs().max().item()
+    assert err < tol * max(1.0, want.abs().max().item()), (dtype, err)
+    d = delta.clone()
+    steer_residual_(d, resid, rows.add, rows.unit, rows.lo, rows.hi, rows.gamma, torch.zeros(1, dtype=torch.int32))
+    assert torch.equal(d, delta)
+print("OK")
+"""
+
+
+@pytest.mark.parametrize("interpret", ["0", "1"])
+def test_custom_op_matches_reference(interpret):
+    env = {**os.environ, "TRITON_INTERPRET": interpret}
+    proc = subprocess.run([sys.executable, "-c", CHECK], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.stdout.strip().endswith("OK"), proc.stderr[-2000:]
+
+
+def test_custom_op_compiles_with_inplace_buffer_updates():
+    """torch.compile keeps reading the buffers: an in-place update after compiling takes effect."""
+    from steer_actors.kernels import steer_residual_
+
+    H = 32
+    rows = neutral_rows(2, H)
+    active = torch.zeros(1, dtype=torch.int32)
+
+    @torch.compile(fullgraph=True, dynamic=True)
+    def f(d, r):
+        d = d * 1.0
+        steer_residual_(d, r, rows.add, rows.unit, rows.lo, rows.hi, rows.gamma, active)
+        return d + r
+
+    d, r = torch.randn(3, H), torch.randn(3, H)
+    torch.testing.assert_close(f(d, r), d + r)
+    v = torch.randn(H)
+    new = ops_to_rows([Op("add", v, scale=3.0)], 2, H)
+    for name in ("add", "unit", "lo", "hi", "gamma"):
+        getattr(rows, name).copy_(getattr(new, name))
+    active.fill_(1)
+    torch.testing.assert_close(f(d, r), apply_reference(d + r, [Op("add", v, scale=3.0)]))
