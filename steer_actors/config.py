@@ -63,6 +63,8 @@ class VLLMSteeringConfig(BaseModel):
     def resolved_device(self) -> str:
         if self.device != "auto":
             return self.device
-        import torch
+        # vLLM's platform probe (NVML), not torch.cuda: initialising CUDA here would poison vLLM's
+        # forked workers ("Cannot re-initialize CUDA in forked subprocess").
+        from vllm.platforms import current_platform
 
-        return "cuda" if torch.cuda.is_available() else "cpu"
+        return "cuda" if current_platform.is_cuda_alike() else "cpu"

@@ -34,6 +34,8 @@ class SteerEngine:
         self.config = cfg = VLLMSteeringConfig.model_validate(config)
         device = cfg.resolved_device()
         os.environ.update(cfg.env)
+        if device == "cuda":  # never fork a process that may already hold a CUDA context
+            os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
         if device == "cpu":
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(cfg.cpu_kvcache_space_gib))
             if cfg.cpu_omp_threads_bind:
@@ -144,8 +146,13 @@ class SteerEngine:
         params = SamplingParams(**(sampling or {}))
         version, fp = self.version, self.fingerprint
 
+        # KV computed under one steering must never serve another: the prefix cache is salted by
+        # the spec's fingerprint (unsteered requests keep sharing with each other).
+        salt = {} if self.spec.is_empty() else {"cache_salt": fp}
+
         async def one(prompt: str | list[int]) -> GenerationResult:
-            inp = {"prompt_token_ids": list(prompt)} if isinstance(prompt, list) else prompt
+            inp = {"prompt_token_ids": list(prompt)} if isinstance(prompt, list) else {"prompt": prompt}
+            inp.update(salt)
             final = None
             async for out in self.engine.generate(inp, params, request_id=uuid.uuid4().hex):
                 final = out
