@@ -10,6 +10,7 @@ from pydantic import BaseModel, Field
 class GenerateRequest(BaseModel):
     prompts: list[str | list[int]] = Field(min_length=1, description="texts or token-id lists")
     sampling: dict[str, Any] | None = Field(default=None, description="vLLM SamplingParams fields")
+    capture_layers: list[int] | None = Field(default=None, description="layers whose h + r to capture")
 
 
 class ChatRequest(BaseModel):

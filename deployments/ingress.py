@@ -52,8 +52,9 @@ class SteerIngress:
     async def info(self) -> dict[str, Any]:
         return await self.coordinator.info.remote()
 
-    async def generate(self, prompts: list[Any], sampling: dict[str, Any] | None = None) -> list[dict[str, Any]]:
-        return await self.coordinator.generate.remote(prompts, sampling)
+    async def generate(self, prompts: list[Any], sampling: dict[str, Any] | None = None,
+                       capture_layers: list[int] | None = None) -> list[dict[str, Any]]:
+        return await self.coordinator.generate.remote(prompts, sampling, capture_layers)
 
     async def chat(self, conversations: list[Any], sampling: dict[str, Any] | None = None,
                    chat_template_kwargs: dict[str, Any] | None = None) -> list[dict[str, Any]]:
@@ -70,6 +71,12 @@ class SteerIngress:
 
     async def pop(self) -> dict[str, Any]:
         return await self.coordinator.pop.remote()
+
+    async def get_capture(self, capture_id: str) -> dict[str, Any]:
+        return await self.coordinator.get_capture.remote(capture_id)
+
+    async def release_captures(self, capture_ids: list[str]) -> int:
+        return await self.coordinator.release_captures.remote(capture_ids)
 
     async def replica_states(self) -> list[Any]:
         return await self.coordinator.replica_states.remote()
@@ -119,7 +126,36 @@ class SteerIngress:
     @api.post("/v1/generate", openapi_extra=_body_doc(GenerateRequest))
     async def http_generate(self, request: Request) -> Response:
         body = await self._body(request, GenerateRequest)
-        return self._reply(request, {"results": await self._call(self.generate(body["prompts"], body.get("sampling")))})
+        results = await self._call(self.generate(body["prompts"], body.get("sampling"), body.get("capture_layers")))
+        for r in results:  # object refs stay in the cluster; HTTP clients download by capture_id
+            if r.get("captures"):
+                r["captures"] = {**r["captures"], "layers": sorted(int(k) for k in r["captures"]["layers"])}
+        return self._reply(request, {"results": results})
+
+    @api.get("/v1/captures/{capture_id}")
+    async def http_get_capture(self, capture_id: str, format: str = "msgpack") -> Response:
+        data = await self._call(self.get_capture(capture_id))
+        layers = {str(k): v for k, v in data["layers"].items()}
+        if format == "safetensors":
+            import torch
+            from safetensors.torch import save
+
+            tensors = {f"layer_{k}": v.contiguous() for k, v in layers.items()}
+            tensors["positions"] = torch.tensor(data["positions"], dtype=torch.int64)
+            tensors["token_ids"] = torch.tensor(data["token_ids"], dtype=torch.int64)
+            return Response(save(tensors), media_type="application/octet-stream")
+        if format != "msgpack":
+            raise HTTPError(400, f"unknown format {format!r}; use msgpack or safetensors")
+        payload = {"positions": data["positions"], "token_ids": data["token_ids"],
+                   "layers": {k: wire.encode_tensor(v) for k, v in layers.items()}}
+        return Response(wire.packb(payload), media_type=MSGPACK)
+
+    @api.delete("/v1/captures/{capture_id}")
+    async def http_release_capture(self, capture_id: str) -> dict[str, Any]:
+        released = await self._call(self.release_captures([capture_id]))
+        if not released:
+            raise HTTPError(404, f"unknown capture {capture_id!r}")
+        return {"released": released}
 
     @api.post("/v1/chat", openapi_extra=_body_doc(ChatRequest))
     async def http_chat(self, request: Request) -> Response:

@@ -1,11 +1,12 @@
 """steer-actors: steer and read the residual stream of vLLM-served LLMs, distributed with Ray."""
 
 from .config import VLLMSteeringConfig
+from .handles import CaptureHandle, fetch_captures_batch
 from .results import GenerationResult
 from .specs import AblationSpec, AddSpec, LayerSteeringSpec, ProjectionCapSpec, SteeringSpec
 
 __all__ = [
-    "VLLMSteerModel", "VLLMSteeringConfig", "GenerationResult",
+    "VLLMSteerModel", "VLLMSteeringConfig", "GenerationResult", "CaptureHandle", "fetch_captures_batch",
     "SteeringSpec", "LayerSteeringSpec", "AddSpec", "ProjectionCapSpec", "AblationSpec",
 ]
 

@@ -13,6 +13,7 @@ from typing import Any, AsyncIterator, Sequence
 import torch
 
 from .config import VLLMSteeringConfig
+from .handles import CaptureHandle, fetch_captures_batch
 from .results import GenerationResult
 from .specs import AblationSpec, AddSpec, ProjectionCapSpec, SteeringSpec
 
@@ -114,12 +115,27 @@ class VLLMSteerModel:
 
     # ---- generation ------------------------------------------------------------------------
     async def generate(self, prompts: str | Sequence[str] | Sequence[Sequence[int]], sampling_params: Any = None,
-                       **sampling: Any) -> list[GenerationResult]:
+                       capture_layers: Sequence[int] | None = None, **sampling: Any) -> list[GenerationResult]:
+        """Generate; with ``capture_layers`` each result's ``captures`` is a :class:`CaptureHandle`
+        (fetch its tensors with :meth:`fetch_captures_batch`)."""
         if isinstance(prompts, str):
             prompts = [prompts]
         prompts = [p if isinstance(p, str) else [int(t) for t in p] for p in prompts]
-        out = await _unwrap(self._handle.generate.remote(prompts, _sampling_dict(sampling_params, sampling)))
-        return [GenerationResult(**r) for r in out]
+        layers = sorted({int(x) for x in capture_layers}) if capture_layers else None
+        out = await _unwrap(self._handle.generate.remote(prompts, _sampling_dict(sampling_params, sampling), layers))
+        results = [GenerationResult(**r) for r in out]
+        for r in results:
+            if r.captures:
+                r.captures = CaptureHandle.from_wire(r.captures)
+        return results
+
+    @staticmethod
+    def fetch_captures_batch(handles: Sequence[CaptureHandle], timeout_s: float = 300.0) -> list[CaptureHandle]:
+        """One batched object-store get for all handles; fills ``handle.captures``."""
+        return fetch_captures_batch(list(handles), timeout_s)
+
+    async def release_captures(self, handles: Sequence[CaptureHandle]) -> int:
+        return await _unwrap(self._handle.release_captures.remote([h.capture_id for h in handles]))
 
     async def chat(self, messages: list[dict[str, str]] | list[list[dict[str, str]]], sampling_params: Any = None,
                    chat_template_kwargs: dict[str, Any] | None = None, **sampling: Any) -> list[GenerationResult]:

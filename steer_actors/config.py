@@ -29,6 +29,8 @@ class VLLMSteeringConfig(BaseModel):
     cpu_omp_threads_bind: str | None = None
     distributed_executor_backend: Literal["mp", "ray"] | None = None
     engine_kwargs: dict[str, Any] = Field(default_factory=dict, description="extra vLLM AsyncEngineArgs")
+    capture_budget_bytes: int = Field(default=2 << 30, description="per engine; captures beyond it are refused")
+    capture_ttl_s: float = Field(default=3600.0, description="captures not released are dropped after this")
     env: dict[str, str] = Field(default_factory=dict, description="environment for the engine's processes")
 
     # ---- serving (Ray Serve app) ----

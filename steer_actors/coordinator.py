@@ -47,25 +47,49 @@ class SteeringCoordinator:
         n = len(self.engines)
         return min(((start + k) % n for k in range(n)), key=lambda i: self._in_flight[i])
 
-    async def _call_engine(self, method: str, *args: Any) -> Any:
+    async def _call_engine(self, method: str, *args: Any) -> tuple[int, Any]:
         async with self.lock.read():
             i = self._pick_engine()
             self._in_flight[i] += 1
             try:
-                return await getattr(self.engines[i], method).remote(*args)
+                return i, await getattr(self.engines[i], method).remote(*args)
             finally:
                 self._in_flight[i] -= 1
 
-    async def generate(self, prompts: list[Any], sampling: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    @staticmethod
+    def _tag_captures(i: int, results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Capture ids name their replica ("<replica>.<id>") so downloads find the owner."""
+        for r in results:
+            if r.get("captures"):
+                r["captures"]["capture_id"] = f"{i}.{r['captures']['capture_id']}"
+        return results
+
+    async def generate(self, prompts: list[Any], sampling: dict[str, Any] | None = None,
+                       capture_layers: list[int] | None = None) -> list[dict[str, Any]]:
         if not isinstance(prompts, list) or not prompts:
             raise ValueError("prompts must be a non-empty list of strings or token-id lists")
-        return await self._call_engine("generate", prompts, sampling)
+        i, results = await self._call_engine("generate", prompts, sampling, capture_layers)
+        return self._tag_captures(i, results)
 
     async def chat(self, conversations: list[list[dict[str, str]]], sampling: dict[str, Any] | None = None,
                    chat_template_kwargs: dict[str, Any] | None = None) -> list[dict[str, Any]]:
         if not isinstance(conversations, list) or not conversations:
             raise ValueError("conversations must be a non-empty list of message lists")
-        return await self._call_engine("chat", conversations, sampling, chat_template_kwargs)
+        return (await self._call_engine("chat", conversations, sampling, chat_template_kwargs))[1]
+
+    def _owner(self, capture_id: str) -> tuple[Any, str]:
+        replica, _, cid = str(capture_id).partition(".")
+        if not replica.isdigit() or int(replica) >= len(self.engines) or not cid:
+            raise ValueError(f"unknown capture {capture_id!r}")
+        return self.engines[int(replica)], cid
+
+    async def get_capture(self, capture_id: str) -> dict[str, Any]:
+        engine, cid = self._owner(capture_id)
+        return await engine.get_capture.remote(cid)
+
+    async def release_captures(self, capture_ids: list[str]) -> int:
+        counts = [await e.release_captures.remote([cid]) for e, cid in map(self._owner, capture_ids)]
+        return sum(counts)
 
     async def info(self) -> dict[str, Any]:
         return {**self._info, **self._state(), "num_replicas": len(self.engines)}

@@ -12,6 +12,7 @@ import uuid
 from typing import Any
 
 from . import vllm_compat
+from .capture_registry import CaptureRegistry
 from .config import VLLMSteeringConfig
 from .results import GenerationResult, result_from_output
 from .specs import SteeringSpec, apply_edit
@@ -75,6 +76,8 @@ class SteerEngine:
         self._tokenizer = None
         self._layers: list[int] | None = None
         self._max_ops = cfg.max_ops_per_layer
+        self._device = device
+        self.captures = CaptureRegistry(cfg.capture_budget_bytes, cfg.capture_ttl_s)
 
     # ---- introspection -------------------------------------------------------------------------
     async def info(self) -> dict[str, Any]:
@@ -137,29 +140,73 @@ class SteerEngine:
         return {"spec": self.spec.to_wire(), "spec_version": self.version, "spec_fingerprint": self.fingerprint}
 
     # ---- generation ----------------------------------------------------------------------------
-    async def generate(self, prompts: list[str] | list[list[int]], sampling: dict[str, Any] | None = None
-                       ) -> list[dict[str, Any]]:
+    async def generate(self, prompts: list[str] | list[list[int]], sampling: dict[str, Any] | None = None,
+                       capture_layers: list[int] | None = None) -> list[dict[str, Any]]:
         import asyncio
 
         from vllm import SamplingParams
 
         params = SamplingParams(**(sampling or {}))
         version, fp = self.version, self.fingerprint
-
         # KV computed under one steering must never serve another: the prefix cache is salted by
         # the spec's fingerprint (unsteered requests keep sharing with each other).
         salt = {} if self.spec.is_empty() else {"cache_salt": fp}
+        ids = [uuid.uuid4().hex for _ in prompts]
+        reserved = await self._start_capture(prompts, params, capture_layers, ids) if capture_layers else 0
 
-        async def one(prompt: str | list[int]) -> GenerationResult:
+        async def one(prompt: str | list[int], rid: str) -> GenerationResult:
             inp = {"prompt_token_ids": list(prompt)} if isinstance(prompt, list) else {"prompt": prompt}
-            inp.update(salt)
+            # a capture must see every prompt position, so it never reads the prefix cache
+            inp.update({"cache_salt": rid} if capture_layers else salt)
             final = None
-            async for out in self.engine.generate(inp, params, request_id=uuid.uuid4().hex):
+            async for out in self.engine.generate(inp, params, request_id=rid):
                 final = out
             return result_from_output(final, version, fp)
 
-        results = await asyncio.gather(*(one(p) for p in prompts))
+        try:
+            results = await asyncio.gather(*(one(p, rid) for p, rid in zip(prompts, ids)))
+            if capture_layers:
+                await self._finish_capture(results, ids)
+        finally:
+            if capture_layers:
+                self.captures.unreserve(reserved)
+                await self.engine.collective_rpc("steer_capture_drop", args=(ids,))
         return [r.to_dict() for r in results]
+
+    async def _start_capture(self, prompts, params, layers: list[int], ids: list[str]) -> int:
+        info = await self.info()
+        bad = sorted(set(layers) - set(info["steerable_layers"]))
+        if bad:
+            raise ValueError(f"cannot capture layers {bad}: capturable layers are {info['steerable_layers']}")
+        if self._device == "cuda" and not self.config.enforce_eager:
+            raise ValueError("capture needs an engine with enforce_eager=True on GPU: CUDA graph replay skips "
+                             "the copy (start a capture replica with enforce_eager)")
+        n_tokens = [len(p) if isinstance(p, list) else len(self.tokenizer()(p).input_ids) for p in prompts]
+        need = sum(n + (params.max_tokens or 16) for n in n_tokens) * len(set(layers)) * self.hidden_size * 4
+        self.captures.reserve(need)
+        await self.engine.collective_rpc("steer_capture_register",
+                                         args=([(rid, sorted(set(layers))) for rid in ids],))
+        return need
+
+    async def _finish_capture(self, results: list[GenerationResult], ids: list[str]) -> None:
+        from .wire import decode_tensor
+
+        taken = next(t for t in await self.engine.collective_rpc("steer_capture_take", args=(ids,))
+                     if t is not None)
+        for res, rid in zip(results, ids):
+            data = taken[rid]
+            layers = {int(k): decode_tensor(v) for k, v in data["layers"].items()}
+            res.captures = self.captures.put(rid, layers, data["positions"], data["token_ids"])
+
+    async def get_capture(self, capture_id: str) -> dict[str, Any]:
+        return self.captures.get(capture_id)
+
+    async def release_captures(self, capture_ids: list[str]) -> int:
+        return self.captures.release(capture_ids)
+
+    async def capture_stats(self) -> dict[str, int]:
+        self.captures.prune()
+        return self.captures.stats()
 
     def tokenizer(self):
         if self._tokenizer is None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 
+from . import capture
 from .ops import apply_slots
 
 try:
@@ -63,12 +64,21 @@ def _use_triton(delta: torch.Tensor) -> bool:
 
 @torch.library.custom_op("steer_actors::steer_residual_", mutates_args=("delta",))
 def steer_residual_(delta: torch.Tensor, residual: torch.Tensor, add: torch.Tensor, unit: torch.Tensor,
-                    lo: torch.Tensor, hi: torch.Tensor, gamma: torch.Tensor, active: torch.Tensor) -> None:
+                    lo: torch.Tensor, hi: torch.Tensor, gamma: torch.Tensor, active: torch.Tensor,
+                    layer: int = -1) -> None:
     if delta.numel() == 0:
         return
     if not _use_triton(delta):
         _torch_impl(delta, residual, add, unit, lo, hi, gamma, active)
-        return
+    else:
+        _triton_impl(delta, residual, add, unit, lo, hi, gamma, active)
+    # Runs on every call in eager and torch.compile'd (opaque op) execution; a CUDA graph replay
+    # skips Python, which is why capture needs an eager engine on GPU.
+    if capture.STORE.active:
+        capture.STORE.record(layer, delta, residual)
+
+
+def _triton_impl(delta, residual, add, unit, lo, hi, gamma, active) -> None:
     H = delta.shape[-1]
     d2, r2 = delta.view(-1, H), residual.view(-1, H)
     assert d2.stride(-1) == 1 and r2.stride(-1) == 1
@@ -77,5 +87,5 @@ def steer_residual_(delta: torch.Tensor, residual: torch.Tensor, add: torch.Tens
 
 
 @steer_residual_.register_fake
-def _(delta, residual, add, unit, lo, hi, gamma, active) -> None:
+def _(delta, residual, add, unit, lo, hi, gamma, active, layer=-1) -> None:
     return None

@@ -42,7 +42,8 @@ class LayerSteerer(nn.Module):
         self.register_buffer("active", torch.zeros(1, dtype=torch.int32), persistent=False)
 
     def forward(self, delta: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        steer_residual_(delta, residual, self.add, self.unit, self.lo, self.hi, self.gamma, self.active)
+        steer_residual_(delta, residual, self.add, self.unit, self.lo, self.hi, self.gamma, self.active,
+                        self.layer_idx)
         return delta, residual
 
     @torch.inference_mode()

@@ -94,3 +94,31 @@ def make_async_llm(args: Any) -> Any:
     from vllm.v1.engine.async_llm import AsyncLLM
 
     return AsyncLLM.from_engine_args(args)
+
+
+def install_step_probe(worker: Any, store: Any) -> None:
+    """Tell ``store`` the batch layout of every forward: request order, query start locations,
+    positions and input ids, read from the V1 model runner right before it calls the model.
+
+    V1 runner (vLLM 0.32 CPU, and 0.26 with the V1 GPU runner): ``_model_forward`` is documented as the
+    hook point for subclasses. The V2 GPU runner has no such method; capture raises there.
+    """
+    runner = worker.model_runner
+    if getattr(runner, "_steer_probe", False):
+        return
+    if not hasattr(runner, "_model_forward") or not hasattr(runner, "query_start_loc"):
+        raise RuntimeError("activation capture needs vLLM's V1 model runner (this engine runs another one)")
+    orig = runner._model_forward
+
+    def probed(*args: Any, **kwargs: Any) -> Any:
+        if store.wanted:
+            n = runner.input_batch.num_reqs
+            store.begin_step(list(runner.input_batch.req_ids[:n]), runner.query_start_loc.np[: n + 1],
+                             kwargs.get("positions"), kwargs.get("input_ids"))
+        try:
+            return orig(*args, **kwargs)
+        finally:
+            store.end_step()
+
+    runner._model_forward = probed
+    runner._steer_probe = True

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from . import vllm_compat
+from . import capture, vllm_compat
 from .ops import neutral_rows, ops_to_rows
 from .patch import LayerSteerer, steerers
 from .specs import SteeringSpec
@@ -85,3 +85,20 @@ class SteerWorkerExtension:
 
     def steer_abort(self, version: int) -> None:
         self._steer_state()["staged"].pop(int(version), None)
+
+    # ---- activation capture (rank 0 only: every rank holds the same residual stream) ------------
+    def steer_capture_register(self, requests: list[tuple[str, list[int]]]) -> None:
+        if vllm_compat.tp_rank(self) != 0:
+            return
+        vllm_compat.install_step_probe(self, capture.STORE)
+        for request_id, layers in requests:
+            capture.STORE.register(request_id, layers)
+
+    def steer_capture_take(self, request_ids: list[str]) -> dict[str, Any] | None:
+        if vllm_compat.tp_rank(self) != 0:
+            return None
+        return {rid: capture.STORE.take(rid) for rid in request_ids}
+
+    def steer_capture_drop(self, request_ids: list[str]) -> None:
+        for rid in request_ids:
+            capture.STORE.drop(rid)

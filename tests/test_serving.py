@@ -287,3 +287,38 @@ def test_msgpack_spec_round_trip_over_http(served_app):
     assert np.frombuffer(back["spec"]["layers"]["0"]["operations"][0]["vector"]["data"], "<f4").shape == (256,)
     httpx.delete(f"{served_app}/v1/steering")
     assert httpx.get(f"{served_app}/openapi.json").status_code in (200, 404)
+
+
+def test_capture_through_app_and_batched_fetch_from_separate_driver(served_app, client, oracles, tmp_path):
+    """64 capture handles made and fetched (one batched get) by a separate Ray driver process."""
+    out = tmp_path / "fetch.json"
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "capture_fetch.py"), "--address", RAY_ADDRESS,
+                           "--out", str(out)], capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert out.exists(), proc.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert res["handles"] == 64 and res["shapes_ok"] and res["bytes"] > 0 and res["bytes_per_s"] > 0
+
+
+def test_capture_http_download_and_release(served_app, client, oracles):
+    from safetensors.torch import load
+
+    run(client.clear_all())
+    ids = oracles["qwen3"].tokenizer(PROMPT).input_ids
+    r = httpx.post(f"{served_app}/v1/generate", json={"prompts": [ids], "sampling": SAMPLING,
+                                                      "capture_layers": [1, 2]}, timeout=120)
+    assert r.status_code == 200, r.text
+    cap = r.json()["results"][0]["captures"]
+    full = ids + r.json()["results"][0]["token_ids"]
+    ref = oracles["qwen3"].hidden_states(full[:-1])
+    mp = msgpack.unpackb(httpx.get(f"{served_app}/v1/captures/{cap['capture_id']}").content, raw=False)
+    st = load(httpx.get(f"{served_app}/v1/captures/{cap['capture_id']}", params={"format": "safetensors"}).content)
+    from steer_actors.wire import decode_tensor
+
+    for layer in (1, 2):
+        got = decode_tensor(mp["layers"][str(layer)])
+        assert torch.equal(got, st[f"layer_{layer}"])
+        assert (got - ref[layer]).abs().max().item() <= 1e-5 * max(1.0, ref[layer].abs().max().item())
+    assert mp["token_ids"] == full[:-1] == st["token_ids"].tolist()
+    assert httpx.delete(f"{served_app}/v1/captures/{cap['capture_id']}").status_code == 200
+    gone = httpx.get(f"{served_app}/v1/captures/{cap['capture_id']}")
+    assert gone.status_code == 400 and "unknown capture" in gone.json()["error"]

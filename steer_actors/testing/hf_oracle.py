@@ -60,11 +60,17 @@ class HFOracle:
 
     @torch.no_grad()
     def hidden_states(self, token_ids: list[int], spec: SteeringSpec | None = None) -> list[torch.Tensor]:
-        """Output of each decoder layer (``hidden_states[L+1]`` in HF terms), ``[seq, H]`` fp32."""
+        """Output of each decoder layer after its steering (``[seq, H]`` fp32), read by hooks placed
+        after the steering hooks: HF's own ``hidden_states[-1]`` is after the final norm."""
         handles = self._hooks(spec)
+        outs: dict[int, torch.Tensor] = {}
+        for i, layer in enumerate(self.model.model.layers):
+            def grab(_m, _i, out, i=i):
+                outs[i] = (out[0] if isinstance(out, tuple) else out)[0].float().clone()
+            handles.append(layer.register_forward_hook(grab))
         try:
-            out = self.model(torch.tensor([token_ids]), output_hidden_states=True)
-            return [h[0].float() for h in out.hidden_states[1:]]
+            self.model(torch.tensor([token_ids]))
+            return [outs[i] for i in range(len(self.model.model.layers))]
         finally:
             for h in handles:
                 h.remove()

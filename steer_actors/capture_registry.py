@@ -1,0 +1,86 @@
+"""Engine-side home of finished captures: tensors in the Ray object store, owned by the engine actor.
+
+A per-engine byte budget is checked before a capture request runs (a clear ``ValueError``, never an
+OOM or a silent drop); entries live until released or until their TTL passes.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+
+@dataclass
+class _Entry:
+    refs: dict[int, Any]
+    positions: list[int]
+    token_ids: list[int]
+    nbytes: int
+    created: float
+
+
+class CaptureRegistry:
+    def __init__(self, budget_bytes: int, ttl_s: float):
+        self.budget, self.ttl = int(budget_bytes), float(ttl_s)
+        self.entries: dict[str, _Entry] = {}
+        self.used = 0
+        self.reserved = 0
+
+    def prune(self) -> None:
+        now = time.monotonic()
+        for cid in [c for c, e in self.entries.items() if now - e.created > self.ttl]:
+            self.release([cid])
+
+    def reserve(self, nbytes: int) -> None:
+        self.prune()
+        if self.used + self.reserved + nbytes > self.budget:
+            raise ValueError(
+                f"capture budget exceeded: this request needs up to {nbytes} bytes, {self.used + self.reserved} of "
+                f"{self.budget} are in use; release captures or raise capture_budget_bytes")
+        self.reserved += nbytes
+
+    def unreserve(self, nbytes: int) -> None:
+        self.reserved = max(0, self.reserved - nbytes)
+
+    def put(self, capture_id: str, layers: dict[int, torch.Tensor], positions: list[int],
+            token_ids: list[int]) -> dict[str, Any]:
+        import ray
+
+        refs = {layer: ray.put(t.numpy()) for layer, t in layers.items()}
+        nbytes = sum(t.numel() * t.element_size() for t in layers.values())
+        self.entries[capture_id] = _Entry(refs, positions, token_ids, nbytes, time.monotonic())
+        self.used += nbytes
+        try:
+            owner = ray.get_runtime_context().current_actor
+        except RuntimeError:  # not inside an actor (in-process use)
+            owner = None
+        return {"capture_id": capture_id, "layers": refs, "positions": positions, "token_ids": token_ids,
+                "nbytes": nbytes, "owner": owner}
+
+    def get(self, capture_id: str) -> dict[str, Any]:
+        import ray
+
+        self.prune()
+        e = self.entries.get(capture_id)
+        if e is None:
+            raise ValueError(f"unknown capture {capture_id!r} (released, expired, or never made here)")
+        arrays = ray.get(list(e.refs.values()))
+        return {"positions": e.positions, "token_ids": e.token_ids,
+                "layers": {layer: torch.from_numpy(np.array(a)) for layer, a in zip(e.refs, arrays)}}
+
+    def release(self, capture_ids: list[str]) -> int:
+        n = 0
+        for cid in capture_ids:
+            e = self.entries.pop(cid, None)
+            if e is not None:
+                self.used -= e.nbytes
+                n += 1
+        return n
+
+    def stats(self) -> dict[str, int]:
+        return {"captures": len(self.entries), "used_bytes": self.used, "reserved_bytes": self.reserved,
+                "budget_bytes": self.budget}

@@ -1,0 +1,58 @@
+"""Client-side capture handles and the batched fetch from the Ray object store."""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+
+@dataclass
+class CaptureHandle:
+    """One request's captured residual stream. ``captures[layer][0]["hidden"]`` is ``[seq_len, H]``
+    fp32 with ``seq_len = prompt + generated - 1``, once fetched (see :func:`fetch_captures_batch`)."""
+
+    capture_id: str
+    layer_indices: list[int]
+    positions: list[int]
+    token_ids: list[int]
+    nbytes: int
+    refs: dict[int, Any] = field(repr=False)
+    owner: Any = field(default=None, repr=False)  # the engine actor that owns the tensors
+    captures: dict[int, list[dict[str, Any]]] | None = None
+
+    @classmethod
+    def from_wire(cls, d: dict[str, Any]) -> "CaptureHandle":
+        refs = {int(k): v for k, v in d["layers"].items()}
+        return cls(d["capture_id"], sorted(refs), list(d["positions"]), list(d["token_ids"]), int(d["nbytes"]), refs,
+                   d.get("owner"))
+
+
+def fetch_captures_batch(handles: list[CaptureHandle], timeout_s: float = 300.0) -> list[CaptureHandle]:
+    """Resolve every handle's tensors with one batched ``ray.get``; fills ``handle.captures``."""
+    import ray
+
+    flat = [(h, layer, ref) for h in handles for layer, ref in h.refs.items()]
+    # A capture lives as long as its engine: a copy that happens to survive on this node after the
+    # owner died is not served, so the answer never depends on where the bytes were cached.
+    owners = {h.owner._actor_id: h.owner for h in handles if h.owner is not None}
+    try:
+        ray.get([o.__ray_ready__.remote() for o in owners.values()], timeout=timeout_s)
+    except ray.exceptions.RayActorError:
+        raise RuntimeError("capture is gone: the engine replica that owned it died") from None
+    try:
+        arrays = ray.get([ref for _, _, ref in flat], timeout=timeout_s)
+    except (ray.exceptions.OwnerDiedError, ray.exceptions.ObjectLostError) as e:
+        raise RuntimeError(f"capture is gone: the engine replica that owned it died ({type(e).__name__})") from None
+    except ray.exceptions.GetTimeoutError:
+        raise TimeoutError(f"fetching {len(flat)} capture tensors took longer than {timeout_s}s") from None
+    for h in handles:
+        h.captures = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # object-store arrays are read-only; we never write to them
+        for (h, layer, _), arr in zip(flat, arrays):
+            h.captures[layer] = [{"hidden": torch.from_numpy(arr), "positions": h.positions,
+                                  "token_ids": h.token_ids}]
+    return handles

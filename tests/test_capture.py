@@ -1,0 +1,113 @@
+"""Activation capture on a real engine: rows equal HF layer outputs at every position, under chunked
+prefill, prefix caching and steering; object-store handles; budget; owner death."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from conftest import rand_vec, start_engine
+from steer_actors.handles import CaptureHandle, fetch_captures_batch
+from steer_actors.specs import AddSpec, LayerSteeringSpec, ProjectionCapSpec, SteeringSpec
+
+pytestmark = pytest.mark.engine
+
+PROMPTS = [list(range(10, 50)), list(range(100, 107)), list(range(200, 270))]  # 40, 7 and 70 tokens
+SAMPLING = dict(max_tokens=6, temperature=0.0, ignore_eos=True)
+LAYERS = [0, 2, 3]
+
+
+@pytest.fixture(scope="module")
+def capture_engine(ray_local, qwen3_path):
+    # 32 batched tokens force chunked prefill of the 40- and 70-token prompts
+    actor = start_engine(ray_local, model_name=qwen3_path, max_num_batched_tokens=32, enable_prefix_caching=True,
+                         capture_budget_bytes=4 << 20)
+    yield actor
+    ray_local.kill(actor)
+
+
+def capture(ray, engine, prompts=PROMPTS, layers=LAYERS, sampling=SAMPLING):
+    results = ray.get(engine.generate.remote(prompts, sampling, layers))
+    handles = fetch_captures_batch([CaptureHandle.from_wire(r["captures"]) for r in results])
+    return results, handles
+
+
+def assert_matches_hf(oracle, prompts, results, handles, spec=None):
+    for prompt, res, h in zip(prompts, results, handles):
+        full = prompt + res["token_ids"]
+        assert h.positions == list(range(len(full) - 1))  # prompt + generated - 1 rows
+        assert h.token_ids == full[:-1]
+        assert h.layer_indices == LAYERS
+        ref = oracle.hidden_states(full[:-1], spec)
+        for layer in LAYERS:
+            got = h.captures[layer][0]["hidden"]
+            assert got.shape == (len(full) - 1, 256)
+            # 1e-5 relative to the stream's scale (|h + r| reaches ~3 here): what remains is fp32 matmul
+            # accumulation order between vLLM's CPU kernels and HF's
+            err = (got - ref[layer]).abs().max().item()
+            assert err <= 1e-5 * max(1.0, ref[layer].abs().max().item()), (layer, err)
+
+
+def test_capture_matches_hf_under_chunked_prefill(ray_local, capture_engine, oracles):
+    results, handles = capture(ray_local, capture_engine)
+    assert_matches_hf(oracles["qwen3"], PROMPTS, results, handles)
+
+
+def test_capture_sees_prompt_positions_already_in_prefix_cache(ray_local, capture_engine, oracles):
+    ray_local.get(capture_engine.generate.remote(PROMPTS, SAMPLING))  # fills the prefix cache
+    results, handles = capture(ray_local, capture_engine)
+    assert_matches_hf(oracles["qwen3"], PROMPTS, results, handles)
+
+
+def test_capture_with_steering_equals_hf_with_hooks(ray_local, capture_engine, oracles):
+    spec = SteeringSpec(layers={
+        0: LayerSteeringSpec(operations=[AddSpec(vector=rand_vec(3), scale=4.0)]),
+        2: LayerSteeringSpec(operations=[ProjectionCapSpec(vector=rand_vec(4), min=-0.2, max=0.2)]),
+    })
+    ray_local.get(capture_engine.apply_spec.remote(spec.to_wire()))
+    try:
+        results, handles = capture(ray_local, capture_engine)
+        assert_matches_hf(oracles["qwen3"], PROMPTS, results, handles, spec)
+    finally:
+        ray_local.get(capture_engine.apply_spec.remote(SteeringSpec().to_wire()))
+
+
+def test_budget_overflow_is_clear_and_engine_keeps_serving(ray_local, capture_engine):
+    stats0 = ray_local.get(capture_engine.capture_stats.remote())
+    big = [list(range(1, 400))] * 4
+    with pytest.raises(ValueError, match="capture budget exceeded"):
+        ray_local.get(capture_engine.generate.remote(big, dict(max_tokens=100), [0, 1, 2, 3]))
+    assert ray_local.get(capture_engine.capture_stats.remote()) == stats0
+    out = ray_local.get(capture_engine.generate.remote(PROMPTS[:1], SAMPLING))
+    assert len(out[0]["token_ids"]) == SAMPLING["max_tokens"]
+
+
+def test_release_frees_budget_and_unknown_capture_is_clear(ray_local, capture_engine):
+    results, handles = capture(ray_local, capture_engine, prompts=PROMPTS[:1])
+    before = ray_local.get(capture_engine.capture_stats.remote())
+    cid = results[0]["captures"]["capture_id"]
+    data = ray_local.get(capture_engine.get_capture.remote(cid))
+    torch.testing.assert_close(data["layers"][0], handles[0].captures[0][0]["hidden"])
+    assert ray_local.get(capture_engine.release_captures.remote([cid])) == 1
+    after = ray_local.get(capture_engine.capture_stats.remote())
+    assert after["used_bytes"] == before["used_bytes"] - handles[0].nbytes
+    with pytest.raises(ValueError, match="unknown capture"):
+        ray_local.get(capture_engine.get_capture.remote(cid))
+    with pytest.raises(ValueError, match="cannot capture layers"):
+        ray_local.get(capture_engine.generate.remote(PROMPTS[:1], SAMPLING, [7]))
+
+
+def test_fetch_after_owner_died_fails_fast(ray_local, capture_engine):
+    # > 100 KiB per layer, so the tensors live in the owner's store (Ray inlines smaller objects)
+    results = ray_local.get(capture_engine.generate.remote(PROMPTS[2:], dict(SAMPLING, max_tokens=60), LAYERS))
+    fresh = [CaptureHandle.from_wire(r["captures"]) for r in results]  # not fetched yet
+    assert fresh[0].nbytes > 3 * (100 << 10)
+    ray_local.kill(capture_engine)
+    with pytest.raises(ray_local.exceptions.RayActorError):
+        ray_local.get(capture_engine.capture_stats.remote(), timeout=60)  # it is gone
+    t = time.monotonic()
+    with pytest.raises(RuntimeError, match="engine replica that owned it died"):
+        fetch_captures_batch(fresh, timeout_s=60)
+    assert time.monotonic() - t < 60
