@@ -129,7 +129,8 @@ class SteerIngress:
         results = await self._call(self.generate(body["prompts"], body.get("sampling"), body.get("capture_layers")))
         for r in results:  # object refs stay in the cluster; HTTP clients download by capture_id
             if r.get("captures"):
-                r["captures"] = {**r["captures"], "layers": sorted(int(k) for k in r["captures"]["layers"])}
+                cap = {k: v for k, v in r["captures"].items() if k != "owner"}
+                r["captures"] = {**cap, "layers": sorted(int(k) for k in cap["layers"])}
         return self._reply(request, {"results": results})
 
     @api.get("/v1/captures/{capture_id}")
