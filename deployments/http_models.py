@@ -11,6 +11,8 @@ class GenerateRequest(BaseModel):
     prompts: list[str | list[int]] = Field(min_length=1, description="texts or token-id lists")
     sampling: dict[str, Any] | None = Field(default=None, description="vLLM SamplingParams fields")
     capture_layers: list[int] | None = Field(default=None, description="layers whose h + r to capture")
+    steering_spec: Any = Field(default=None, description="per-request spec (applied after the global one), "
+                                                         "or a list with one spec or null per prompt")
 
 
 class ChatRequest(BaseModel):

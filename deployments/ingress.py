@@ -53,8 +53,8 @@ class SteerIngress:
         return await self.coordinator.info.remote()
 
     async def generate(self, prompts: list[Any], sampling: dict[str, Any] | None = None,
-                       capture_layers: list[int] | None = None) -> list[dict[str, Any]]:
-        return await self.coordinator.generate.remote(prompts, sampling, capture_layers)
+                       capture_layers: list[int] | None = None, steering_spec: Any = None) -> list[dict[str, Any]]:
+        return await self.coordinator.generate.remote(prompts, sampling, capture_layers, steering_spec)
 
     async def chat(self, conversations: list[Any], sampling: dict[str, Any] | None = None,
                    chat_template_kwargs: dict[str, Any] | None = None) -> list[dict[str, Any]]:
@@ -126,7 +126,8 @@ class SteerIngress:
     @api.post("/v1/generate", openapi_extra=_body_doc(GenerateRequest))
     async def http_generate(self, request: Request) -> Response:
         body = await self._body(request, GenerateRequest)
-        results = await self._call(self.generate(body["prompts"], body.get("sampling"), body.get("capture_layers")))
+        results = await self._call(self.generate(body["prompts"], body.get("sampling"), body.get("capture_layers"),
+                                                 body.get("steering_spec")))
         for r in results:  # object refs stay in the cluster; HTTP clients download by capture_id
             if r.get("captures"):
                 cap = {k: v for k, v in r["captures"].items() if k != "owner"}

@@ -115,14 +115,24 @@ class VLLMSteerModel:
 
     # ---- generation ------------------------------------------------------------------------
     async def generate(self, prompts: str | Sequence[str] | Sequence[Sequence[int]], sampling_params: Any = None,
-                       capture_layers: Sequence[int] | None = None, **sampling: Any) -> list[GenerationResult]:
+                       capture_layers: Sequence[int] | None = None,
+                       steering_spec: SteeringSpec | Sequence[SteeringSpec | None] | None = None,
+                       **sampling: Any) -> list[GenerationResult]:
         """Generate; with ``capture_layers`` each result's ``captures`` is a :class:`CaptureHandle`
-        (fetch its tensors with :meth:`fetch_captures_batch`)."""
+        (fetch its tensors with :meth:`fetch_captures_batch`). ``steering_spec`` steers these requests
+        only (one spec for all, or one per prompt), after the global spec at each layer."""
         if isinstance(prompts, str):
             prompts = [prompts]
         prompts = [p if isinstance(p, str) else [int(t) for t in p] for p in prompts]
         layers = sorted({int(x) for x in capture_layers}) if capture_layers else None
-        out = await _unwrap(self._handle.generate.remote(prompts, _sampling_dict(sampling_params, sampling), layers))
+        if isinstance(steering_spec, SteeringSpec):
+            per_request: Any = steering_spec.to_wire()
+        elif steering_spec is not None:
+            per_request = [s.to_wire() if s is not None else None for s in steering_spec]
+        else:
+            per_request = None
+        out = await _unwrap(self._handle.generate.remote(prompts, _sampling_dict(sampling_params, sampling), layers,
+                                                         per_request))
         results = [GenerationResult(**r) for r in out]
         for r in results:
             if r.captures:

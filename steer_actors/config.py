@@ -24,6 +24,8 @@ class VLLMSteeringConfig(BaseModel):
     bootstrap_layers: list[int] | None = Field(
         default=None, description="decoder layers that can be steered, fixed at engine start; None = all")
     max_ops_per_layer: int = Field(default=4, ge=1, le=64)
+    max_steering_slots: int = Field(
+        default=8, ge=0, le=256, description="distinct per-request specs resident at once; more wait their turn")
     # CPU only: KV cache size and OpenMP binding (TP=2 on 2 cores needs "0|1").
     cpu_kvcache_space_gib: int = 1
     cpu_omp_threads_bind: str | None = None

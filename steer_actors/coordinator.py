@@ -65,10 +65,10 @@ class SteeringCoordinator:
         return results
 
     async def generate(self, prompts: list[Any], sampling: dict[str, Any] | None = None,
-                       capture_layers: list[int] | None = None) -> list[dict[str, Any]]:
+                       capture_layers: list[int] | None = None, steering_spec: Any = None) -> list[dict[str, Any]]:
         if not isinstance(prompts, list) or not prompts:
             raise ValueError("prompts must be a non-empty list of strings or token-id lists")
-        i, results = await self._call_engine("generate", prompts, sampling, capture_layers)
+        i, results = await self._call_engine("generate", prompts, sampling, capture_layers, steering_spec)
         return self._tag_captures(i, results)
 
     async def chat(self, conversations: list[list[dict[str, str]]], sampling: dict[str, Any] | None = None,

@@ -14,6 +14,7 @@ from typing import Any
 from . import vllm_compat
 from .capture_registry import CaptureRegistry
 from .config import VLLMSteeringConfig
+from .slots import SlotPool
 from .results import GenerationResult, result_from_output
 from .specs import SteeringSpec, apply_edit
 
@@ -52,6 +53,7 @@ class SteerEngine:
                 "patch": _data_plane_hash(),
                 "layers": cfg.bootstrap_layers,
                 "max_ops_per_layer": cfg.max_ops_per_layer,
+                "request_slots": cfg.max_steering_slots,
             }},
         )
         if device == "cuda":
@@ -78,6 +80,8 @@ class SteerEngine:
         self._max_ops = cfg.max_ops_per_layer
         self._device = device
         self.captures = CaptureRegistry(cfg.capture_budget_bytes, cfg.capture_ttl_s)
+        self._slot_specs: dict[str, dict[str, Any]] = {}  # fingerprint -> wire, while being loaded
+        self.slots = SlotPool(cfg.max_steering_slots, self._load_slot)
 
     # ---- introspection -------------------------------------------------------------------------
     async def info(self) -> dict[str, Any]:
@@ -140,30 +144,75 @@ class SteerEngine:
         return {"spec": self.spec.to_wire(), "spec_version": self.version, "spec_fingerprint": self.fingerprint}
 
     # ---- generation ----------------------------------------------------------------------------
+    async def _load_slot(self, slot: int, fingerprint: str) -> None:
+        await self.engine.collective_rpc("steer_slot_load", args=(slot, self._slot_specs[fingerprint]))
+
+    async def _route(self, ids: list[str], specs: list[dict[str, Any] | None]) -> list[tuple[str, int, str]]:
+        """Give each request with its own spec a slot; returns (request id, slot, spec fingerprint)."""
+        import asyncio
+
+        if any(s is not None for s in specs) and self.slots.capacity == 0:
+            raise ValueError("per-request steering is off on this engine (max_steering_slots=0)")
+        want = []
+        for rid, wire_spec in zip(ids, specs):
+            if wire_spec is None:
+                continue
+            spec = await self._validated(wire_spec)
+            if spec.is_empty():
+                continue
+            fp = spec.fingerprint()
+            self._slot_specs[fp] = spec.to_wire()
+            want.append((rid, fp))
+        slots = await asyncio.gather(*(self.slots.acquire(fp) for _, fp in want), return_exceptions=True)
+        routed = [(rid, s, fp) for (rid, fp), s in zip(want, slots) if not isinstance(s, BaseException)]
+        failed = [s for s in slots if isinstance(s, BaseException)]
+        if failed:
+            await asyncio.gather(*(self.slots.release(s) for _, s, _ in routed))
+            raise failed[0]
+        if routed:
+            await self.engine.collective_rpc("steer_route", args=([(rid, s) for rid, s, _ in routed],))
+        return routed
+
     async def generate(self, prompts: list[str] | list[list[int]], sampling: dict[str, Any] | None = None,
-                       capture_layers: list[int] | None = None) -> list[dict[str, Any]]:
+                       capture_layers: list[int] | None = None,
+                       steering_spec: dict[str, Any] | list[dict[str, Any] | None] | None = None
+                       ) -> list[dict[str, Any]]:
+        """``steering_spec``: one spec (wire form) for every prompt, or one per prompt (None = none).
+        A request's own ops run after the global ops at each layer."""
         import asyncio
 
         from vllm import SamplingParams
 
         params = SamplingParams(**(sampling or {}))
         version, fp = self.version, self.fingerprint
-        # KV computed under one steering must never serve another: the prefix cache is salted by
-        # the spec's fingerprint (unsteered requests keep sharing with each other).
-        salt = {} if self.spec.is_empty() else {"cache_salt": fp}
+        specs = steering_spec if isinstance(steering_spec, list) else [steering_spec] * len(prompts)
+        if len(specs) != len(prompts):
+            raise ValueError(f"{len(specs)} steering specs for {len(prompts)} prompts")
         ids = [uuid.uuid4().hex for _ in prompts]
-        reserved = await self._start_capture(prompts, params, capture_layers, ids) if capture_layers else 0
-
-        async def one(prompt: str | list[int], rid: str) -> GenerationResult:
-            inp = {"prompt_token_ids": list(prompt)} if isinstance(prompt, list) else {"prompt": prompt}
-            # a capture must see every prompt position, so it never reads the prefix cache
-            inp.update({"cache_salt": rid} if capture_layers else salt)
-            final = None
-            async for out in self.engine.generate(inp, params, request_id=rid):
-                final = out
-            return result_from_output(final, version, fp)
-
+        routed = await self._route(ids, specs)
+        request_fp = {rid: rfp for rid, _, rfp in routed}
+        reserved = 0
         try:
+            if capture_layers:
+                reserved = await self._start_capture(prompts, params, capture_layers, ids)
+
+            async def one(prompt: str | list[int], rid: str) -> GenerationResult:
+                inp = {"prompt_token_ids": list(prompt)} if isinstance(prompt, list) else {"prompt": prompt}
+                # KV computed under one steering must never serve another: the prefix cache is salted
+                # by what steers the request (unsteered requests keep sharing); a capture must see every
+                # prompt position, so it never reads the cache.
+                steer_key = "+".join(k for k in (None if self.spec.is_empty() else fp, request_fp.get(rid)) if k)
+                if capture_layers:
+                    inp["cache_salt"] = rid
+                elif steer_key:
+                    inp["cache_salt"] = steer_key
+                final = None
+                async for out in self.engine.generate(inp, params, request_id=rid):
+                    final = out
+                res = result_from_output(final, version, fp)
+                res.request_spec_fingerprint = request_fp.get(rid)
+                return res
+
             results = await asyncio.gather(*(one(p, rid) for p, rid in zip(prompts, ids)))
             if capture_layers:
                 await self._finish_capture(results, ids)
@@ -171,6 +220,9 @@ class SteerEngine:
             if capture_layers:
                 self.captures.unreserve(reserved)
                 await self.engine.collective_rpc("steer_capture_drop", args=(ids,))
+            if routed:
+                await self.engine.collective_rpc("steer_unroute", args=([rid for rid, _, _ in routed],))
+                await asyncio.gather(*(self.slots.release(s) for _, s, _ in routed))
         return [r.to_dict() for r in results]
 
     async def _start_capture(self, prompts, params, layers: list[int], ids: list[str]) -> int:

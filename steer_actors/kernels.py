@@ -28,16 +28,7 @@ except ImportError:  # CPU-only installs
 if triton is not None:
 
     @triton.jit
-    def _steer_kernel(delta_ptr, resid_ptr, add_ptr, unit_ptr, lo_ptr, hi_ptr, gamma_ptr, active_ptr,
-                      stride_d, stride_r, H, K: tl.constexpr, BLOCK_H: tl.constexpr):
-        if tl.load(active_ptr) == 0:
-            return
-        row = tl.program_id(0).to(tl.int64)
-        cols = tl.arange(0, BLOCK_H)
-        mask = cols < H
-        d = tl.load(delta_ptr + row * stride_d + cols, mask=mask, other=0.0).to(tl.float32)
-        r = tl.load(resid_ptr + row * stride_r + cols, mask=mask, other=0.0).to(tl.float32)
-        s = d + r
+    def _apply_k(s, add_ptr, unit_ptr, lo_ptr, hi_ptr, gamma_ptr, cols, mask, H, K: tl.constexpr):
         for k in tl.static_range(K):
             a = tl.load(add_ptr + k * H + cols, mask=mask, other=0.0)
             u = tl.load(unit_ptr + k * H + cols, mask=mask, other=0.0)
@@ -45,14 +36,57 @@ if triton is not None:
             p = tl.sum(s * u, axis=0)
             c = tl.minimum(tl.maximum(p, tl.load(lo_ptr + k)), tl.load(hi_ptr + k))
             s = s + ((c - p) + (tl.load(gamma_ptr + k) - 1.0) * p) * u
+        return s
+
+    @triton.jit
+    def _steer_kernel(delta_ptr, resid_ptr, add_ptr, unit_ptr, lo_ptr, hi_ptr, gamma_ptr, active_ptr,
+                      radd_ptr, runit_ptr, rlo_ptr, rhi_ptr, rgamma_ptr, slot_ptr, any_ptr,
+                      stride_d, stride_r, H, K: tl.constexpr, BLOCK_H: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        glob = tl.load(active_ptr) != 0
+        slot = tl.load(slot_ptr + row).to(tl.int64) * (tl.load(any_ptr) != 0).to(tl.int64)
+        if (not glob) and slot == 0:
+            return
+        cols = tl.arange(0, BLOCK_H)
+        mask = cols < H
+        d = tl.load(delta_ptr + row * stride_d + cols, mask=mask, other=0.0).to(tl.float32)
+        r = tl.load(resid_ptr + row * stride_r + cols, mask=mask, other=0.0).to(tl.float32)
+        s = d + r
+        if glob:
+            s = _apply_k(s, add_ptr, unit_ptr, lo_ptr, hi_ptr, gamma_ptr, cols, mask, H, K)
+        if slot != 0:
+            s = _apply_k(s, radd_ptr + slot * K * H, runit_ptr + slot * K * H, rlo_ptr + slot * K,
+                         rhi_ptr + slot * K, rgamma_ptr + slot * K, cols, mask, H, K)
         tl.store(delta_ptr + row * stride_d + cols, (s - r).to(delta_ptr.dtype.element_ty), mask=mask)
 
 
-def _torch_impl(delta, residual, add, unit, lo, hi, gamma, active) -> None:
-    if not bool(active.reshape(-1)[0]):
+def _apply_rows(s, add, unit, lo, hi, gamma):
+    """K ops with per-row parameters: ``add``/``unit`` are [T, K, H], ``lo``/``hi``/``gamma`` [T, K]."""
+    for k in range(add.shape[1]):
+        s = s + add[:, k]
+        p = (s * unit[:, k]).sum(-1)
+        c = torch.clamp(p, min=lo[:, k], max=hi[:, k])
+        s = s + ((c - p) + (gamma[:, k] - 1.0) * p).unsqueeze(-1) * unit[:, k]
+    return s
+
+
+def _torch_impl(delta, residual, add, unit, lo, hi, gamma, active, radd, runit, rlo, rhi, rgamma, slot_idx,
+                any_bound) -> None:
+    glob = bool(active.reshape(-1)[0])
+    per_request = bool(any_bound.reshape(-1)[0])
+    if not glob and not per_request:
         return
+    T = delta.shape[0]
     r = residual.float()
-    s = apply_slots(delta.float() + r, add, unit, lo, hi, gamma)
+    s = delta.float() + r
+    if glob:
+        s = apply_slots(s, add, unit, lo, hi, gamma)
+    if per_request:
+        sid = slot_idx[:T].long()
+        rows = (sid != 0).nonzero().squeeze(-1)
+        if rows.numel():
+            g = sid[rows]
+            s[rows] = _apply_rows(s[rows], radd[g], runit[g], rlo[g], rhi[g], rgamma[g])
     delta.copy_((s - r).to(delta.dtype))
 
 
@@ -65,27 +99,33 @@ def _use_triton(delta: torch.Tensor) -> bool:
 @torch.library.custom_op("steer_actors::steer_residual_", mutates_args=("delta",))
 def steer_residual_(delta: torch.Tensor, residual: torch.Tensor, add: torch.Tensor, unit: torch.Tensor,
                     lo: torch.Tensor, hi: torch.Tensor, gamma: torch.Tensor, active: torch.Tensor,
-                    layer: int = -1) -> None:
+                    radd: torch.Tensor, runit: torch.Tensor, rlo: torch.Tensor, rhi: torch.Tensor,
+                    rgamma: torch.Tensor, slot_idx: torch.Tensor, any_bound: torch.Tensor, layer: int = -1) -> None:
+    """Global ops, then the token's request-slot ops (slot 0 = none), on ``delta + residual``."""
     if delta.numel() == 0:
         return
+    args = (delta, residual, add, unit, lo, hi, gamma, active, radd, runit, rlo, rhi, rgamma, slot_idx, any_bound)
     if not _use_triton(delta):
-        _torch_impl(delta, residual, add, unit, lo, hi, gamma, active)
+        _torch_impl(*args)
     else:
-        _triton_impl(delta, residual, add, unit, lo, hi, gamma, active)
+        _triton_impl(*args)
     # Runs on every call in eager and torch.compile'd (opaque op) execution; a CUDA graph replay
     # skips Python, which is why capture needs an eager engine on GPU.
     if capture.STORE.active:
         capture.STORE.record(layer, delta, residual)
 
 
-def _triton_impl(delta, residual, add, unit, lo, hi, gamma, active) -> None:
+def _triton_impl(delta, residual, add, unit, lo, hi, gamma, active, radd, runit, rlo, rhi, rgamma, slot_idx,
+                 any_bound) -> None:
     H = delta.shape[-1]
     d2, r2 = delta.view(-1, H), residual.view(-1, H)
     assert d2.stride(-1) == 1 and r2.stride(-1) == 1
-    _steer_kernel[(d2.shape[0],)](d2, r2, add, unit, lo, hi, gamma, active, d2.stride(0), r2.stride(0), H,
-                                  K=add.shape[0], BLOCK_H=triton.next_power_of_2(H), num_warps=4 if H <= 2048 else 8)
+    _steer_kernel[(d2.shape[0],)](d2, r2, add, unit, lo, hi, gamma, active, radd, runit, rlo, rhi, rgamma, slot_idx,
+                                  any_bound, d2.stride(0), r2.stride(0), H, K=add.shape[0],
+                                  BLOCK_H=triton.next_power_of_2(H), num_warps=4 if H <= 2048 else 8)
 
 
 @steer_residual_.register_fake
-def _(delta, residual, add, unit, lo, hi, gamma, active, layer=-1) -> None:
+def _(delta, residual, add, unit, lo, hi, gamma, active, radd, runit, rlo, rhi, rgamma, slot_idx, any_bound,
+      layer=-1) -> None:
     return None

@@ -16,6 +16,7 @@ from torch import nn
 from . import vllm_compat
 from .kernels import steer_residual_
 from .ops import SlotRows
+from .routing import ROUTER
 
 _PATCHED_ATTR = "__steer_actors_patched__"
 
@@ -27,7 +28,7 @@ class LayerSteerer(nn.Module):
     created inside the first forward; in-place ``copy_`` into these buffers is seen by both.
     """
 
-    def __init__(self, layer_idx: int, hidden: int, num_slots: int):
+    def __init__(self, layer_idx: int, hidden: int, num_slots: int, request_slots: int = 0, max_tokens: int = 8192):
         super().__init__()
         self.layer_idx = layer_idx
         self.hidden = hidden
@@ -40,11 +41,29 @@ class LayerSteerer(nn.Module):
         self.register_buffer("gamma", torch.ones(num_slots, **f32), persistent=False)
         # 0 while the layer has no ops: the op then does no work (read on the device at replay time).
         self.register_buffer("active", torch.zeros(1, dtype=torch.int32), persistent=False)
+        # Per-request specs: S = request_slots + 1 tables of K ops (slot 0 = identity), applied after the
+        # global ops to the tokens the shared per-token slot index routes to them.
+        S = request_slots + 1
+        self.request_slots = request_slots
+        self.register_buffer("radd", torch.zeros(S, num_slots, hidden, **f32), persistent=False)
+        self.register_buffer("runit", torch.zeros(S, num_slots, hidden, **f32), persistent=False)
+        self.register_buffer("rlo", torch.full((S, num_slots), -math.inf, **f32), persistent=False)
+        self.register_buffer("rhi", torch.full((S, num_slots), math.inf, **f32), persistent=False)
+        self.register_buffer("rgamma", torch.ones(S, num_slots, **f32), persistent=False)
+        slot_idx, any_bound = ROUTER.buffers(max_tokens)
+        self.register_buffer("slot_idx", slot_idx, persistent=False)
+        self.register_buffer("any_bound", any_bound, persistent=False)
 
     def forward(self, delta: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         steer_residual_(delta, residual, self.add, self.unit, self.lo, self.hi, self.gamma, self.active,
+                        self.radd, self.runit, self.rlo, self.rhi, self.rgamma, self.slot_idx, self.any_bound,
                         self.layer_idx)
         return delta, residual
+
+    @torch.inference_mode()
+    def load_request_rows(self, slot: int, rows: SlotRows) -> None:
+        for name in ("add", "unit", "lo", "hi", "gamma"):
+            getattr(self, "r" + name)[slot].copy_(getattr(rows, name), non_blocking=False)
 
     @torch.inference_mode()
     def load_rows(self, rows: SlotRows, active: bool) -> None:
@@ -64,7 +83,8 @@ def _wrap_init(orig_init):
         layers = cfg.get("layers")
         if idx is None or (layers is not None and idx not in layers):
             return
-        self.steerer = LayerSteerer(idx, vllm_compat.hidden_size_at_construction(self), int(cfg["max_ops_per_layer"]))
+        self.steerer = LayerSteerer(idx, vllm_compat.hidden_size_at_construction(self), int(cfg["max_ops_per_layer"]),
+                                    int(cfg.get("request_slots", 0)), vllm_compat.max_batched_tokens_at_construction())
 
     return __init__
 

@@ -16,6 +16,7 @@ class GenerationResult:
     spec_version: int
     spec_fingerprint: str
     captures: dict[str, Any] | None = field(default=None)
+    request_spec_fingerprint: str | None = None  # the request's own spec, if it had one
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -96,29 +96,42 @@ def make_async_llm(args: Any) -> Any:
     return AsyncLLM.from_engine_args(args)
 
 
-def install_step_probe(worker: Any, store: Any) -> None:
-    """Tell ``store`` the batch layout of every forward: request order, query start locations,
+def install_step_probe(worker: Any, listener: Any) -> None:
+    """Tell ``listener`` the batch layout of every forward: request order, query start locations,
     positions and input ids, read from the V1 model runner right before it calls the model.
 
     V1 runner (vLLM 0.32 CPU, and 0.26 with the V1 GPU runner): ``_model_forward`` is documented as the
-    hook point for subclasses. The V2 GPU runner has no such method; capture raises there.
+    hook point for subclasses. The V2 GPU runner has no such method; capture and per-request steering
+    raise there.
     """
     runner = worker.model_runner
-    if getattr(runner, "_steer_probe", False):
+    listeners = runner.__dict__.setdefault("_steer_listeners", [])
+    if listener in listeners:
         return
     if not hasattr(runner, "_model_forward") or not hasattr(runner, "query_start_loc"):
-        raise RuntimeError("activation capture needs vLLM's V1 model runner (this engine runs another one)")
+        raise RuntimeError("capture and per-request steering need vLLM's V1 model runner (this engine runs another)")
+    listeners.append(listener)
+    if len(listeners) > 1:
+        return
     orig = runner._model_forward
 
     def probed(*args: Any, **kwargs: Any) -> Any:
-        if store.wanted:
-            n = runner.input_batch.num_reqs
-            store.begin_step(list(runner.input_batch.req_ids[:n]), runner.query_start_loc.np[: n + 1],
-                             kwargs.get("positions"), kwargs.get("input_ids"))
+        n = runner.input_batch.num_reqs
+        req_ids = list(runner.input_batch.req_ids[:n])
+        qsl = runner.query_start_loc.np[: n + 1]
+        for lst in listeners:
+            lst.begin_step(req_ids, qsl, kwargs.get("positions"), kwargs.get("input_ids"))
         try:
             return orig(*args, **kwargs)
         finally:
-            store.end_step()
+            for lst in listeners:
+                lst.end_step()
 
     runner._model_forward = probed
-    runner._steer_probe = True
+
+
+def max_batched_tokens_at_construction() -> int:
+    from vllm.config import get_current_vllm_config
+
+    sched = get_current_vllm_config().scheduler_config
+    return int(max(sched.max_num_batched_tokens, getattr(sched, "max_num_seqs", 0), 8192)) + 512

@@ -14,6 +14,7 @@ from typing import Any
 from . import capture, vllm_compat
 from .ops import neutral_rows, ops_to_rows
 from .patch import LayerSteerer, steerers
+from .routing import ROUTER
 from .specs import SteeringSpec
 
 
@@ -43,7 +44,8 @@ class SteerWorkerExtension:
             "fingerprint": self._steer_state()["fingerprint"],
         }
 
-    def steer_stage(self, version: int, spec_wire: dict[str, Any]) -> str:
+    def _build_rows(self, spec_wire: dict[str, Any]):
+        """Validate a spec against this worker's layers; host rows per layer (key "" = no ops)."""
         spec = SteeringSpec.from_wire(spec_wire)
         layers = self._steer_layers()
         if not layers:
@@ -54,10 +56,13 @@ class SteerWorkerExtension:
         rows = {}
         for idx, layer in layers.items():
             ls = spec.layers.get(idx)
-            key = ls.fingerprint() if ls else ""
-            rows[idx] = (key, ops_to_rows(ls.to_ops(), layer.num_slots, layer.hidden) if ls
+            rows[idx] = (ls.fingerprint() if ls else "",
+                         ops_to_rows(ls.to_ops(), layer.num_slots, layer.hidden) if ls
                          else neutral_rows(layer.num_slots, layer.hidden))
-        fp = spec.fingerprint()
+        return spec.fingerprint(), rows
+
+    def steer_stage(self, version: int, spec_wire: dict[str, Any]) -> str:
+        fp, rows = self._build_rows(spec_wire)
         self._steer_state()["staged"][int(version)] = (fp, rows)
         return fp
 
@@ -102,3 +107,22 @@ class SteerWorkerExtension:
     def steer_capture_drop(self, request_ids: list[str]) -> None:
         for rid in request_ids:
             capture.STORE.drop(rid)
+
+    # ---- per-request steering ---------------------------------------------------------------------
+    def steer_slot_load(self, slot: int, spec_wire: dict[str, Any]) -> str:
+        """Write a request spec into table ``slot`` of every layer (slot 0 is the identity)."""
+        layers = self._steer_layers()
+        capacity = next(iter(layers.values())).request_slots if layers else 0
+        if not 1 <= int(slot) <= capacity:
+            raise ValueError(f"request slot {slot} out of range 1..{capacity}")
+        fp, rows = self._build_rows(spec_wire)
+        for idx, (_, layer_rows) in rows.items():
+            layers[idx].load_request_rows(int(slot), layer_rows)
+        return fp
+
+    def steer_route(self, pairs: list[tuple[str, int]]) -> None:
+        vllm_compat.install_step_probe(self, ROUTER)
+        ROUTER.bind(pairs)
+
+    def steer_unroute(self, request_ids: list[str]) -> None:
+        ROUTER.unbind(request_ids)

@@ -20,15 +20,28 @@ u = lambda: (lambda v: v / v.norm())(torch.randn(H, generator=g))
 ops = [Op("add", torch.randn(H, generator=g), scale=2.0), Op("cap", u(), min=-0.2, max=0.3),
        Op("ablation", u(), scale=0.0), Op("ablation", u(), scale=2.5)]
 rows = ops_to_rows(ops, 4, H)
+# request slots: 0 = none, 1 and 2 hold their own ops, applied after the global ones
+req_ops = {1: [Op("add", torch.randn(H, generator=g), scale=1.0)], 2: [Op("ablation", u(), scale=0.0), Op("cap", u(), max=0.0)]}
+table = [ops_to_rows([], 4, H)] + [ops_to_rows(req_ops[k], 4, H) for k in (1, 2)]
+radd, runit = torch.stack([t.add for t in table]), torch.stack([t.unit for t in table])
+rlo, rhi, rgamma = torch.stack([t.lo for t in table]), torch.stack([t.hi for t in table]), torch.stack([t.gamma for t in table])
+slot_of_row = [0, 1, 2, 1, 0]
+slot_idx = torch.tensor(slot_of_row + [0] * 11, dtype=torch.int32)
+one, zero = torch.ones(1, dtype=torch.int32), torch.zeros(1, dtype=torch.int32)
 for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 3e-2)):
     delta, resid = torch.randn(5, H, generator=g).to(dtype), torch.randn(5, H, generator=g).to(dtype)
-    want = apply_reference(delta.float() + resid.float(), ops)
+    for glob, per_req in ((one, zero), (zero, one), (one, one)):
+        want = torch.stack([apply_reference((delta[i].float() + resid[i].float())[None],
+                                            (ops if glob else []) + (req_ops.get(slot_of_row[i], []) if per_req else []))[0]
+                            for i in range(5)])
+        d = delta.clone()
+        steer_residual_(d, resid, rows.add, rows.unit, rows.lo, rows.hi, rows.gamma, glob, radd, runit, rlo, rhi,
+                        rgamma, slot_idx, per_req)
+        err = ((d.float() + resid.float()) - want).abs().max().item()
+        assert err < tol * max(1.0, want.abs().max().item()), (dtype, int(glob), int(per_req), err)
     d = delta.clone()
-    steer_residual_(d, resid, rows.add, rows.unit, rows.lo, rows.hi, rows.gamma, torch.ones(1, dtype=torch.int32))
-    err = ((d.float() + resid.float()) - want).abs().max().item()
-    assert err < tol * max(1.0, want.abs().max().item()), (dtype, err)
-    d = delta.clone()
-    steer_residual_(d, resid, rows.add, rows.unit, rows.lo, rows.hi, rows.gamma, torch.zeros(1, dtype=torch.int32))
+    steer_residual_(d, resid, rows.add, rows.unit, rows.lo, rows.hi, rows.gamma, zero, radd, runit, rlo, rhi, rgamma,
+                    slot_idx, zero)
     assert torch.equal(d, delta)
 print("OK")
 """
@@ -48,11 +61,14 @@ def test_custom_op_compiles_with_inplace_buffer_updates():
     H = 32
     rows = neutral_rows(2, H)
     active = torch.zeros(1, dtype=torch.int32)
+    req = neutral_rows(2, H)
+    table = [t[None] for t in (req.add, req.unit, req.lo, req.hi, req.gamma)]
+    slot_idx, any_bound = torch.zeros(8, dtype=torch.int32), torch.zeros(1, dtype=torch.int32)
 
     @torch.compile(fullgraph=True, dynamic=True)
     def f(d, r):
         d = d * 1.0
-        steer_residual_(d, r, rows.add, rows.unit, rows.lo, rows.hi, rows.gamma, active)
+        steer_residual_(d, r, rows.add, rows.unit, rows.lo, rows.hi, rows.gamma, active, *table, slot_idx, any_bound)
         return d + r
 
     d, r = torch.randn(3, H), torch.randn(3, H)
