@@ -58,12 +58,17 @@ def start_engine(ray, **config):
     return actor
 
 
+def engine_lifetime(ray, **config):
+    """Body of an engine fixture: ``yield from engine_lifetime(ray_local, model_name=...)``. The
+    engine's vLLM processes go with its actor (see steer_actors.reaper)."""
+    actor = start_engine(ray, **config)
+    yield actor
+    ray.kill(actor)
+
+
 @pytest.fixture(scope="session")
 def qwen3_engine(ray_local, qwen3_path):
-    actor = start_engine(ray_local, model_name=qwen3_path)
-    yield actor
-    ray_local.get(actor.shutdown.remote())
-    ray_local.kill(actor)
+    yield from engine_lifetime(ray_local, model_name=qwen3_path)
 
 
 @pytest.fixture(scope="session")

@@ -8,7 +8,7 @@ import time
 import pytest
 import torch
 
-from conftest import rand_vec, start_engine
+from conftest import engine_lifetime, rand_vec
 from steer_actors.handles import CaptureHandle, fetch_captures_batch
 from steer_actors.specs import AddSpec, LayerSteeringSpec, ProjectionCapSpec, SteeringSpec
 
@@ -22,10 +22,8 @@ LAYERS = [0, 2, 3]
 @pytest.fixture(scope="module")
 def capture_engine(ray_local, qwen3_path):
     # 32 batched tokens force chunked prefill of the 40- and 70-token prompts
-    actor = start_engine(ray_local, model_name=qwen3_path, max_num_batched_tokens=32, enable_prefix_caching=True,
-                         capture_budget_bytes=4 << 20)
-    yield actor
-    ray_local.kill(actor)
+    yield from engine_lifetime(ray_local, model_name=qwen3_path, max_num_batched_tokens=32,
+                               enable_prefix_caching=True, capture_budget_bytes=4 << 20)
 
 
 def capture(ray, engine, prompts=PROMPTS, layers=LAYERS, sampling=SAMPLING):

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from conftest import start_engine
+from conftest import engine_lifetime
 from test_engine_steering import PROMPTS, SAMPLING, apply, generate, parity_specs
 
 pytestmark = pytest.mark.engine
@@ -39,10 +39,8 @@ def compile_cache(tmp_path_factory, qwen3_path):
 @pytest.fixture(scope="module")
 def compiled_engine(ray_local, qwen3_path, compile_cache):
     root, _ = compile_cache
-    actor = start_engine(ray_local, model_name=qwen3_path, enforce_eager=False, env={"VLLM_CACHE_ROOT": str(root)})
-    yield actor
-    ray_local.get(actor.shutdown.remote())
-    ray_local.kill(actor)
+    yield from engine_lifetime(ray_local, model_name=qwen3_path, enforce_eager=False,
+                               env={"VLLM_CACHE_ROOT": str(root)})
 
 
 def test_compiled_equals_eager_and_hf(ray_local, compiled_engine, qwen3_engine, oracles):

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import rand_vec, start_engine
+from conftest import engine_lifetime, rand_vec
 from steer_actors.specs import AblationSpec, AddSpec, LayerSteeringSpec, ProjectionCapSpec, SteeringSpec
 
 pytestmark = pytest.mark.engine
@@ -52,10 +52,7 @@ def apply(ray, engine, spec: SteeringSpec | None):
 @pytest.fixture(scope="module")
 def llama_engine(ray_local, llama_path):
     # Only layers 1 and 2 are patched: the others must cost nothing and refuse steering.
-    actor = start_engine(ray_local, model_name=llama_path, bootstrap_layers=[1, 2])
-    yield actor
-    ray_local.get(actor.shutdown.remote())
-    ray_local.kill(actor)
+    yield from engine_lifetime(ray_local, model_name=llama_path, bootstrap_layers=[1, 2])
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import rand_vec, start_engine
+from conftest import engine_lifetime, rand_vec
 from steer_actors.specs import AblationSpec, AddSpec, LayerSteeringSpec, ProjectionCapSpec, SteeringSpec
 
 pytestmark = pytest.mark.engine
@@ -68,10 +68,8 @@ def test_mixed_batch_matches_alone_and_hf(ray_local, qwen3_engine, oracles, with
 
 @pytest.fixture(scope="module")
 def two_slot_compiled(ray_local, qwen3_path):
-    actor = start_engine(ray_local, model_name=qwen3_path, enforce_eager=False, max_steering_slots=2,
-                         enable_prefix_caching=True)
-    yield actor
-    ray_local.kill(actor)
+    yield from engine_lifetime(ray_local, model_name=qwen3_path, enforce_eager=False, max_steering_slots=2,
+                               enable_prefix_caching=True)
 
 
 def test_three_times_more_specs_than_slots_compiled(ray_local, two_slot_compiled, oracles):

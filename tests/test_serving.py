@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import subprocess
 import sys
 import time
@@ -322,3 +321,23 @@ def test_capture_http_download_and_release(served_app, client, oracles):
     assert httpx.delete(f"{served_app}/v1/captures/{cap['capture_id']}").status_code == 200
     gone = httpx.get(f"{served_app}/v1/captures/{cap['capture_id']}")
     assert gone.status_code == 400 and "unknown capture" in gone.json()["error"]
+
+
+def test_per_request_spec_through_client_and_http(served_app, client, oracle_tokens):
+    """A request's own spec rides along with the global one (global ops first) on either replica."""
+    g, r = add_spec(71), add_spec(72, layer=2)
+    both = SteeringSpec(layers={1: g.layers[1], 2: r.layers[2]})
+
+    async def main():
+        await client.apply_steering_spec(g)
+        outs = await asyncio.gather(*[client.generate([PROMPT], steering_spec=r if i % 2 else None, **SAMPLING)
+                                      for i in range(6)])
+        return [o[0] for o in outs]
+
+    outs = run(main())
+    http = httpx.post(f"{served_app}/v1/generate", json={"prompts": [PROMPT], "sampling": SAMPLING,
+                                                         "steering_spec": r.model_dump(mode="json")}, timeout=120)
+    run(client.clear_all())
+    for i, o in enumerate(outs):
+        assert o.token_ids == oracle_tokens(both if i % 2 else g)
+    assert http.status_code == 200 and http.json()["results"][0]["token_ids"] == oracle_tokens(both)

@@ -2,18 +2,16 @@
 
 import pytest
 
-from conftest import start_engine
-from test_engine_steering import PROMPTS, SAMPLING, apply, generate, parity_specs
+from conftest import engine_lifetime
+from test_engine_steering import PROMPTS, apply, generate, parity_specs
 
 pytestmark = pytest.mark.engine
 
 
 @pytest.fixture(scope="module")
 def qwen3_tp2(ray_local, qwen3_path):
-    actor = start_engine(ray_local, model_name=qwen3_path, tensor_parallel_size=2, cpu_omp_threads_bind="0|1")
-    yield actor
-    ray_local.get(actor.shutdown.remote())
-    ray_local.kill(actor)
+    yield from engine_lifetime(ray_local, model_name=qwen3_path, tensor_parallel_size=2,
+                               cpu_omp_threads_bind="0|1")
 
 
 def test_tp2_matches_tp1_under_steering(ray_local, qwen3_tp2, qwen3_engine, oracles):
