@@ -37,9 +37,10 @@ def main() -> None:
     ap.add_argument("--app", default="steer")
     ap.add_argument("--n", type=int, default=64)
     ap.add_argument("--max-tokens", type=int, default=8)
+    ap.add_argument("--layers", default="0,1,2,3")
     ap.add_argument("--out")
     args = ap.parse_args()
-    res = asyncio.run(run(args.address, args.app, args.n, [0, 1, 2, 3], args.max_tokens))
+    res = asyncio.run(run(args.address, args.app, args.n, [int(x) for x in args.layers.split(",")], args.max_tokens))
     print("RESULT=" + json.dumps(res))
     if args.out:
         with open(args.out, "w") as f:

@@ -22,6 +22,16 @@ def _cause(err: BaseException) -> BaseException:
     return getattr(err, "cause", None) or err
 
 
+def _spec_layers(steering_spec: Any) -> set[int]:
+    """Layers a per-request spec (wire form, or a list of them) touches."""
+    specs = steering_spec if isinstance(steering_spec, list) else [steering_spec]
+    out: set[int] = set()
+    for s in specs:
+        if isinstance(s, dict) and isinstance(s.get("layers"), dict):
+            out |= {int(k) for k in s["layers"] if str(k).lstrip("-").isdigit()}
+    return out
+
+
 class SteeringCoordinator:
     def __init__(self, config: dict[str, Any] | VLLMSteeringConfig, engines: list[Any] | None = None):
         import ray
@@ -32,7 +42,10 @@ class SteeringCoordinator:
             engines = [actor_cls.remote(cfg.for_replica(i).model_dump()) for i in range(cfg.num_replicas)]
         self.engines = engines
         infos = ray.get([e.info.remote() for e in engines])  # blocks until every engine is up
-        self._info = infos[0]
+        self._layers = [set(i["steerable_layers"]) for i in infos]
+        # advertise what every replica can do, so a request never depends on where it lands
+        common = sorted(set.intersection(*self._layers))
+        self._info = {**infos[0], "steerable_layers": common}
         self.lock = AsyncRWLock()
         self.spec = SteeringSpec()
         self.version = 0
@@ -42,17 +55,30 @@ class SteeringCoordinator:
         self._rr = itertools.count()
 
     # ---- reads -------------------------------------------------------------------------------
-    def _pick_engine(self) -> int:
+    def _pick_engine(self, layers: set[int]) -> int:
         start = next(self._rr)
         n = len(self.engines)
-        return min(((start + k) % n for k in range(n)), key=lambda i: self._in_flight[i])
+        able = [(start + k) % n for k in range(n) if layers <= self._layers[(start + k) % n]]
+        if not able:
+            raise ValueError(f"no replica can steer or capture layers {sorted(layers)}")
+        return min(able, key=lambda i: self._in_flight[i])
 
-    async def _call_engine(self, method: str, *args: Any) -> tuple[int, Any]:
+    async def _call_engine(self, method: str, *args: Any, layers: set[int] = frozenset()) -> tuple[int, Any]:
+        import ray
+
         async with self.lock.read():
-            i = self._pick_engine()
+            i = self._pick_engine(set(layers))
             self._in_flight[i] += 1
+            ref = getattr(self.engines[i], method).remote(*args)
+            fut = asyncio.ensure_future(ref)
             try:
-                return i, await getattr(self.engines[i], method).remote(*args)
+                return i, await asyncio.shield(fut)
+            except asyncio.CancelledError:
+                # The caller went away. Abort the generation and keep the read lock until the engine
+                # has stopped, so no steering change lands under a request still computing KV.
+                ray.cancel(ref)
+                await asyncio.wait([fut], timeout=60)
+                raise
             finally:
                 self._in_flight[i] -= 1
 
@@ -68,7 +94,9 @@ class SteeringCoordinator:
                        capture_layers: list[int] | None = None, steering_spec: Any = None) -> list[dict[str, Any]]:
         if not isinstance(prompts, list) or not prompts:
             raise ValueError("prompts must be a non-empty list of strings or token-id lists")
-        i, results = await self._call_engine("generate", prompts, sampling, capture_layers, steering_spec)
+        layers = set(capture_layers or []) | _spec_layers(steering_spec)
+        i, results = await self._call_engine("generate", prompts, sampling, capture_layers, steering_spec,
+                                             layers=layers)
         return self._tag_captures(i, results)
 
     async def chat(self, conversations: list[list[dict[str, str]]], sampling: dict[str, Any] | None = None,
@@ -116,26 +144,41 @@ class SteeringCoordinator:
             i, err = failed[0]
             msg = f"replica {i} rejected the change: {err}" if len(self.engines) > 1 else str(err)
             raise (ValueError if isinstance(err, ValueError) else RuntimeError)(msg)
-        await asyncio.gather(*(e.commit.remote(version) for e in self.engines))
-        self.spec, self.version, self.fingerprint = spec, version, spec.fingerprint()
+        committed = await asyncio.gather(*(e.commit.remote(version) for e in self.engines), return_exceptions=True)
+        bad = [i for i, r in enumerate(committed) if isinstance(r, BaseException)]
+        if len(bad) < len(self.engines):  # the change is live somewhere: it is the current state
+            self.spec, self.version, self.fingerprint = spec, version, spec.fingerprint()
+        if bad:
+            raise RuntimeError(f"replicas {bad} failed to commit version {version}: {_cause(committed[bad[0]])}")
+
+    async def _write(self, change) -> dict[str, Any]:
+        """Run ``change`` under the write lock, shielded: a caller that disconnects mid-change must
+        not leave the engines committed and the coordinator's state behind."""
+        async def locked() -> dict[str, Any]:
+            async with self.lock.write():
+                await change()
+                return self._state()
+
+        return await asyncio.shield(locked())
 
     async def edit(self, edit: dict[str, Any]) -> dict[str, Any]:
-        async with self.lock.write():
-            await self._commit_all(apply_edit(self.spec, edit))
-            return self._state()
+        return await self._write(lambda: self._commit_all(apply_edit(self.spec, edit)))
 
     async def push(self, spec_wire: dict[str, Any]) -> dict[str, Any]:
         spec = SteeringSpec.from_wire(spec_wire)
-        async with self.lock.write():
+
+        async def change() -> None:
             previous = self.spec
             await self._commit_all(spec)
             self.stack.append(previous)
-            return self._state()
+
+        return await self._write(change)
 
     async def pop(self) -> dict[str, Any]:
-        async with self.lock.write():
+        async def change() -> None:
             if not self.stack:
                 raise ValueError("steering stack is empty: pop without a matching push")
             await self._commit_all(self.stack[-1])
             self.stack.pop()
-            return self._state()
+
+        return await self._write(change)

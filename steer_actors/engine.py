@@ -7,6 +7,7 @@ a change atomic across replicas. Every result carries the spec version and finge
 
 from __future__ import annotations
 
+import contextlib
 import os
 import uuid
 from typing import Any
@@ -80,7 +81,6 @@ class SteerEngine:
         self._max_ops = cfg.max_ops_per_layer
         self._device = device
         self.captures = CaptureRegistry(cfg.capture_budget_bytes, cfg.capture_ttl_s)
-        self._slot_specs: dict[str, dict[str, Any]] = {}  # fingerprint -> wire, while being loaded
         self.slots = SlotPool(cfg.max_steering_slots, self._load_slot)
 
     # ---- introspection -------------------------------------------------------------------------
@@ -144,33 +144,39 @@ class SteerEngine:
         return {"spec": self.spec.to_wire(), "spec_version": self.version, "spec_fingerprint": self.fingerprint}
 
     # ---- generation ----------------------------------------------------------------------------
-    async def _load_slot(self, slot: int, fingerprint: str) -> None:
-        await self.engine.collective_rpc("steer_slot_load", args=(slot, self._slot_specs[fingerprint]))
+    async def _load_slot(self, slot: int, spec_wire: Any) -> None:
+        await self.engine.collective_rpc("steer_slot_load", args=(slot, spec_wire))
 
     async def _route(self, ids: list[str], specs: list[dict[str, Any] | None]) -> list[tuple[str, int, str]]:
         """Give each request with its own spec a slot; returns (request id, slot, spec fingerprint)."""
         import asyncio
 
-        if any(s is not None for s in specs) and self.slots.capacity == 0:
-            raise ValueError("per-request steering is off on this engine (max_steering_slots=0)")
-        want = []
+        want, wires = [], {}
         for rid, wire_spec in zip(ids, specs):
             if wire_spec is None:
                 continue
             spec = await self._validated(wire_spec)
-            if spec.is_empty():
-                continue
-            fp = spec.fingerprint()
-            self._slot_specs[fp] = spec.to_wire()
-            want.append((rid, fp))
-        slots = await asyncio.gather(*(self.slots.acquire(fp) for _, fp in want), return_exceptions=True)
-        routed = [(rid, s, fp) for (rid, fp), s in zip(want, slots) if not isinstance(s, BaseException)]
-        failed = [s for s in slots if isinstance(s, BaseException)]
-        if failed:
-            await asyncio.gather(*(self.slots.release(s) for _, s, _ in routed))
-            raise failed[0]
-        if routed:
-            await self.engine.collective_rpc("steer_route", args=([(rid, s) for rid, s, _ in routed],))
+            if not spec.is_empty():
+                fp = spec.fingerprint()
+                wires[fp] = spec.to_wire()
+                want.append((rid, fp))
+        if not want:
+            return []
+        if len(wires) > self.slots.capacity:
+            raise ValueError(f"{len(wires)} distinct request specs in one call; this engine holds "
+                             f"{self.slots.capacity} at once (max_steering_slots)")
+        got: dict[str, int] = {}
+        try:
+            # A call needing several slots takes them one caller at a time: two callers each holding
+            # some while waiting for more would wait forever.
+            async with (self.slots.multi if len(wires) > 1 else contextlib.nullcontext()):
+                for fp, wire_spec in wires.items():
+                    got[fp] = await self.slots.acquire(fp, wire_spec)
+            routed = [(rid, got[fp], fp) for rid, fp in want]
+            await self.engine.collective_rpc("steer_route", args=([(rid, slot) for rid, slot, _ in routed],))
+        except BaseException:
+            await asyncio.gather(*(self.slots.release(slot) for slot in got.values()))
+            raise
         return routed
 
     async def generate(self, prompts: list[str] | list[list[int]], sampling: dict[str, Any] | None = None,
@@ -183,46 +189,67 @@ class SteerEngine:
 
         from vllm import SamplingParams
 
-        params = SamplingParams(**(sampling or {}))
-        version, fp = self.version, self.fingerprint
+        try:
+            params = SamplingParams(**(sampling or {}))
+        except vllm_compat.client_error_types() as e:
+            raise ValueError(f"invalid sampling parameters: {e}") from None
         specs = steering_spec if isinstance(steering_spec, list) else [steering_spec] * len(prompts)
         if len(specs) != len(prompts):
             raise ValueError(f"{len(specs)} steering specs for {len(prompts)} prompts")
+        if params.n > 1 and (capture_layers or any(s is not None for s in specs)):
+            raise ValueError("n > 1 is not supported with capture or per-request steering; repeat the prompt")
+        version, fp = self.version, self.fingerprint
         ids = [uuid.uuid4().hex for _ in prompts]
         routed = await self._route(ids, specs)
         request_fp = {rid: rfp for rid, _, rfp in routed}
         reserved = 0
+
+        async def one(prompt: str | list[int], rid: str) -> GenerationResult:
+            inp = {"prompt_token_ids": list(prompt)} if isinstance(prompt, list) else {"prompt": prompt}
+            # KV computed under one steering must never serve another: the prefix cache is salted by
+            # what steers the request (unsteered requests keep sharing); a capture must see every
+            # prompt position, so it never reads the cache.
+            steer_key = "+".join(k for k in (None if self.spec.is_empty() else fp, request_fp.get(rid)) if k)
+            if capture_layers:
+                inp["cache_salt"] = rid
+            elif steer_key:
+                inp["cache_salt"] = steer_key
+            final = None
+            try:
+                async for out in self.engine.generate(inp, params, request_id=rid):
+                    final = out
+            except vllm_compat.client_error_types() as e:
+                raise ValueError(str(e)) from None
+            res = result_from_output(final, version, fp)
+            res.request_spec_fingerprint = request_fp.get(rid)
+            return res
+
         try:
             if capture_layers:
                 reserved = await self._start_capture(prompts, params, capture_layers, ids)
-
-            async def one(prompt: str | list[int], rid: str) -> GenerationResult:
-                inp = {"prompt_token_ids": list(prompt)} if isinstance(prompt, list) else {"prompt": prompt}
-                # KV computed under one steering must never serve another: the prefix cache is salted
-                # by what steers the request (unsteered requests keep sharing); a capture must see every
-                # prompt position, so it never reads the cache.
-                steer_key = "+".join(k for k in (None if self.spec.is_empty() else fp, request_fp.get(rid)) if k)
-                if capture_layers:
-                    inp["cache_salt"] = rid
-                elif steer_key:
-                    inp["cache_salt"] = steer_key
-                final = None
-                async for out in self.engine.generate(inp, params, request_id=rid):
-                    final = out
-                res = result_from_output(final, version, fp)
-                res.request_spec_fingerprint = request_fp.get(rid)
-                return res
-
-            results = await asyncio.gather(*(one(p, rid) for p, rid in zip(prompts, ids)))
+            tasks = [asyncio.ensure_future(one(p, rid)) for p, rid in zip(prompts, ids)]
+            try:
+                results = await asyncio.gather(*tasks)
+            except BaseException:
+                # siblings of a failed (or cancelled) request must not run on after their slots and
+                # routes are gone: cancelling the stream aborts the request in vLLM
+                for t in tasks:
+                    t.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+                raise
             if capture_layers:
                 await self._finish_capture(results, ids)
         finally:
-            if capture_layers:
-                self.captures.unreserve(reserved)
-                await self.engine.collective_rpc("steer_capture_drop", args=(ids,))
-            if routed:
-                await self.engine.collective_rpc("steer_unroute", args=([rid for rid, _, _ in routed],))
-                await asyncio.gather(*(self.slots.release(s) for _, s, _ in routed))
+            self.captures.unreserve(reserved)
+            try:
+                if capture_layers:
+                    await self.engine.collective_rpc("steer_capture_drop", args=(ids,))
+            finally:
+                if routed:
+                    try:
+                        await self.engine.collective_rpc("steer_unroute", args=([rid for rid, _, _ in routed],))
+                    finally:
+                        await asyncio.gather(*(self.slots.release(s) for _, s, _ in routed))
         return [r.to_dict() for r in results]
 
     async def _start_capture(self, prompts, params, layers: list[int], ids: list[str]) -> int:
@@ -236,8 +263,12 @@ class SteerEngine:
         n_tokens = [len(p) if isinstance(p, list) else len(self.tokenizer()(p).input_ids) for p in prompts]
         need = sum(n + (params.max_tokens or 16) for n in n_tokens) * len(set(layers)) * self.hidden_size * 4
         self.captures.reserve(need)
-        await self.engine.collective_rpc("steer_capture_register",
-                                         args=([(rid, sorted(set(layers))) for rid in ids],))
+        try:
+            await self.engine.collective_rpc("steer_capture_register",
+                                             args=([(rid, sorted(set(layers))) for rid in ids],))
+        except BaseException:
+            self.captures.unreserve(need)
+            raise
         return need
 
     async def _finish_capture(self, results: list[GenerationResult], ids: list[str]) -> None:
@@ -247,8 +278,10 @@ class SteerEngine:
                      if t is not None)
         for res, rid in zip(results, ids):
             data = taken[rid]
-            layers = {int(k): decode_tensor(v) for k, v in data["layers"].items()}
-            res.captures = self.captures.put(rid, layers, data["positions"], data["token_ids"])
+            # rows past prompt + generated - 1 (e.g. rejected speculative drafts) are not the sequence
+            keep = sum(p < len(res.prompt_token_ids) + len(res.token_ids) - 1 for p in data["positions"])
+            layers = {int(k): decode_tensor(v)[:keep] for k, v in data["layers"].items()}
+            res.captures = self.captures.put(rid, layers, data["positions"][:keep], data["token_ids"][:keep])
 
     async def get_capture(self, capture_id: str) -> dict[str, Any]:
         return self.captures.get(capture_id)

@@ -9,9 +9,10 @@ from typing import Awaitable, Callable
 
 
 class SlotPool:
-    def __init__(self, capacity: int, load: Callable[[int, str], Awaitable[None]]):
+    def __init__(self, capacity: int, load: Callable[[int, object], Awaitable[None]]):
         self.capacity = capacity
-        self._load = load  # (slot, fingerprint) -> writes the spec into the slot on every rank
+        self._load = load  # (slot, spec) -> writes the spec into the slot on every rank
+        self.multi = asyncio.Lock()  # one caller at a time may hold some slots while waiting for more
         self._cond = asyncio.Condition()
         self._refs: dict[int, int] = {}
         self._by_fp: dict[str, int] = {}
@@ -19,7 +20,7 @@ class SlotPool:
         self._free = list(range(capacity, 0, -1))
         self._ready: dict[int, asyncio.Event] = {}  # set once the slot's spec is on every rank
 
-    async def acquire(self, fingerprint: str) -> int:
+    async def acquire(self, fingerprint: str, spec: object) -> int:
         """A slot holding the spec ``fingerprint``, loaded on every rank; waits while all are busy."""
         async with self._cond:
             while True:
@@ -42,13 +43,17 @@ class SlotPool:
                     break
                 await self._cond.wait()
         if shared is not None:
-            await shared.wait()
+            try:
+                await shared.wait()
+            except BaseException:
+                await self.release(slot)
+                raise
             if self._by_fp.get(fingerprint) != slot:
                 await self.release(slot)
                 raise RuntimeError("loading this request's steering spec failed")
             return slot
         try:
-            await self._load(slot, fingerprint)
+            await self._load(slot, spec)
         except BaseException:
             async with self._cond:
                 del self._by_fp[fingerprint]

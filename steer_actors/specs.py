@@ -248,7 +248,9 @@ def apply_edit(spec: SteeringSpec, edit: dict[str, Any]) -> SteeringSpec:
         raise ValueError("edit must be a map")
     action = edit.get("action")
     if action == "replace":
-        return SteeringSpec.from_wire(edit.get("spec") or {})
+        if not isinstance(edit.get("spec"), dict):
+            raise ValueError("replace needs a steering spec map (use clear to remove all steering)")
+        return SteeringSpec.from_wire(edit["spec"])
     if action == "set":
         layer, op = edit.get("layer"), edit.get("op")
         if not isinstance(layer, int) or not isinstance(op, dict) or op.get("kind") not in _OP_TYPES:
@@ -263,5 +265,7 @@ def apply_edit(spec: SteeringSpec, edit: dict[str, Any]) -> SteeringSpec:
             raise ValueError(f"unknown op kind {kind!r}; use add, cap or ablation")
         if layer is None:
             return spec.without_kind(kind) if kind else SteeringSpec()
-        return spec.without_layer_kind(int(layer), kind)
+        if not isinstance(layer, int) or layer < 0:
+            raise ValueError(f"layer indices must be integers >= 0, got {layer!r}")
+        return spec.without_layer_kind(layer, kind)
     raise ValueError(f"unknown edit action {action!r}; use set, clear or replace")

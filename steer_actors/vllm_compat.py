@@ -135,3 +135,13 @@ def max_batched_tokens_at_construction() -> int:
 
     sched = get_current_vllm_config().scheduler_config
     return int(max(sched.max_num_batched_tokens, getattr(sched, "max_num_seqs", 0), 8192)) + 512
+
+
+def client_error_types() -> tuple[type[BaseException], ...]:
+    """Exceptions vLLM raises for bad requests (0.26: ValueError subclasses; 0.32: VLLMClientError)."""
+    try:
+        from vllm.exceptions import VLLMClientError
+
+        return (TypeError, ValueError, VLLMClientError)
+    except ImportError:
+        return (TypeError, ValueError)
