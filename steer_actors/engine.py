@@ -249,7 +249,8 @@ class SteerEngine:
                     try:
                         await self.engine.collective_rpc("steer_unroute", args=([rid for rid, _, _ in routed],))
                     finally:
-                        await asyncio.gather(*(self.slots.release(s) for _, s, _ in routed))
+                        # one slot reference per distinct spec, however many prompts shared it
+                        await asyncio.gather(*(self.slots.release(s) for s in {s for _, s, _ in routed}))
         return [r.to_dict() for r in results]
 
     async def _start_capture(self, prompts, params, layers: list[int], ids: list[str]) -> int:

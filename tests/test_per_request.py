@@ -103,3 +103,23 @@ def test_bad_request_spec_is_clear(ray_local, qwen3_engine):
         ray_local.get(qwen3_engine.generate.remote([[1, 2, 3]], SAMPLING, None, bad))
     out = ray_local.get(qwen3_engine.generate.remote([[1, 2, 3]], SAMPLING))
     assert len(out[0]["token_ids"]) == SAMPLING["max_tokens"]
+
+
+def test_one_call_with_more_distinct_specs_than_slots_is_refused_not_hung(ray_local, two_slot_compiled):
+    specs = [SteeringSpec(layers={1: L(AddSpec(vector=rand_vec(600 + i), scale=2.0))}).to_wire() for i in range(3)]
+    with pytest.raises(ValueError, match="max_steering_slots"):
+        ray_local.get(two_slot_compiled.generate.remote([[1, 2, 3]] * 3, SAMPLING, None, specs), timeout=60)
+    out = ray_local.get(two_slot_compiled.generate.remote([[1, 2, 3]] * 2, SAMPLING, None, specs[:2]), timeout=120)
+    assert len(out) == 2
+
+
+def test_one_call_mixing_specs_across_its_prompts(ray_local, qwen3_engine, oracles):
+    """A single generate call whose prompts repeat specs: shared slots, each prompt steered by its own."""
+    oracle = oracles["qwen3"]
+    prompts = prompts_for(oracle, 8)
+    specs = [request_specs()[i % 4] for i in range(8)]
+    for _ in range(2):  # twice: the slots must come back after the first call
+        outs = ray_local.get(qwen3_engine.generate.remote(prompts, SAMPLING, None,
+                                                          [s.to_wire() if s else None for s in specs]), timeout=120)
+        for p, s, out in zip(prompts, specs, outs):
+            assert out["token_ids"] == oracle.greedy(p, SAMPLING["max_tokens"], s).token_ids

@@ -262,6 +262,10 @@ def test_http_handle_and_separate_driver_agree(served_app, client, oracles):
     ("put", "/v1/steering", dict(content=b"0" * (1 << 20 + 1), headers={"content-type": "application/json"}), 413,
      "exceeds"),
     ("post", "/v1/steering/pop", {}, 400, "stack is empty"),
+    ("post", "/v1/generate", dict(json={"prompts": ["hi"], "sampling": {"temperature": -1.0}}), 400, "temperature"),
+    ("post", "/v1/generate", dict(json={"prompts": ["hi"], "sampling": {"bogus_knob": 1}}), 400, "sampling"),
+    ("delete", "/v1/steering/layers/-1", {}, 400, ">= 0"),
+    ("put", "/v1/steering", dict(content=b"null", headers={"content-type": "application/json"}), 400, "spec map"),
 ])
 def test_malformed_http_is_4xx_and_changes_nothing(served_app, client, method, path, kwargs, status, message):
     run(client.apply_steering_spec(add_spec(51)))
