@@ -100,6 +100,20 @@ def test_release_frees_budget_and_unknown_capture_is_clear(ray_local, capture_en
         ray_local.get(capture_engine.generate.remote(PROMPTS[:1], SAMPLING, [7]))
 
 
+def test_captures_expire_after_their_ttl(ray_local, qwen3_path):
+    """A separate short-TTL registry check on the same engine process type: entries past the TTL are
+    dropped and their bytes return to the budget."""
+    from steer_actors.capture_registry import CaptureRegistry
+
+    reg = CaptureRegistry(budget_bytes=1 << 20, ttl_s=0.2)
+    handle = reg.put("c1", {0: torch.ones(4, 8)}, [0, 1, 2, 3], [5, 6, 7, 8])
+    assert reg.stats()["used_bytes"] == 128 and torch.equal(reg.get("c1")["layers"][0], torch.ones(4, 8))
+    time.sleep(0.3)
+    with pytest.raises(ValueError, match="unknown capture"):
+        reg.get("c1")
+    assert reg.stats()["used_bytes"] == 0 and handle["nbytes"] == 128
+
+
 def test_fetch_after_owner_died_fails_fast(ray_local, capture_engine):
     # > 100 KiB per layer, so the tensors live in the owner's store (Ray inlines smaller objects)
     results = ray_local.get(capture_engine.generate.remote(PROMPTS[2:], dict(SAMPLING, max_tokens=60), LAYERS))
