@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from conftest import engine_lifetime
-from test_engine_steering import PROMPTS, SAMPLING, apply, generate, parity_specs
+from test_engine_steering import SAMPLING, against_reference, apply, generate, parity_specs
 
 pytestmark = pytest.mark.engine
 
@@ -45,16 +45,10 @@ def compiled_engine(ray_local, qwen3_path, compile_cache):
 
 def test_compiled_equals_eager_and_hf(ray_local, compiled_engine, qwen3_engine, oracles):
     oracle = oracles["qwen3"]
-    ids = [oracle.tokenizer(p).input_ids for p in PROMPTS]
-    for name, spec in parity_specs(oracle, ids).items():
-        for engine in (compiled_engine, qwen3_engine):
-            apply(ray_local, engine, spec)
-        compiled, eager = generate(ray_local, compiled_engine, ids), generate(ray_local, qwen3_engine, ids)
+    for name, spec, ids, compiled, eager in against_reference(ray_local, oracle, compiled_engine, qwen3_engine):
         assert [r["token_ids"] for r in compiled] == [r["token_ids"] for r in eager], name
         for r, p in zip(compiled, ids):
             assert r["token_ids"] == oracle.greedy(p, SAMPLING["max_tokens"], spec).token_ids, name
-    for engine in (compiled_engine, qwen3_engine):
-        apply(ray_local, engine, None)
 
 
 def test_stock_compile_cache_does_not_disable_steering(ray_local, compiled_engine, compile_cache, oracles):

@@ -41,6 +41,20 @@ def parity_specs(oracle, prompt_ids) -> dict[str, SteeringSpec]:
     }
 
 
+def against_reference(ray, oracle, engine, reference):
+    """For each parity spec applied to both engines: (name, spec, prompt ids, engine's results,
+    reference's results); both engines are left unsteered afterwards."""
+    ids = [oracle.tokenizer(p).input_ids for p in PROMPTS]
+    try:
+        for name, spec in parity_specs(oracle, ids).items():
+            for e in (engine, reference):
+                apply(ray, e, spec)
+            yield name, spec, ids, generate(ray, engine, ids), generate(ray, reference, ids)
+    finally:
+        for e in (engine, reference):
+            apply(ray, e, None)
+
+
 def generate(ray, engine, prompts, sampling=SAMPLING):
     return ray.get(engine.generate.remote(prompts, sampling))
 

@@ -3,7 +3,7 @@
 import pytest
 
 from conftest import engine_lifetime
-from test_engine_steering import PROMPTS, apply, generate, parity_specs
+from test_engine_steering import against_reference
 
 pytestmark = pytest.mark.engine
 
@@ -15,16 +15,8 @@ def qwen3_tp2(ray_local, qwen3_path):
 
 
 def test_tp2_matches_tp1_under_steering(ray_local, qwen3_tp2, qwen3_engine, oracles):
-    oracle = oracles["qwen3"]
-    ids = [oracle.tokenizer(p).input_ids for p in PROMPTS]
-    for name, spec in parity_specs(oracle, ids).items():
-        for engine in (qwen3_tp2, qwen3_engine):
-            apply(ray_local, engine, spec)
-        tp2 = generate(ray_local, qwen3_tp2, ids)
-        tp1 = generate(ray_local, qwen3_engine, ids)
+    for name, _, _, tp2, tp1 in against_reference(ray_local, oracles["qwen3"], qwen3_tp2, qwen3_engine):
         assert [r["token_ids"] for r in tp2] == [r["token_ids"] for r in tp1], name
         ranks = ray_local.get(qwen3_tp2.worker_state.remote())
         assert sorted(r["rank"] for r in ranks) == [0, 1]
         assert len({(r["version"], r["fingerprint"]) for r in ranks}) == 1
-    for engine in (qwen3_tp2, qwen3_engine):
-        apply(ray_local, engine, None)
