@@ -1,5 +1,12 @@
-"""Worker-side activation capture: copies ``h + r`` (after this layer's steering) for requested layers
-and requests, labelled by absolute position and input token.
+"""Worker-side activation capture: ``h + r`` (after this layer's steering) for requested layers and
+requests, labelled by absolute position and input token.
+
+Graph-safe: the steering op itself writes captured rows into a buffer allocated at construction
+(``[num_layers, rows_per_step, hidden]`` fp32), steered by a per-token destination index and per-layer
+flags that the host fills before each forward. A CUDA graph replay runs the same kernel, so capture
+works with graphs on. After the forward, the step's rows are gathered on the device (stream-ordered,
+before the next step overwrites the buffer) and copied to pinned host memory on a side stream, so
+the copy overlaps the next step.
 
 The flat batch is sliced per request from the model runner's own batch order and query start
 locations (never ``len(prompt)``); rows accumulate by absolute position across chunked-prefill steps,
@@ -17,26 +24,65 @@ import torch
 from . import wire
 
 
+def h2d(dst: torch.Tensor, src: np.ndarray) -> None:
+    """Host array into a device buffer without stalling the host: a pinned copy, whose block the
+    caching host allocator keeps until the async copy has run."""
+    t = torch.from_numpy(src)
+    if dst.is_cuda:
+        dst.copy_(t.pin_memory(), non_blocking=True)
+    else:
+        dst.copy_(t)
+
+
+@dataclass
+class _Step:
+    """One forward's captured rows for every capturing request in it (host tensors, maybe in flight)."""
+    layers: list[int]
+    rows: torch.Tensor  # [len(layers), n, H]
+    positions: torch.Tensor  # [n]
+    token_ids: torch.Tensor  # [n]
+    done: Any = None  # CUDA event recorded after the device-to-host copy
+
+    def wait(self) -> None:
+        if self.done is not None:
+            self.done.synchronize()
+            self.done = None
+
+
 @dataclass
 class _Pending:
     layers: frozenset[int]
-    positions: list[np.ndarray] = field(default_factory=list)
-    token_ids: list[np.ndarray] = field(default_factory=list)
-    rows: dict[int, list[torch.Tensor]] = field(default_factory=dict)
+    parts: list[tuple[_Step, int, int]] = field(default_factory=list)  # (step, first row, end row)
+    error: str | None = None
 
 
 class CaptureStore:
     def __init__(self) -> None:
         self.wanted: dict[str, _Pending] = {}  # external request id -> what it accumulated
-        self.active = False
-        self._rows: torch.Tensor | None = None  # rows of this step's flat batch that any capture wants
-        self._layout: list[tuple[str, int, int]] = []  # (request id, start, end) into the selected rows
-        self._step_layers: set[int] = set()
-        self._step: dict[int, torch.Tensor] = {}
-        self._positions: np.ndarray | None = None
-        self._tokens: np.ndarray | None = None
+        # Device buffers shared by every layer (created on the construction-time device).
+        self.buf: torch.Tensor | None = None  # [num_layers, rows, H] fp32
+        self.dst: torch.Tensor | None = None  # [max_tokens] int32: row of buf for each token, -1 = none
+        self.layer_on: torch.Tensor | None = None  # [num_layers] int32: capture this layer in this step
+        self.any_on: torch.Tensor | None = None  # [1] int32: 0 = nothing captured in this step
+        self._last_on = False
+        self._step: tuple | None = None
+        self._side: Any = None
+
+    @property
+    def rows_per_step(self) -> int:
+        return 0 if self.buf is None else self.buf.shape[1]
+
+    def buffers(self, num_layers: int, rows: int, hidden: int, max_tokens: int):
+        if self.buf is None:
+            self.buf = torch.zeros(num_layers, rows, hidden, dtype=torch.float32)
+            self.dst = torch.full((max_tokens,), -1, dtype=torch.int32)
+            self.layer_on = torch.zeros(num_layers, dtype=torch.int32)
+            self.any_on = torch.zeros(1, dtype=torch.int32)
+        return self.buf, self.dst, self.layer_on, self.any_on
 
     def register(self, request_id: str, layers: list[int]) -> None:
+        if self.rows_per_step == 0:
+            raise ValueError("this engine was started with capture disabled (capture_rows_per_step=0)")
         self.wanted[request_id] = _Pending(frozenset(int(x) for x in layers))
 
     def _match(self, internal_id: str) -> str | None:
@@ -46,52 +92,80 @@ class CaptureStore:
         base = internal_id.rsplit("-", 1)[0]
         return base if base in self.wanted else None
 
+    def _off(self) -> None:
+        if self._last_on:
+            self.any_on.fill_(0)
+            self._last_on = False
+
     def begin_step(self, req_ids: list[str], query_start_loc: np.ndarray, positions: torch.Tensor | None,
-                   input_ids: torch.Tensor | None) -> None:
-        self.active = False
-        if not self.wanted or positions is None:
-            return
-        picked, layout, n = [], [], 0
+                   input_ids: torch.Tensor | None, num_padded: int | None = None) -> None:
+        """Route this forward's tokens: which rows of the flat batch go to which buffer row."""
+        self._step = None
+        if not self.wanted or positions is None or self.buf is None:
+            return self._off()
+        picked, layout, n, cap = [], [], 0, self.rows_per_step
         for i, rid in enumerate(req_ids):
             ext = self._match(rid)
             if ext is None:
                 continue
             start, end = int(query_start_loc[i]), int(query_start_loc[i + 1])
+            if n + end - start > cap:  # never silent: the request's take() reports it
+                self.wanted[ext].error = (f"a step held more captured tokens than capture_rows_per_step={cap}; "
+                                          f"raise it or lower max_num_batched_tokens")
+                continue
             picked.append(np.arange(start, end))
             layout.append((ext, n, n + end - start))
             n += end - start
         if not picked:
-            return
+            return self._off()
         rows = np.concatenate(picked)
         pos = positions.reshape(-1, positions.shape[-1])[-1] if positions.dim() > 1 else positions
-        self._rows = torch.from_numpy(rows).to(pos.device)
-        self._positions = pos[self._rows].cpu().numpy()
-        self._tokens = input_ids[self._rows].cpu().numpy() if input_ids is not None else np.full(len(rows), -1)
-        self._layout = layout
-        self._step_layers = set().union(*(self.wanted[ext].layers for ext, _, _ in layout))
-        self._step = {}
-        self.active = True
-
-    def record(self, layer: int, delta: torch.Tensor, residual: torch.Tensor) -> None:
-        """Called inside the layer op, after steering: copy now, the next layer's fused add-norm
-        overwrites both tensors in place."""
-        if layer in self._step_layers:
-            rows = self._rows
-            self._step[layer] = (delta[rows].float() + residual[rows].float()).cpu()
+        total = int(num_padded if num_padded is not None else pos.shape[0])
+        dst = np.full(total, -1, dtype=np.int32)
+        dst[rows] = np.arange(n, dtype=np.int32)
+        h2d(self.dst[:total], dst)
+        layers = sorted(set().union(*(self.wanted[ext].layers for ext, _, _ in layout)))
+        on = np.zeros(self.layer_on.shape[0], dtype=np.int32)
+        on[layers] = 1
+        h2d(self.layer_on, on)
+        if not self._last_on:
+            self.any_on.fill_(1)
+            self._last_on = True
+        self._step = (layout, layers, torch.from_numpy(rows).to(pos.device), pos, input_ids)
 
     def end_step(self) -> None:
-        if not self.active:
+        """After the forward is enqueued: snapshot the rows (device gather, stream-ordered before the next
+        step's writes) and start their copy to host."""
+        if self._step is None:
             return
-        for ext, a, b in self._layout:
+        layout, layers, rows, pos, input_ids = self._step
+        self._step = None
+        n = rows.shape[0]
+        snap = self.buf[torch.as_tensor(layers, device=self.buf.device), :n]
+        p = pos[rows].to(torch.int64)
+        t = input_ids[rows].to(torch.int64) if input_ids is not None else torch.full_like(p, -1)
+        if snap.is_cuda:
+            step = self._copy_async(layers, snap, p, t)
+        else:
+            step = _Step(layers, snap, p, t)
+        for ext, a, b in layout:
             pend = self.wanted.get(ext)
-            if pend is None:
-                continue
-            pend.positions.append(self._positions[a:b])
-            pend.token_ids.append(self._tokens[a:b])
-            for layer in pend.layers:
-                if layer in self._step:
-                    pend.rows.setdefault(layer, []).append(self._step[layer][a:b])
-        self.active, self._step, self._rows = False, {}, None
+            if pend is not None:
+                pend.parts.append((step, a, b))
+
+    def _copy_async(self, layers, snap, p, t) -> _Step:
+        main = torch.cuda.current_stream()
+        if self._side is None:
+            self._side = torch.cuda.Stream()
+        self._side.wait_stream(main)
+        with torch.cuda.stream(self._side):
+            host = [torch.empty(x.shape, dtype=x.dtype, pin_memory=True) for x in (snap, p, t)]
+            for h, x in zip(host, (snap, p, t)):
+                h.copy_(x, non_blocking=True)
+                x.record_stream(self._side)  # keep the device copy alive until the side stream read it
+            done = torch.cuda.Event()
+            done.record(self._side)
+        return _Step(layers, host[0], host[1], host[2], done)
 
     def take(self, request_id: str) -> dict[str, Any] | None:
         """Everything captured for ``request_id``, one row per absolute position (last copy wins),
@@ -99,14 +173,20 @@ class CaptureStore:
         pend = self.wanted.pop(request_id, None)
         if pend is None:
             return None
-        if not pend.positions:
+        if pend.error:
+            raise ValueError(f"capture of request {request_id} is incomplete: {pend.error}")
+        if not pend.parts:
             return {"positions": [], "token_ids": [], "layers": {}}
-        pos = np.concatenate(pend.positions)
-        toks = np.concatenate(pend.token_ids)
+        for step, _, _ in pend.parts:
+            step.wait()
+        pos = torch.cat([s.positions[a:b] for s, a, b in pend.parts]).numpy()
+        toks = torch.cat([s.token_ids[a:b] for s, a, b in pend.parts]).numpy()
         last = {int(p): i for i, p in enumerate(pos)}  # dedupe: a recomputed position keeps its newest row
-        order = [last[p] for p in sorted(last)]
-        idx = torch.as_tensor(order, dtype=torch.long)
-        layers = {str(layer): wire.encode_tensor(torch.cat(chunks)[idx]) for layer, chunks in pend.rows.items()}
+        order = torch.as_tensor([last[p] for p in sorted(last)], dtype=torch.long)
+        layers = {}
+        for layer in sorted(pend.layers):
+            chunks = [s.rows[s.layers.index(layer), a:b] for s, a, b in pend.parts]
+            layers[str(layer)] = wire.encode_tensor(torch.cat(chunks)[order])
         return {"positions": [int(pos[i]) for i in order], "token_ids": [int(toks[i]) for i in order],
                 "layers": layers}
 

@@ -20,7 +20,7 @@ class VLLMSteeringConfig(BaseModel):
     enable_prefix_caching: bool | None = None
     enforce_eager: bool = Field(
         default=False, description="False: torch.compile, and CUDA graphs on GPU (steering is graph-safe). "
-                                   "True: eager, ~2x faster engine start; needed for capture on GPU")
+                                   "True: eager, ~2x faster engine start")
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     bootstrap_layers: list[int] | None = Field(
@@ -35,6 +35,9 @@ class VLLMSteeringConfig(BaseModel):
     engine_kwargs: dict[str, Any] = Field(default_factory=dict, description="extra vLLM AsyncEngineArgs")
     capture_budget_bytes: int = Field(default=2 << 30, description="per engine; captures beyond it are refused")
     capture_ttl_s: float = Field(default=3600.0, description="captures not released are dropped after this")
+    capture_rows_per_step: int | None = Field(
+        default=None, ge=0, description="device capture buffer, in tokens per forward (fp32, every layer): "
+                                        "None = max_num_batched_tokens (never overflows); 0 = capture off, no buffer")
     env: dict[str, str] = Field(default_factory=dict, description="environment for the engine's processes")
 
     # ---- serving (Ray Serve app) ----

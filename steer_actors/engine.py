@@ -55,6 +55,7 @@ class SteerEngine:
                 "layers": cfg.bootstrap_layers,
                 "max_ops_per_layer": cfg.max_ops_per_layer,
                 "request_slots": cfg.max_steering_slots,
+                "capture_rows": cfg.capture_rows_per_step,
             }},
         )
         if device == "cuda":
@@ -258,9 +259,6 @@ class SteerEngine:
         bad = sorted(set(layers) - set(info["steerable_layers"]))
         if bad:
             raise ValueError(f"cannot capture layers {bad}: capturable layers are {info['steerable_layers']}")
-        if self._device == "cuda" and not self.config.enforce_eager:
-            raise ValueError("capture needs an engine with enforce_eager=True on GPU: CUDA graph replay skips "
-                             "the copy (start a capture replica with enforce_eager)")
         n_tokens = [len(p) if isinstance(p, list) else len(self.tokenizer()(p).input_ids) for p in prompts]
         need = sum(n + (params.max_tokens or 16) for n in n_tokens) * len(set(layers)) * self.hidden_size * 4
         self.captures.reserve(need)
@@ -279,6 +277,8 @@ class SteerEngine:
                      if t is not None)
         for res, rid in zip(results, ids):
             data = taken[rid]
+            if "error" in data:
+                raise ValueError(data["error"])
             # rows past prompt + generated - 1 (e.g. rejected speculative drafts) are not the sequence
             keep = sum(p < len(res.prompt_token_ids) + len(res.token_ids) - 1 for p in data["positions"])
             layers = {int(k): decode_tensor(v)[:keep] for k, v in data["layers"].items()}

@@ -13,7 +13,7 @@ import math
 import torch
 from torch import nn
 
-from . import vllm_compat
+from . import capture, vllm_compat
 from .kernels import steer_residual_
 from .ops import SlotRows
 from .routing import ROUTER
@@ -28,7 +28,8 @@ class LayerSteerer(nn.Module):
     created inside the first forward; in-place ``copy_`` into these buffers is seen by both.
     """
 
-    def __init__(self, layer_idx: int, hidden: int, num_slots: int, request_slots: int = 0, max_tokens: int = 8192):
+    def __init__(self, layer_idx: int, hidden: int, num_slots: int, request_slots: int = 0, max_tokens: int = 8192,
+                 num_layers: int | None = None, capture_rows: int = 0):
         super().__init__()
         self.layer_idx = layer_idx
         self.hidden = hidden
@@ -53,11 +54,18 @@ class LayerSteerer(nn.Module):
         slot_idx, any_bound = ROUTER.buffers(max_tokens)
         self.register_buffer("slot_idx", slot_idx, persistent=False)
         self.register_buffer("any_bound", any_bound, persistent=False)
+        # Capture: this layer's view of the shared capture buffer and flag (see steer_actors.capture).
+        buf, dst, layer_on, any_on = capture.STORE.buffers(num_layers or layer_idx + 1, capture_rows, hidden,
+                                                           max_tokens)
+        self.register_buffer("cap_buf", buf[layer_idx], persistent=False)
+        self.register_buffer("cap_dst", dst, persistent=False)
+        self.register_buffer("cap_on", layer_on[layer_idx:layer_idx + 1], persistent=False)
+        self.register_buffer("cap_any", any_on, persistent=False)
 
     def forward(self, delta: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         steer_residual_(delta, residual, self.add, self.unit, self.lo, self.hi, self.gamma, self.active,
                         self.radd, self.runit, self.rlo, self.rhi, self.rgamma, self.slot_idx, self.any_bound,
-                        self.layer_idx)
+                        self.cap_buf, self.cap_dst, self.cap_on, self.cap_any)
         return delta, residual
 
     @torch.inference_mode()
@@ -83,8 +91,12 @@ def _wrap_init(orig_init):
         layers = cfg.get("layers")
         if idx is None or (layers is not None and idx not in layers):
             return
+        capture_rows = cfg.get("capture_rows")
+        if capture_rows is None:  # a step never holds more tokens than the scheduler's budget
+            capture_rows = vllm_compat.scheduler_tokens_at_construction()
         self.steerer = LayerSteerer(idx, vllm_compat.hidden_size_at_construction(self), int(cfg["max_ops_per_layer"]),
-                                    int(cfg.get("request_slots", 0)), vllm_compat.max_batched_tokens_at_construction())
+                                    int(cfg.get("request_slots", 0)), vllm_compat.max_batched_tokens_at_construction(),
+                                    vllm_compat.num_layers_at_construction(), int(capture_rows))
 
     return __init__
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from .capture import h2d
+
 
 class Router:
     def __init__(self) -> None:
@@ -40,7 +42,8 @@ class Router:
             slot = self.bindings.get(internal_id.rsplit("-", 1)[0], 0)
         return slot
 
-    def begin_step(self, req_ids: list[str], query_start_loc: np.ndarray, positions=None, input_ids=None) -> None:
+    def begin_step(self, req_ids: list[str], query_start_loc: np.ndarray, positions=None, input_ids=None,
+                   num_padded=None) -> None:
         if self.slot_idx is None:
             return
         slots = np.array([self._slot(r) for r in req_ids], dtype=np.int32) if self.bindings else None
@@ -52,7 +55,7 @@ class Router:
         per_token = np.repeat(slots, np.diff(query_start_loc[: len(req_ids) + 1]))
         if len(per_token) > self.slot_idx.numel():
             raise RuntimeError(f"batch of {len(per_token)} tokens exceeds the routing buffer")
-        self.slot_idx[: len(per_token)].copy_(torch.from_numpy(per_token))
+        h2d(self.slot_idx[: len(per_token)], per_token)  # padding tokens keep stale slots: harmless
         if not self._last_any:
             self.any_bound.fill_(1)
             self._last_any = True

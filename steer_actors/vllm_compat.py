@@ -97,37 +97,86 @@ def make_async_llm(args: Any) -> Any:
 
 
 def install_step_probe(worker: Any, listener: Any) -> None:
-    """Tell ``listener`` the batch layout of every forward: request order, query start locations,
-    positions and input ids, read from the V1 model runner right before it calls the model.
+    """Tell ``listener`` the batch layout of every forward: ``begin_step(req_ids, query_start_loc,
+    positions, input_ids, num_padded)`` after the runner built its inputs and before the model runs,
+    and ``end_step()`` once the forward is enqueued.
 
-    V1 runner (vLLM 0.32 CPU, and 0.26 with the V1 GPU runner): ``_model_forward`` is documented as the
-    hook point for subclasses. The V2 GPU runner has no such method; capture and per-request steering
-    raise there.
+    * V1 runner (vLLM 0.32 CPU; 0.26 GPU with the V1 runner): ``_model_forward`` is the hook point
+      vLLM documents for subclasses; the batch is ``input_batch`` + ``query_start_loc``.
+    * V2 GPU runner (vLLM 0.26 default): ``prepare_inputs`` returns the step's ``InputBatch`` (request
+      order, query start locations, device positions and input ids, padded size); ``execute_model``
+      runs the forward (eager, piecewise or full graph) and returns before sampling.
     """
     runner = worker.model_runner
     listeners = runner.__dict__.setdefault("_steer_listeners", [])
     if listener in listeners:
         return
-    if not hasattr(runner, "_model_forward") or not hasattr(runner, "query_start_loc"):
-        raise RuntimeError("capture and per-request steering need vLLM's V1 model runner (this engine runs another)")
+    if hasattr(runner, "_model_forward") and hasattr(runner, "query_start_loc"):
+        wrap = _probe_v1
+    elif hasattr(runner, "prepare_inputs") and hasattr(runner, "execute_model"):
+        wrap = _probe_v2
+    else:
+        raise RuntimeError(f"capture and per-request steering do not know this model runner ({type(runner)})")
     listeners.append(listener)
-    if len(listeners) > 1:
-        return
+    if len(listeners) == 1:
+        wrap(runner, listeners)
+
+
+def _end(listeners: list) -> None:
+    for lst in listeners:
+        lst.end_step()
+
+
+def _probe_v1(runner: Any, listeners: list) -> None:
     orig = runner._model_forward
 
     def probed(*args: Any, **kwargs: Any) -> Any:
         n = runner.input_batch.num_reqs
         req_ids = list(runner.input_batch.req_ids[:n])
         qsl = runner.query_start_loc.np[: n + 1]
+        positions, input_ids = kwargs.get("positions"), kwargs.get("input_ids")
+        padded = positions.shape[-1] if positions is not None else None
         for lst in listeners:
-            lst.begin_step(req_ids, qsl, kwargs.get("positions"), kwargs.get("input_ids"))
+            lst.begin_step(req_ids, qsl, positions, input_ids, padded)
         try:
             return orig(*args, **kwargs)
         finally:
-            for lst in listeners:
-                lst.end_step()
+            _end(listeners)
 
     runner._model_forward = probed
+
+
+def _probe_v2(runner: Any, listeners: list) -> None:
+    orig_prepare, orig_execute = runner.prepare_inputs, runner.execute_model
+
+    def prepare_inputs(*args: Any, **kwargs: Any) -> Any:
+        batch = orig_prepare(*args, **kwargs)
+        n = batch.num_reqs
+        for lst in listeners:
+            lst.begin_step(list(batch.req_ids[:n]), batch.query_start_loc_np[: n + 1], batch.positions,
+                           batch.input_ids, batch.num_tokens_after_padding)
+        return batch
+
+    def execute_model(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return orig_execute(*args, **kwargs)
+        finally:
+            _end(listeners)
+
+    runner.prepare_inputs, runner.execute_model = prepare_inputs, execute_model
+
+
+def num_layers_at_construction() -> int:
+    from vllm.config import get_current_vllm_config
+
+    return int(get_current_vllm_config().model_config.hf_text_config.num_hidden_layers)
+
+
+def scheduler_tokens_at_construction() -> int:
+    """Most tokens one forward can hold (the scheduler's per-step budget)."""
+    from vllm.config import get_current_vllm_config
+
+    return int(get_current_vllm_config().scheduler_config.max_num_batched_tokens)
 
 
 def max_batched_tokens_at_construction() -> int:

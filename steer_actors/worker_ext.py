@@ -96,13 +96,21 @@ class SteerWorkerExtension:
         if vllm_compat.tp_rank(self) != 0:
             return
         vllm_compat.install_step_probe(self, capture.STORE)
+        if capture.STORE.rows_per_step == 0:
+            raise ValueError("this engine was started with capture disabled (capture_rows_per_step=0)")
         for request_id, layers in requests:
             capture.STORE.register(request_id, layers)
 
     def steer_capture_take(self, request_ids: list[str]) -> dict[str, Any] | None:
         if vllm_compat.tp_rank(self) != 0:
             return None
-        return {rid: capture.STORE.take(rid) for rid in request_ids}
+        out = {}
+        for rid in request_ids:  # take every request, so none is left behind when one failed
+            try:
+                out[rid] = capture.STORE.take(rid)
+            except ValueError as e:
+                out[rid] = {"error": str(e)}
+        return out
 
     def steer_capture_drop(self, request_ids: list[str]) -> None:
         for rid in request_ids:

@@ -1,23 +1,43 @@
-"""Worker-side CaptureStore on synthetic batch layouts (pure data logic; the engine tests cover the
-real runner): slicing by query start locations, accumulation across steps, dedupe after recompute."""
+"""Worker-side CaptureStore on synthetic batch layouts, written through the real steering op as a
+patched layer would (the engine tests cover the real runner): slicing by query start locations,
+accumulation across steps, dedupe after recompute, overflow of the per-step buffer."""
 
 import numpy as np
+import pytest
 import torch
 
 from steer_actors.capture import CaptureStore
+from steer_actors.kernels import steer_residual_
+from steer_actors.ops import neutral_rows
 
 
-def step(store, req_ids, counts, positions, hidden):
+def layer0(store, hidden, residual):
+    """Layer 0's op with no steering: only the capture part runs."""
+    H = hidden.shape[1]
+    r = neutral_rows(1, H)
+    buf, dst, on, any_on = store.buf, store.dst, store.layer_on, store.any_on
+    off = torch.zeros(1, dtype=torch.int32)
+    steer_residual_(hidden, residual, r.add, r.unit, r.lo, r.hi, r.gamma, off, r.add[None], r.unit[None], r.lo[None],
+                    r.hi[None], r.gamma[None], dst, off, buf[0], dst, on[0:1], any_on)
+
+
+def step(store, req_ids, counts, positions, hidden, padded=0):
     qsl = np.concatenate([[0], np.cumsum(counts)])
-    pos = torch.tensor(positions)
-    store.begin_step(req_ids, qsl, pos, pos + 1000)
-    zero = torch.zeros_like(hidden)
-    store.record(0, hidden, zero)
+    pos = torch.tensor(positions + [0] * padded)
+    hidden = torch.cat([hidden, torch.full((padded, hidden.shape[1]), -99.0)])
+    store.begin_step(req_ids, qsl, pos, pos + 1000, len(pos))
+    layer0(store, hidden, torch.zeros_like(hidden))
     store.end_step()
 
 
-def test_slices_accumulates_and_dedupes():
+def make_store(rows=16, H=4):
     store = CaptureStore()
+    store.buffers(num_layers=2, rows=rows, hidden=H, max_tokens=32)
+    return store
+
+
+def test_slices_accumulates_and_dedupes():
+    store = make_store()
     store.register("a", [0])
     store.register("b", [0])
     H = 4
@@ -26,7 +46,8 @@ def test_slices_accumulates_and_dedupes():
     step(store, ["a-1234", "x-9", "b-5678"], [3, 2, 2], [0, 1, 2, 0, 1, 0, 1],
          torch.stack([row(0, "a"), row(1, "a"), row(2, "a"), row(9, "x"), row(9, "x"), row(0, "b"), row(1, "b")]))
     # step 2 (batch reordered): b finishes its prompt (2-3), a decodes position 3
-    step(store, ["b-5678", "a-1234"], [2, 1], [2, 3, 3], torch.stack([row(2, "b"), row(3, "b"), row(3, "a")]))
+    step(store, ["b-5678", "a-1234"], [2, 1], [2, 3, 3], torch.stack([row(2, "b"), row(3, "b"), row(3, "a")]),
+         padded=5)  # graph padding rows are never captured
     # step 3: a was preempted and recomputes positions 2-4; the newest copy wins
     step(store, ["a-1234"], [3], [2, 3, 4], torch.stack([row(20, "a"), row(30, "a"), row(4, "a")]))
     a, b = store.take("a"), store.take("b")
@@ -37,3 +58,22 @@ def test_slices_accumulates_and_dedupes():
     assert b["positions"] == [0, 1, 2, 3]
     assert decode_tensor(b["layers"]["0"])[:, 0].tolist() == [0.5, 1.5, 2.5, 3.5]
     assert store.take("a") is None and not store.wanted
+
+
+def test_step_larger_than_the_buffer_is_a_clear_error_not_a_silent_drop():
+    store = make_store(rows=4)
+    store.register("a", [0])
+    store.register("b", [0])
+    H = 4
+    step(store, ["a-1", "b-2"], [3, 3], [0, 1, 2, 0, 1, 2], torch.arange(6.0)[:, None].expand(6, H).contiguous())
+    a = store.take("a")
+    assert a["positions"] == [0, 1, 2]
+    with pytest.raises(ValueError, match="capture_rows_per_step=4"):
+        store.take("b")
+
+
+def test_capture_off_refuses_registration():
+    store = CaptureStore()
+    store.buffers(num_layers=2, rows=0, hidden=4, max_tokens=8)
+    with pytest.raises(ValueError, match="capture disabled"):
+        store.register("a", [0])

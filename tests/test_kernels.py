@@ -28,6 +28,8 @@ rlo, rhi, rgamma = torch.stack([t.lo for t in table]), torch.stack([t.hi for t i
 slot_of_row = [0, 1, 2, 1, 0]
 slot_idx = torch.tensor(slot_of_row + [0] * 11, dtype=torch.int32)
 one, zero = torch.ones(1, dtype=torch.int32), torch.zeros(1, dtype=torch.int32)
+no_buf, no_dst = torch.zeros(0, H), torch.full((16,), -1, dtype=torch.int32)
+cap_dst = torch.tensor([2, -1, 0, -1, 1] + [-1] * 11, dtype=torch.int32)
 for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 3e-2)):
     delta, resid = torch.randn(5, H, generator=g).to(dtype), torch.randn(5, H, generator=g).to(dtype)
     for glob, per_req in ((one, zero), (zero, one), (one, one)):
@@ -36,13 +38,29 @@ for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 3e-2)):
                             for i in range(5)])
         d = delta.clone()
         steer_residual_(d, resid, rows.add, rows.unit, rows.lo, rows.hi, rows.gamma, glob, radd, runit, rlo, rhi,
-                        rgamma, slot_idx, per_req)
+                        rgamma, slot_idx, per_req, no_buf, no_dst, zero, zero)
         err = ((d.float() + resid.float()) - want).abs().max().item()
         assert err < tol * max(1.0, want.abs().max().item()), (dtype, int(glob), int(per_req), err)
+        # capture: rows 0, 2, 4 land in buffer rows 2, 0, 1 as the stream the next layer sees
+        buf = torch.full((4, H), 7.0)
+        d2 = delta.clone()
+        steer_residual_(d2, resid, rows.add, rows.unit, rows.lo, rows.hi, rows.gamma, glob, radd, runit, rlo, rhi,
+                        rgamma, slot_idx, per_req, buf, cap_dst, one, one)
+        assert torch.equal(d2, d)
+        seen = d.float() + resid.float()
+        assert torch.equal(buf[[2, 0, 1]], seen[[0, 2, 4]]) and torch.equal(buf[3], torch.full((H,), 7.0))
+        buf.fill_(7.0)  # layer flag off: nothing written
+        steer_residual_(d2, resid, rows.add, rows.unit, rows.lo, rows.hi, rows.gamma, glob, radd, runit, rlo, rhi,
+                        rgamma, slot_idx, per_req, buf, cap_dst, zero, one)
+        assert torch.equal(buf, torch.full((4, H), 7.0))
     d = delta.clone()
     steer_residual_(d, resid, rows.add, rows.unit, rows.lo, rows.hi, rows.gamma, zero, radd, runit, rlo, rhi, rgamma,
-                    slot_idx, zero)
+                    slot_idx, zero, no_buf, no_dst, zero, zero)
     assert torch.equal(d, delta)
+    buf = torch.zeros(4, H)  # nothing steered, capture on: rows copied, delta untouched
+    steer_residual_(d, resid, rows.add, rows.unit, rows.lo, rows.hi, rows.gamma, zero, radd, runit, rlo, rhi, rgamma,
+                    slot_idx, zero, buf, cap_dst, one, one)
+    assert torch.equal(d, delta) and torch.equal(buf[[2, 0, 1]], (delta.float() + resid.float())[[0, 2, 4]])
 print("OK")
 """
 
@@ -68,7 +86,8 @@ def test_custom_op_compiles_with_inplace_buffer_updates():
     @torch.compile(fullgraph=True, dynamic=True)
     def f(d, r):
         d = d * 1.0
-        steer_residual_(d, r, rows.add, rows.unit, rows.lo, rows.hi, rows.gamma, active, *table, slot_idx, any_bound)
+        steer_residual_(d, r, rows.add, rows.unit, rows.lo, rows.hi, rows.gamma, active, *table, slot_idx, any_bound,
+                        torch.zeros(0, H), slot_idx, any_bound, any_bound)
         return d + r
 
     d, r = torch.randn(3, H), torch.randn(3, H)
