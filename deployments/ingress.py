@@ -13,6 +13,7 @@ from fastapi.responses import JSONResponse, Response
 from ray import serve
 
 from steer_actors import wire
+from steer_actors.coordinator import ReplicaUnavailableError
 from steer_actors.specs import SteeringSpec, plain_value_errors
 
 from .http_models import ChatRequest, GenerateRequest, OpBody, SpecBody
@@ -111,6 +112,8 @@ class SteerIngress:
             return await coro
         except ValueError as e:  # user error raised by the coordinator or an engine
             raise HTTPError(400, str(getattr(e, "cause", None) or e).strip()) from None
+        except ReplicaUnavailableError as e:  # an engine died or is restarting: the client may retry
+            raise HTTPError(503, str(getattr(e, "cause", None) or e).strip()) from None
 
     def _reply(self, request: Request, payload: dict[str, Any]) -> Response:
         if MSGPACK in request.headers.get("accept", ""):

@@ -44,6 +44,11 @@ class VLLMSteeringConfig(BaseModel):
     num_replicas: int = Field(default=1, ge=1, description="engine replicas behind one coordinator")
     replica_overrides: list[dict[str, Any]] = Field(
         default_factory=list, description="per-replica changes to the engine fields above, by replica index")
+    actor_options: dict[str, Any] = Field(
+        default_factory=dict, description="Ray options for the engine actor (e.g. resources to pin it to a node); "
+                                          "per replica through replica_overrides")
+    placement_strategy: Literal["PACK", "STRICT_PACK", "SPREAD", "STRICT_SPREAD"] = Field(
+        default="PACK", description="placement group of a Ray-executor (TP on GPU) replica: engine + TP bundles")
     max_ongoing_requests: int = Field(
         default=1024, description="Serve's per-replica cap for ingress and coordinator (Serve's default of 5 "
                                   "would throttle an LLM; the engine does its own batching and queueing)")

@@ -13,9 +13,10 @@ import itertools
 from typing import Any
 
 from .config import VLLMSteeringConfig
-from .engine import engine_actor_class
+from .replicas import Replica, start_replicas, stop_replicas
 from .rwlock import AsyncRWLock
 from .specs import SteeringSpec, apply_edit
+from .state_store import StateStore, SteeringState
 
 
 def _cause(err: BaseException) -> BaseException:
@@ -32,55 +33,125 @@ def _spec_layers(steering_spec: Any) -> set[int]:
     return out
 
 
+class ReplicaUnavailableError(RuntimeError):
+    """An engine replica died under the request, or none is serving: retry (HTTP 503)."""
+
+
+def _serve_app_name() -> str | None:
+    try:
+        from ray import serve
+
+        return serve.get_replica_context().app_name
+    except Exception:  # not inside a Serve replica
+        return None
+
+
 class SteeringCoordinator:
-    def __init__(self, config: dict[str, Any] | VLLMSteeringConfig, engines: list[Any] | None = None):
+    def __init__(self, config: dict[str, Any] | VLLMSteeringConfig, app: str | None = None):
         import ray
 
         self.config = cfg = VLLMSteeringConfig.model_validate(config)
-        if engines is None:
-            actor_cls = engine_actor_class()
-            engines = [actor_cls.remote(cfg.for_replica(i).model_dump()) for i in range(cfg.num_replicas)]
-        self.engines = engines
-        infos = ray.get([e.info.remote() for e in engines])  # blocks until every engine is up
-        self._layers = [set(i["steerable_layers"]) for i in infos]
-        # advertise what every replica can do, so a request never depends on where it lands
-        common = sorted(set.intersection(*self._layers))
-        self._info = {**infos[0], "steerable_layers": common}
-        self.lock = AsyncRWLock()
-        self.spec = SteeringSpec()
-        self.version = 0
+        self.app = app or _serve_app_name() or "steer"
+        self.store = StateStore(self.app)
+        state = self.store.load() or SteeringState()  # a restarted coordinator resumes where it was
+        self.spec, self.version, self.stack = state.spec, state.version, state.stack
         self.fingerprint = self.spec.fingerprint()
-        self.stack: list[SteeringSpec] = []
-        self._in_flight = [0] * len(engines)
+        self.lock = AsyncRWLock()
+        self.replicas = start_replicas(cfg, self.app)
+        infos = ray.get([r.handle.info.remote() for r in self.replicas])  # blocks until every engine is up
+        # Engines found by name may hold another version (restarted, or changed by a coordinator that
+        # died mid-change): each loads the current one before it takes traffic.
+        stale = [r for r, i in zip(self.replicas, infos) if (i["spec_version"], i["spec_fingerprint"]) !=
+                 (self.version, self.fingerprint)]
+        ray.get([r.handle.apply_spec.remote(self.spec.to_wire(), self.version) for r in stale])
+        for r, i in zip(self.replicas, infos):
+            r.layers, r.healthy = set(i["steerable_layers"]), True
+        # advertise what every replica can do, so a request never depends on where it lands
+        common = sorted(set.intersection(*(r.layers for r in self.replicas)))
+        self._info = {**infos[0], "steerable_layers": common}
         self._rr = itertools.count()
 
-    # ---- reads -------------------------------------------------------------------------------
-    def _pick_engine(self, layers: set[int]) -> int:
-        start = next(self._rr)
-        n = len(self.engines)
-        able = [(start + k) % n for k in range(n) if layers <= self._layers[(start + k) % n]]
-        if not able:
-            raise ValueError(f"no replica can steer or capture layers {sorted(layers)}")
-        return min(able, key=lambda i: self._in_flight[i])
+    def __del__(self) -> None:
+        # Serve calls this when the app is deleted (not when the process is killed): the detached
+        # engines and the persisted state go with the app.
+        try:
+            stop_replicas(self.replicas)
+            self.store.delete()
+        except Exception:
+            pass
 
-    async def _call_engine(self, method: str, *args: Any, layers: set[int] = frozenset()) -> tuple[int, Any]:
+    # ---- replica health ------------------------------------------------------------------------
+    def _lost(self, r: Replica) -> None:
+        r.healthy = False
+        if r.recovering is None:
+            r.recovering = asyncio.get_running_loop().create_task(self._recover(r))
+
+    async def _recover(self, r: Replica) -> None:
+        """Wait for Ray to restart the engine, load the current spec, then put it back in rotation."""
         import ray
 
-        async with self.lock.read():
-            i = self._pick_engine(set(layers))
-            self._in_flight[i] += 1
-            ref = getattr(self.engines[i], method).remote(*args)
-            fut = asyncio.ensure_future(ref)
-            try:
-                return i, await asyncio.shield(fut)
-            except asyncio.CancelledError:
-                # The caller went away. Abort the generation and keep the read lock until the engine
-                # has stopped, so no steering change lands under a request still computing KV.
-                ray.cancel(ref)
-                await asyncio.wait([fut], timeout=60)
-                raise
-            finally:
-                self._in_flight[i] -= 1
+        try:
+            while True:
+                try:
+                    info = await asyncio.wait_for(asyncio.ensure_future(r.handle.info.remote()), timeout=900)
+                    break
+                except (ray.exceptions.RayActorError, asyncio.TimeoutError):
+                    await asyncio.sleep(1.0)
+            async with self.lock.read():  # no change can land while the replica catches up
+                if (info["spec_version"], info["spec_fingerprint"]) != (self.version, self.fingerprint):
+                    await r.handle.apply_spec.remote(self.spec.to_wire(), self.version)
+                r.layers, r.healthy = set(info["steerable_layers"]), True
+        finally:
+            r.recovering = None
+
+    async def wait_healthy(self, timeout_s: float = 600.0) -> list[bool]:
+        """Wait until no replica is recovering (tests, rolling operations); health per replica."""
+        tasks = [r.recovering for r in self.replicas if r.recovering is not None]
+        if tasks:
+            await asyncio.wait(tasks, timeout=timeout_s)
+        return [r.healthy for r in self.replicas]
+
+    # ---- reads -------------------------------------------------------------------------------
+    def _pick(self, layers: set[int], exclude: set[int]) -> Replica:
+        start = next(self._rr)
+        n = len(self.replicas)
+        order = [self.replicas[(start + k) % n] for k in range(n)]
+        able = [r for r in order if layers <= r.layers]
+        if not able:
+            raise ValueError(f"no replica can steer or capture layers {sorted(layers)}")
+        live = [r for r in able if r.healthy and r.index not in exclude]
+        if not live:
+            raise ReplicaUnavailableError("no engine replica is serving right now (restarting); retry shortly")
+        return min(live, key=lambda r: r.in_flight)
+
+    async def _call_engine(self, method: str, *args: Any, layers: set[int] = frozenset()) -> tuple[int, Any]:
+        """One call on a healthy replica; if that replica dies under it, once more on another."""
+        import ray
+
+        tried: set[int] = set()
+        while True:
+            async with self.lock.read():
+                r = self._pick(set(layers), tried)
+                r.in_flight += 1
+                ref = getattr(r.handle, method).remote(*args)
+                fut = asyncio.ensure_future(ref)
+                try:
+                    return r.index, await asyncio.shield(fut)
+                except asyncio.CancelledError:
+                    # The caller went away. Abort the generation and keep the read lock until the engine
+                    # has stopped, so no steering change lands under a request still computing KV.
+                    ray.cancel(ref)
+                    await asyncio.wait([fut], timeout=60)
+                    raise
+                except ray.exceptions.RayActorError as e:
+                    self._lost(r)
+                    tried.add(r.index)
+                    if len(tried) > 1 or not any(x.healthy for x in self.replicas):
+                        raise ReplicaUnavailableError(
+                            f"engine replica {r.index} died during the request ({type(e).__name__}); "
+                            f"it is being restarted, retry") from None
+                finally:
+                    r.in_flight -= 1
 
     @staticmethod
     def _tag_captures(i: int, results: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -107,9 +178,9 @@ class SteeringCoordinator:
 
     def _owner(self, capture_id: str) -> tuple[Any, str]:
         replica, _, cid = str(capture_id).partition(".")
-        if not replica.isdigit() or int(replica) >= len(self.engines) or not cid:
+        if not replica.isdigit() or int(replica) >= len(self.replicas) or not cid:
             raise ValueError(f"unknown capture {capture_id!r}")
-        return self.engines[int(replica)], cid
+        return self.replicas[int(replica)].handle, cid
 
     async def get_capture(self, capture_id: str) -> dict[str, Any]:
         engine, cid = self._owner(capture_id)
@@ -120,7 +191,8 @@ class SteeringCoordinator:
         return sum(counts)
 
     async def info(self) -> dict[str, Any]:
-        return {**self._info, **self._state(), "num_replicas": len(self.engines)}
+        return {**self._info, **self._state(), "num_replicas": len(self.replicas),
+                "healthy_replicas": sum(r.healthy for r in self.replicas)}
 
     def _state(self) -> dict[str, Any]:
         return {"spec_version": self.version, "spec_fingerprint": self.fingerprint, "stack_depth": len(self.stack)}
@@ -130,33 +202,52 @@ class SteeringCoordinator:
 
     async def replica_states(self) -> list[list[dict[str, Any]]]:
         """What every TP rank of every replica has committed (for tests and health checks)."""
-        return list(await asyncio.gather(*(e.worker_state.remote() for e in self.engines)))
+        return list(await asyncio.gather(*(r.handle.worker_state.remote() for r in self.replicas)))
 
     # ---- writes ------------------------------------------------------------------------------
     async def _commit_all(self, spec: SteeringSpec) -> None:
-        """Stage on every replica, then commit on every replica; caller holds the write lock."""
+        """Stage on every serving replica, then commit on all; caller holds the write lock. A replica
+        that dies meanwhile drops out of rotation and loads the result when it comes back."""
+        import ray
+
+        targets = [r for r in self.replicas if r.healthy]
+        if not targets:
+            raise ReplicaUnavailableError("no engine replica is serving right now (restarting); change not applied")
         version, wire = self.version + 1, spec.to_wire()
-        staged = await asyncio.gather(*(e.stage.remote(version, wire) for e in self.engines),
+        staged = await asyncio.gather(*(r.handle.stage.remote(version, wire) for r in targets),
                                       return_exceptions=True)
-        failed = [(i, _cause(r)) for i, r in enumerate(staged) if isinstance(r, BaseException)]
-        if failed:
-            await asyncio.gather(*(e.abort.remote(version) for e in self.engines), return_exceptions=True)
-            i, err = failed[0]
-            msg = f"replica {i} rejected the change: {err}" if len(self.engines) > 1 else str(err)
+        dead = [r for r, x in zip(targets, staged) if isinstance(x, ray.exceptions.RayActorError)]
+        failed = [(r, _cause(x)) for r, x in zip(targets, staged)
+                  if isinstance(x, BaseException) and r not in dead]
+        for r in dead:
+            self._lost(r)
+        live = [r for r in targets if r not in dead]
+        if failed or not live:
+            await asyncio.gather(*(r.handle.abort.remote(version) for r in live), return_exceptions=True)
+            if not failed:
+                raise ReplicaUnavailableError("every serving replica died during the change; not applied")
+            r, err = failed[0]
+            msg = f"replica {r.index} rejected the change: {err}" if len(self.replicas) > 1 else str(err)
             raise (ValueError if isinstance(err, ValueError) else RuntimeError)(msg)
-        committed = await asyncio.gather(*(e.commit.remote(version) for e in self.engines), return_exceptions=True)
-        bad = [i for i, r in enumerate(committed) if isinstance(r, BaseException)]
-        if len(bad) < len(self.engines):  # the change is live somewhere: it is the current state
+        committed = await asyncio.gather(*(r.handle.commit.remote(version) for r in live), return_exceptions=True)
+        bad = [r for r, x in zip(live, committed) if isinstance(x, BaseException)]
+        if len(bad) < len(live):  # the change is live somewhere: it is the current state
             self.spec, self.version, self.fingerprint = spec, version, spec.fingerprint()
-        if bad:
-            raise RuntimeError(f"replicas {bad} failed to commit version {version}: {_cause(committed[bad[0]])}")
+        for r in bad:  # out of rotation until it has reloaded the current version
+            self._lost(r)
+        if len(bad) == len(live):
+            raise RuntimeError(f"no replica committed version {version}: {_cause(committed[0])}")
 
     async def _write(self, change) -> dict[str, Any]:
         """Run ``change`` under the write lock, shielded: a caller that disconnects mid-change must
-        not leave the engines committed and the coordinator's state behind."""
+        not leave the engines committed and the coordinator's state behind. The result is persisted
+        before the lock is released, so a restarted coordinator resumes from it."""
         async def locked() -> dict[str, Any]:
             async with self.lock.write():
-                await change()
+                try:
+                    await change()
+                finally:
+                    self.store.save(SteeringState(self.spec, self.version, list(self.stack)))
                 return self._state()
 
         return await asyncio.shield(locked())

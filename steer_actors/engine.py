@@ -67,7 +67,12 @@ class SteerEngine:
                                                        else "mp")
         kwargs["distributed_executor_backend"] = backend
         kwargs.update(cfg.engine_kwargs)
-        self.engine = vllm_compat.make_async_llm(vllm_compat.engine_args(**kwargs))
+        pg = None
+        if backend == "ray":  # the group the coordinator scheduled this actor in (see replicas.py), if any
+            import ray
+
+            pg = ray.util.get_current_placement_group()
+        self.engine = vllm_compat.make_async_llm(vllm_compat.engine_args(**kwargs), pg)
         from .reaper import start_for_children
 
         start_for_children()

@@ -90,10 +90,21 @@ def engine_args(**kwargs: Any) -> Any:
     return AsyncEngineArgs(**kwargs)
 
 
-def make_async_llm(args: Any) -> Any:
+def make_async_llm(args: Any, placement_group: Any = None) -> Any:
+    """``AsyncLLM`` from engine args; with ``placement_group``, vLLM's Ray executor places its workers
+    in it (the engine core runs in a subprocess that is not a Ray task, so it cannot find the group
+    on its own)."""
+    from vllm.usage.usage_lib import UsageContext
     from vllm.v1.engine.async_llm import AsyncLLM
+    from vllm.v1.executor import Executor
 
-    return AsyncLLM.from_engine_args(args)
+    if placement_group is None:
+        return AsyncLLM.from_engine_args(args)
+    vllm_config = args.create_engine_config(UsageContext.ENGINE_CONTEXT)
+    vllm_config.parallel_config.placement_group = placement_group
+    return AsyncLLM(vllm_config=vllm_config, executor_class=Executor.get_class(vllm_config),
+                    log_requests=args.enable_log_requests, log_stats=not args.disable_log_stats,
+                    start_engine_loop=True, usage_context=UsageContext.ENGINE_CONTEXT)
 
 
 def install_step_probe(worker: Any, listener: Any) -> None:

@@ -1,0 +1,93 @@
+"""Engine replicas of one app: where they run, how to find them again, whether they take traffic.
+
+Engines are named, detached Ray actors with unlimited restarts, so that
+
+* a coordinator that restarts (Serve replaces a dead replica) finds the same engines by name and
+  neither loses nor duplicates them;
+* an engine that dies is restarted by Ray in place (same name and handle), empty; the coordinator
+  keeps it out of rotation until it has loaded the current spec version.
+
+GPU engines on vLLM's Ray executor get one placement group each: a bundle for the engine actor and
+one GPU bundle per TP rank (PACK by default, so TP stays inside a node); vLLM uses it instead of
+creating its own. Other engines are spread across nodes unless their ``actor_options`` say otherwise.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+from .config import VLLMSteeringConfig
+from .engine import SteerEngine
+
+log = logging.getLogger(__name__)
+NAMESPACE = "steer_actors"
+
+
+@dataclass
+class Replica:
+    index: int
+    handle: Any
+    name: str | None = None
+    layers: set[int] = field(default_factory=set)
+    healthy: bool = False  # in rotation: up, and committed to the coordinator's current version
+    in_flight: int = 0
+    recovering: Any = None  # asyncio task restoring this replica
+
+
+def uses_ray_executor(cfg: VLLMSteeringConfig) -> bool:
+    device = cfg.resolved_device()
+    return (cfg.distributed_executor_backend or ("ray" if device == "cuda" and cfg.tensor_parallel_size > 1
+                                                 else "mp")) == "ray"
+
+
+def _placement(cfg: VLLMSteeringConfig, name: str) -> dict[str, Any]:
+    import ray
+    from ray.util.placement_group import placement_group
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    if not uses_ray_executor(cfg):
+        return {"scheduling_strategy": "SPREAD"}
+    pg_name = f"{name}-pg"
+    try:
+        pg = ray.util.get_placement_group(pg_name)  # left by an earlier coordinator
+    except ValueError:
+        bundles = [{"CPU": 0.001}] + [{"GPU": 1.0}] * cfg.tensor_parallel_size
+        pg = placement_group(bundles, strategy=cfg.placement_strategy, name=pg_name, lifetime="detached")
+    return {"scheduling_strategy": PlacementGroupSchedulingStrategy(
+        placement_group=pg, placement_group_bundle_index=0, placement_group_capture_child_tasks=True)}
+
+
+def start_replicas(cfg: VLLMSteeringConfig, app: str) -> list[Replica]:
+    """Create the app's engine actors, or attach to the ones an earlier coordinator created."""
+    import ray
+
+    out = []
+    for i in range(cfg.num_replicas):
+        rcfg = cfg.for_replica(i)
+        name = f"{app}-engine-{i}"
+        opts: dict[str, Any] = dict(name=name, namespace=NAMESPACE, lifetime="detached", get_if_exists=True,
+                                    max_restarts=-1, max_task_retries=0, num_cpus=0, num_gpus=0)
+        opts.update(_placement(rcfg, name))
+        opts.update(rcfg.actor_options)
+        handle = ray.remote(SteerEngine).options(**opts).remote(rcfg.model_dump())
+        out.append(Replica(i, handle, name))
+    return out
+
+
+def stop_replicas(replicas: list[Replica]) -> None:
+    """Kill the named engines (and their placement groups): the app is going away."""
+    import ray
+
+    for r in replicas:
+        if r.name is None:
+            continue
+        try:
+            ray.kill(r.handle, no_restart=True)
+        except Exception as e:  # already gone
+            log.debug("kill %s: %s", r.name, e)
+        try:
+            ray.util.remove_placement_group(ray.util.get_placement_group(f"{r.name}-pg"))
+        except Exception:
+            pass
