@@ -68,8 +68,9 @@ class SteeringCoordinator:
             r.layers, r.healthy = set(i["steerable_layers"]), True
         # advertise what every replica can do, so a request never depends on where it lands
         common = sorted(set.intersection(*(r.layers for r in self.replicas)))
-        self._info = {**infos[0], "steerable_layers": common}
+        self._info = {**{k: v for k, v in infos[0].items() if k != "node_id"}, "steerable_layers": common}
         self._rr = itertools.count()
+        self.replica_failures = 0  # calls that found their replica dead (retried or failed)
 
     def __del__(self) -> None:
         # Serve calls this when the app is deleted (not when the process is killed): the detached
@@ -82,6 +83,7 @@ class SteeringCoordinator:
 
     # ---- replica health ------------------------------------------------------------------------
     def _lost(self, r: Replica) -> None:
+        self.replica_failures += 1
         r.healthy = False
         if r.recovering is None:
             r.recovering = asyncio.get_running_loop().create_task(self._recover(r))
@@ -192,7 +194,7 @@ class SteeringCoordinator:
 
     async def info(self) -> dict[str, Any]:
         return {**self._info, **self._state(), "num_replicas": len(self.replicas),
-                "healthy_replicas": sum(r.healthy for r in self.replicas)}
+                "healthy_replicas": sum(r.healthy for r in self.replicas), "replica_failures": self.replica_failures}
 
     def _state(self) -> dict[str, Any]:
         return {"spec_version": self.version, "spec_fingerprint": self.fingerprint, "stack_depth": len(self.stack)}

@@ -102,6 +102,7 @@ class SteerEngine:
             "max_ops_per_layer": self._max_ops,
             "spec_version": self.version,
             "spec_fingerprint": self.fingerprint,
+            "node_id": _node_id(),
         }
 
     async def worker_state(self) -> list[dict[str, Any]]:
@@ -316,6 +317,12 @@ class SteerEngine:
 
     async def shutdown(self) -> None:
         self.engine.shutdown()
+
+
+def _node_id() -> str | None:
+    import ray
+
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
 
 
 def engine_actor_class(num_cpus: float = 0, num_gpus: float = 0):
