@@ -203,6 +203,7 @@ def test_deleting_the_app_stops_its_engines_and_forgets_its_state(cluster, app):
 
     from steer_actors.state_store import StateStore
 
+    app.edit.remote({"action": "replace", "spec": spec_a().to_wire()}).result()
     assert StateStore(APP).load() is not None
     serve.delete(APP)
 
