@@ -1,12 +1,14 @@
 """``SteerEngine``: one vLLM ``AsyncLLM`` with steering, run as a Ray actor (``EngineActor``).
 
-Steering changes reach every TP rank through ``collective_rpc`` into
-:class:`steer_actors.worker_ext.SteerWorkerExtension`, as stage-then-commit so a coordinator can make
-a change atomic across replicas. Every result carries the spec version and fingerprint it ran under.
+Steering changes reach every TP rank's :class:`steer_actors.worker_ext.SteerWorkerExtension` through
+the workers' side channel (:mod:`.channel`; ``collective_rpc`` opens it, and is the fallback), as
+stage-then-commit so a coordinator can make a change atomic across replicas. Every result carries
+the spec version and fingerprint it ran under.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import uuid
@@ -27,7 +29,7 @@ def _data_plane_hash() -> str:
 
     here = Path(__file__).parent
     h = hashlib.sha256()
-    for name in ("ops.py", "kernels.py", "patch.py", "vllm_compat.py"):
+    for name in ("ops.py", "kernels.py", "patch.py", "vllm_compat.py", "capture.py", "routing.py"):
         h.update((here / name).read_bytes())
     return h.hexdigest()[:16]
 
@@ -87,12 +89,32 @@ class SteerEngine:
         self._max_ops = cfg.max_ops_per_layer
         self._device = device
         self.captures = CaptureRegistry(cfg.capture_budget_bytes, cfg.capture_ttl_s)
+        self._channel: Any = None  # ChannelClient once opened, False if it cannot be
+        self._channel_lock = asyncio.Lock()
         self.slots = SlotPool(cfg.max_steering_slots, self._load_slot)
+
+    async def _workers(self, method: str, *args: Any) -> list[Any]:
+        """``method`` on every TP rank: over the side channel, or collective_rpc where it cannot open."""
+        if self._channel is None:
+            async with self._channel_lock:
+                if self._channel is None:
+                    try:
+                        from .channel import ChannelClient
+
+                        self._channel = ChannelClient(await self.engine.collective_rpc("steer_channel_open"))
+                    except Exception as e:  # e.g. no zmq: slower, same semantics
+                        import logging
+
+                        logging.getLogger(__name__).warning("steer side channel unavailable (%s)", e)
+                        self._channel = False
+        if self._channel:
+            return await self._channel.call(method, *args)
+        return await self.engine.collective_rpc(method, args=args)
 
     # ---- introspection -------------------------------------------------------------------------
     async def info(self) -> dict[str, Any]:
         if self._layers is None:
-            ranks = await self.engine.collective_rpc("steer_info")
+            ranks = await self._workers("steer_info")
             self._layers = ranks[0]["layers"]
         return {
             "model": self.config.model_name,
@@ -107,7 +129,7 @@ class SteerEngine:
 
     async def worker_state(self) -> list[dict[str, Any]]:
         """Per-rank view (version and fingerprint each TP rank has committed)."""
-        return await self.engine.collective_rpc("steer_info")
+        return await self._workers("steer_info")
 
     # ---- steering: two-phase, driven by the coordinator (or by ``apply_spec`` alone) -----------
     async def _validated(self, spec_wire: dict[str, Any]) -> SteeringSpec:
@@ -119,7 +141,7 @@ class SteerEngine:
 
     async def stage(self, version: int, spec_wire: dict[str, Any]) -> str:
         spec = await self._validated(spec_wire)
-        fps = await self.engine.collective_rpc("steer_stage", args=(int(version), spec_wire))
+        fps = await self._workers("steer_stage", int(version), spec_wire)
         self._staged = (int(version), spec)
         return fps[0]
 
@@ -127,19 +149,19 @@ class SteerEngine:
         staged = getattr(self, "_staged", None)
         if staged is None or staged[0] != int(version):
             raise ValueError(f"version {version} was not staged on this engine")
-        fps = await self.engine.collective_rpc("steer_commit", args=(int(version),))
+        fps = await self._workers("steer_commit", int(version))
         self.version, self.spec, self.fingerprint, self._staged = int(version), staged[1], fps[0], None
         return self.fingerprint
 
     async def abort(self, version: int) -> None:
         self._staged = None
-        await self.engine.collective_rpc("steer_abort", args=(int(version),))
+        await self._workers("steer_abort", int(version))
 
     async def apply_spec(self, spec_wire: dict[str, Any], version: int | None = None) -> dict[str, Any]:
         """Change this engine alone (no coordinator): validate, then stage+commit in one RPC."""
         v = self.version + 1 if version is None else int(version)
         spec = await self._validated(spec_wire)
-        fps = await self.engine.collective_rpc("steer_apply", args=(v, spec_wire))
+        fps = await self._workers("steer_apply", v, spec_wire)
         self.version, self.spec, self.fingerprint = v, spec, fps[0]
         return {"spec_version": self.version, "spec_fingerprint": self.fingerprint}
 
@@ -152,7 +174,7 @@ class SteerEngine:
 
     # ---- generation ----------------------------------------------------------------------------
     async def _load_slot(self, slot: int, spec_wire: Any) -> None:
-        await self.engine.collective_rpc("steer_slot_load", args=(slot, spec_wire))
+        await self._workers("steer_slot_load", slot, spec_wire)
 
     async def _route(self, ids: list[str], specs: list[dict[str, Any] | None]) -> list[tuple[str, int, str]]:
         """Give each request with its own spec a slot; returns (request id, slot, spec fingerprint)."""
@@ -180,7 +202,7 @@ class SteerEngine:
                 for fp, wire_spec in wires.items():
                     got[fp] = await self.slots.acquire(fp, wire_spec)
             routed = [(rid, got[fp], fp) for rid, fp in want]
-            await self.engine.collective_rpc("steer_route", args=([(rid, slot) for rid, slot, _ in routed],))
+            await self._workers("steer_route", [(rid, slot) for rid, slot, _ in routed])
         except BaseException:
             await asyncio.gather(*(self.slots.release(slot) for slot in got.values()))
             raise
@@ -250,11 +272,11 @@ class SteerEngine:
             self.captures.unreserve(reserved)
             try:
                 if capture_layers:
-                    await self.engine.collective_rpc("steer_capture_drop", args=(ids,))
+                    await self._workers("steer_capture_drop", ids)
             finally:
                 if routed:
                     try:
-                        await self.engine.collective_rpc("steer_unroute", args=([rid for rid, _, _ in routed],))
+                        await self._workers("steer_unroute", [rid for rid, _, _ in routed])
                     finally:
                         # one slot reference per distinct spec, however many prompts shared it
                         await asyncio.gather(*(self.slots.release(s) for s in {s for _, s, _ in routed}))
@@ -269,8 +291,7 @@ class SteerEngine:
         need = sum(n + (params.max_tokens or 16) for n in n_tokens) * len(set(layers)) * self.hidden_size * 4
         self.captures.reserve(need)
         try:
-            await self.engine.collective_rpc("steer_capture_register",
-                                             args=([(rid, sorted(set(layers))) for rid in ids],))
+            await self._workers("steer_capture_register", [(rid, sorted(set(layers))) for rid in ids])
         except BaseException:
             self.captures.unreserve(need)
             raise
@@ -279,7 +300,7 @@ class SteerEngine:
     async def _finish_capture(self, results: list[GenerationResult], ids: list[str]) -> None:
         from .wire import decode_tensor
 
-        taken = next(t for t in await self.engine.collective_rpc("steer_capture_take", args=(ids,))
+        taken = next(t for t in await self._workers("steer_capture_take", ids)
                      if t is not None)
         for res, rid in zip(results, ids):
             data = taken[rid]

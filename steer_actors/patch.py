@@ -68,15 +68,24 @@ class LayerSteerer(nn.Module):
                         self.cap_buf, self.cap_dst, self.cap_on, self.cap_any)
         return delta, residual
 
+    # Stream-ordered, host-asynchronous copies: the caller has put them on the forwards' stream, so
+    # they land between two forwards without waiting for the one in flight.
+    @staticmethod
+    def _load(dst: torch.Tensor, src: torch.Tensor) -> None:
+        if dst.is_cuda:
+            dst.copy_(src.pin_memory(), non_blocking=True)
+        else:
+            dst.copy_(src)
+
     @torch.inference_mode()
     def load_request_rows(self, slot: int, rows: SlotRows) -> None:
         for name in ("add", "unit", "lo", "hi", "gamma"):
-            getattr(self, "r" + name)[slot].copy_(getattr(rows, name), non_blocking=False)
+            self._load(getattr(self, "r" + name)[slot], getattr(rows, name))
 
     @torch.inference_mode()
     def load_rows(self, rows: SlotRows, active: bool) -> None:
         for name in ("add", "unit", "lo", "hi", "gamma"):
-            getattr(self, name).copy_(getattr(rows, name), non_blocking=False)
+            self._load(getattr(self, name), getattr(rows, name))
         self.active.fill_(int(active))
 
 

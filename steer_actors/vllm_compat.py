@@ -107,10 +107,11 @@ def make_async_llm(args: Any, placement_group: Any = None) -> Any:
                     start_engine_loop=True, usage_context=UsageContext.ENGINE_CONTEXT)
 
 
-def install_step_probe(worker: Any, listener: Any) -> None:
-    """Tell ``listener`` the batch layout of every forward: ``begin_step(req_ids, query_start_loc,
-    positions, input_ids, num_padded)`` after the runner built its inputs and before the model runs,
-    and ``end_step()`` once the forward is enqueued.
+def install_step_probe(worker: Any, listener: Any = None) -> None:
+    """Hook the model runner once: every forward is enqueued under :data:`steer_actors.channel.LOCK`
+    (so side-channel changes land between forwards), and ``listener`` learns the batch layout of each
+    forward: ``begin_step(req_ids, query_start_loc, positions, input_ids, num_padded)`` after the
+    runner built its inputs, ``end_step()`` once the forward is enqueued.
 
     * V1 runner (vLLM 0.32 CPU; 0.26 GPU with the V1 runner): ``_model_forward`` is the hook point
       vLLM documents for subclasses; the batch is ``input_batch`` + ``query_start_loc``.
@@ -119,18 +120,18 @@ def install_step_probe(worker: Any, listener: Any) -> None:
       runs the forward (eager, piecewise or full graph) and returns before sampling.
     """
     runner = worker.model_runner
-    listeners = runner.__dict__.setdefault("_steer_listeners", [])
-    if listener in listeners:
-        return
-    if hasattr(runner, "_model_forward") and hasattr(runner, "query_start_loc"):
-        wrap = _probe_v1
-    elif hasattr(runner, "prepare_inputs") and hasattr(runner, "execute_model"):
-        wrap = _probe_v2
-    else:
-        raise RuntimeError(f"capture and per-request steering do not know this model runner ({type(runner)})")
-    listeners.append(listener)
-    if len(listeners) == 1:
+    listeners = runner.__dict__.get("_steer_listeners")
+    if listeners is None:
+        if hasattr(runner, "_model_forward") and hasattr(runner, "query_start_loc"):
+            wrap = _probe_v1
+        elif hasattr(runner, "prepare_inputs") and hasattr(runner, "execute_model"):
+            wrap = _probe_v2
+        else:
+            raise RuntimeError(f"steer_actors does not know this model runner ({type(runner)})")
+        listeners = runner._steer_listeners = []
         wrap(runner, listeners)
+    if listener is not None and listener not in listeners:
+        listeners.append(listener)
 
 
 def _end(listeners: list) -> None:
@@ -139,25 +140,31 @@ def _end(listeners: list) -> None:
 
 
 def _probe_v1(runner: Any, listeners: list) -> None:
+    from .channel import LOCK, note_forward_stream
+
     orig = runner._model_forward
 
     def probed(*args: Any, **kwargs: Any) -> Any:
-        n = runner.input_batch.num_reqs
-        req_ids = list(runner.input_batch.req_ids[:n])
-        qsl = runner.query_start_loc.np[: n + 1]
-        positions, input_ids = kwargs.get("positions"), kwargs.get("input_ids")
-        padded = positions.shape[-1] if positions is not None else None
-        for lst in listeners:
-            lst.begin_step(req_ids, qsl, positions, input_ids, padded)
-        try:
-            return orig(*args, **kwargs)
-        finally:
-            _end(listeners)
+        with LOCK:
+            note_forward_stream()
+            n = runner.input_batch.num_reqs
+            req_ids = list(runner.input_batch.req_ids[:n])
+            qsl = runner.query_start_loc.np[: n + 1]
+            positions, input_ids = kwargs.get("positions"), kwargs.get("input_ids")
+            padded = positions.shape[-1] if positions is not None else None
+            for lst in listeners:
+                lst.begin_step(req_ids, qsl, positions, input_ids, padded)
+            try:
+                return orig(*args, **kwargs)
+            finally:
+                _end(listeners)
 
     runner._model_forward = probed
 
 
 def _probe_v2(runner: Any, listeners: list) -> None:
+    from .channel import LOCK, note_forward_stream
+
     orig_prepare, orig_execute = runner.prepare_inputs, runner.execute_model
 
     def prepare_inputs(*args: Any, **kwargs: Any) -> Any:
@@ -169,10 +176,12 @@ def _probe_v2(runner: Any, listeners: list) -> None:
         return batch
 
     def execute_model(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return orig_execute(*args, **kwargs)
-        finally:
-            _end(listeners)
+        with LOCK:
+            note_forward_stream()
+            try:
+                return orig_execute(*args, **kwargs)
+            finally:
+                _end(listeners)
 
     runner.prepare_inputs, runner.execute_model = prepare_inputs, execute_model
 

@@ -32,6 +32,16 @@ class SteerWorkerExtension:
                                        "loaded": {}}
         return st
 
+    def steer_channel_open(self) -> str:
+        """Start this worker's side channel (once) and return its address (see :mod:`.channel`)."""
+        from .channel import WorkerChannel
+
+        vllm_compat.install_step_probe(self)
+        ch = self.__dict__.get("_steer_channel")
+        if ch is None:
+            ch = self._steer_channel = WorkerChannel(self)
+        return ch.address
+
     def steer_info(self) -> dict[str, Any]:
         layers = self._steer_layers()
         any_layer = next(iter(layers.values()), None)
