@@ -123,29 +123,49 @@ def _specs(hidden: int, layers: int):
     return one, all_layers
 
 
+def _request_specs(hidden: int, layers: int, n: int = 16) -> list:
+    """``n`` distinct per-request specs, each add + cap on two layers."""
+    import torch
+
+    from steer_actors.specs import AddSpec, LayerSteeringSpec, ProjectionCapSpec, SteeringSpec
+
+    g = torch.Generator().manual_seed(1)
+    v = lambda: torch.randn(hidden, generator=g)  # noqa: E731
+    return [SteeringSpec(layers={(k + d) % layers: LayerSteeringSpec(operations=[
+        AddSpec(vector=v(), scale=0.1), ProjectionCapSpec(vector=v(), min=-4.0, max=4.0)]) for d in (0, layers // 2)})
+        for k in range(n)]
+
+
 async def run_ours(model: str, eager: bool, measure: list[str]) -> dict:
     from steer_actors.engine import SteerEngine
     from steer_actors.specs import SteeringSpec
 
     t0 = time.perf_counter()
     eng = SteerEngine(dict(model_name=model, dtype="bfloat16", enforce_eager=eager, max_model_len=1024,
-                           gpu_memory_utilization=0.85, engine_kwargs={"skip_tokenizer_init": True}))
+                           gpu_memory_utilization=0.85, max_steering_slots=16,
+                           engine_kwargs={"skip_tokenizer_init": True}))
     res: dict = {"start_s": time.perf_counter() - t0}
     info = await eng.info()
     one, all_layers = _specs(info["hidden_size"], info["num_layers"])
+    per_request = [s.to_wire() for s in _request_specs(info["hidden_size"], info["num_layers"])]
+    request_specs: list = []  # set per mode: [] = none, else one of 16 specs per prompt
 
     async def generate(prompts, sp):
-        return [r["token_ids"] for r in await eng.generate(prompts, sp)]
+        specs = [request_specs[i % len(request_specs)] for i in range(len(prompts))] if request_specs else None
+        return [r["token_ids"] for r in await eng.generate(prompts, sp, None, specs)]
 
-    modes = [(n, sp) for n, sp in [("idle", SteeringSpec()), ("one_layer", one), ("all_layers", all_layers)]
+    modes = [(n, sp, rs) for n, sp, rs in [("idle", SteeringSpec(), []), ("one_layer", one, []),
+                                           ("all_layers", all_layers, []), ("specs16", SteeringSpec(), per_request)]
              if n in measure]
     if modes:
         await _throughput(generate, reps=1)  # warm-up: first-use kernels and allocator growth
     # Rounds over the modes (not one mode after another), so drift over time hits every mode alike.
     for _ in range(3):
-        for name, spec in modes:
+        for name, spec, rs in modes:
             await eng.apply_spec(spec.to_wire())
+            request_specs[:] = rs
             res[name] = max(res.get(name, 0.0), await _throughput(generate, reps=1))
+    request_specs[:] = []
     if "update" in measure:
         await eng.apply_spec(SteeringSpec().to_wire())
         bg = asyncio.create_task(generate(_prompts(N_PROMPTS, seed=9), dict(max_tokens=GEN_LEN, ignore_eos=True,
@@ -165,15 +185,21 @@ async def run_ours(model: str, eager: bool, measure: list[str]) -> dict:
 
 
 async def run_parity(eager: bool) -> dict:
-    """fp32 tiny Qwen3: steered greedy tokens under each op, to compare eager vs graphs and HF."""
-    from steer_actors.engine import SteerEngine
-    from steer_actors.specs import AblationSpec, AddSpec, LayerSteeringSpec, ProjectionCapSpec, SteeringSpec
-    from steer_actors.testing import build_tiny_model
+    """fp32 tiny Qwen3 on the GPU runner: greedy tokens under global specs, a mixed batch of per-request
+    specs (and each request alone), and captured rows (plain and steered) vs HF; run once eager and
+    once with graphs, the parent compares."""
+    import ray
     import torch
 
+    from steer_actors.engine import SteerEngine
+    from steer_actors.handles import CaptureHandle, fetch_captures_batch
+    from steer_actors.specs import AblationSpec, AddSpec, LayerSteeringSpec, ProjectionCapSpec, SteeringSpec
+    from steer_actors.testing import build_tiny_model
+
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
     path = build_tiny_model("qwen3")
     eng = SteerEngine(dict(model_name=path, dtype="float32", enforce_eager=eager, max_model_len=512,
-                           gpu_memory_utilization=0.3))
+                           gpu_memory_utilization=0.3, max_steering_slots=4))
     g = torch.Generator().manual_seed(1)
     v = lambda: torch.randn(256, generator=g)  # noqa: E731
     L = lambda *ops: LayerSteeringSpec(operations=list(ops))  # noqa: E731
@@ -184,20 +210,89 @@ async def run_parity(eager: bool) -> dict:
              "combo": SteeringSpec(layers={1: L(AddSpec(vector=v(), scale=1.0), AblationSpec(vector=v(), scale=0.0)),
                                            2: L(ProjectionCapSpec(vector=v(), max=0.0))})}
     prompts = [[5, 6, 7, 8, 9, 10], [100, 200, 300], list(range(40, 70))]
-    out = {}
+    sp = dict(max_tokens=16, temperature=0.0, ignore_eos=True)
+    out: dict = {"global": {}}
     for name, spec in specs.items():
         await eng.apply_spec(spec.to_wire())
-        rs = await eng.generate(prompts, dict(max_tokens=16, temperature=0.0, ignore_eos=True))
-        out[name] = [r["token_ids"] for r in rs]
-    eng.engine.shutdown()
-    hf = {}
-    if os.environ.get("BENCH_HF") == "1":  # HF oracle on the GPU machine (slow; the CPU tests cover it)
-        from steer_actors.testing.hf_oracle import HFOracle
+        out["global"][name] = [r["token_ids"] for r in await eng.generate(prompts, sp)]
+    await eng.apply_spec(SteeringSpec().to_wire())
+    names = ["none", "add", "cap", "combo", "ablation", "add"]
+    mixed_prompts = [prompts[i % 3] for i in range(len(names))]
+    mixed_specs = [None if n == "none" else specs[n].to_wire() for n in names]
+    out["mixed"] = [r["token_ids"] for r in await eng.generate(mixed_prompts, sp, None, mixed_specs)]
+    out["alone"] = [(await eng.generate([p], sp, None, s))[0]["token_ids"] for p, s in zip(mixed_prompts, mixed_specs)]
+    out["mixed_names"] = names
+    # capture: every layer, plain and under the combo spec; max error vs HF per case
+    layers = [0, 1, 2, 3]
+    from steer_actors.testing.hf_oracle import HFOracle
 
-        o = HFOracle(path)
-        hf = {name: [o.greedy(p, 16, spec if not spec.is_empty() else None).token_ids for p in prompts]
-              for name, spec in specs.items()}
-    return {"tokens": out, "hf": hf}
+    oracle = HFOracle(path)
+    out["capture_err"] = {}
+    for name in ("none", "combo"):
+        await eng.apply_spec(specs[name].to_wire())
+        rs = await eng.generate(prompts, dict(sp, max_tokens=8), layers)
+        hs = fetch_captures_batch([CaptureHandle.from_wire(r["captures"]) for r in rs])
+        worst = 0.0
+        for p, r, h in zip(prompts, rs, hs):
+            full = p + r["token_ids"]
+            assert h.positions == list(range(len(full) - 1)) and h.token_ids == full[:-1]
+            ref = oracle.hidden_states(full[:-1], None if name == "none" else specs[name])
+            for layer in layers:
+                got = h.captures[layer][0]["hidden"]
+                worst = max(worst, (got - ref[layer]).abs().max().item() / max(1.0, ref[layer].abs().max().item()))
+        out["capture_err"][name] = worst
+    out["hf"] = {name: [oracle.greedy(p, 16, spec if not spec.is_empty() else None).token_ids for p in prompts]
+                 for name, spec in specs.items()}
+    eng.engine.shutdown()
+    return out
+
+
+def run_capture(model: str) -> dict:
+    """The engine as a Ray actor (as served), this process a Ray driver: throughput with every request
+    capturing every layer (prompt + decode; each request's capture released once it is back), and the
+    bytes/s of one batched fetch of 64 all-layer captures."""
+    import ray
+
+    from steer_actors.engine import engine_actor_class
+    from steer_actors.handles import CaptureHandle, fetch_captures_batch
+
+    ray.init(num_cpus=8, object_store_memory=24 << 30, include_dashboard=False, log_to_driver=False)
+    eng = engine_actor_class().remote(dict(model_name=model, dtype="bfloat16", max_model_len=1024,
+                                           gpu_memory_utilization=0.8, capture_budget_bytes=48 << 30,
+                                           engine_kwargs={"skip_tokenizer_init": True}))
+    info = ray.get(eng.info.remote())
+    layers = list(range(info["num_layers"]))
+    sp = dict(max_tokens=GEN_LEN, temperature=0.0, ignore_eos=True, detokenize=False)
+    res: dict = {}
+
+    async def one(p, capture):
+        out = (await eng.generate.remote([p], sp, layers if capture else None))[0]
+        if capture:
+            await eng.release_captures.remote([out["captures"]["capture_id"]])
+        return out["token_ids"]
+
+    async def generate(capture):
+        async def gen(prompts, _sp):
+            return await asyncio.gather(*(one(p, capture) for p in prompts))
+        return gen
+
+    async def main():
+        await _throughput(await generate(False), reps=1)  # warm-up
+        for _ in range(2):
+            res["no_capture"] = max(res.get("no_capture", 0.0), await _throughput(await generate(False), reps=1))
+            res["capture_all_layers"] = max(res.get("capture_all_layers", 0.0),
+                                            await _throughput(await generate(True), reps=1))
+        outs = await eng.generate.remote(_prompts(64, seed=999), dict(sp, max_tokens=64), layers)
+        handles = [CaptureHandle.from_wire(o["captures"]) for o in outs]
+        t = time.perf_counter()
+        fetch_captures_batch(handles)
+        dt = time.perf_counter() - t
+        nbytes = sum(h.nbytes for h in handles)
+        res["fetch"] = {"handles": 64, "bytes": nbytes, "seconds": dt, "GB_s": nbytes / dt / 1e9}
+
+    asyncio.run(main())
+    ray.kill(eng)
+    return res
 
 
 def child(args) -> None:
@@ -207,6 +302,8 @@ def child(args) -> None:
         res = asyncio.run(run_stock(build_checkpoint(args.model), args.eager, args.hooks))
     elif args.child == "ours":
         res = asyncio.run(run_ours(build_checkpoint(args.model), args.eager, args.measure.split(",")))
+    elif args.child == "capture":
+        res = run_capture(build_checkpoint(args.model))
     else:
         res = asyncio.run(run_parity(args.eager))
     res["card"] = torch.cuda.get_device_name(0)
@@ -232,7 +329,8 @@ def spawn(name: str, argv: list[str], plugins: bool = True) -> dict:
 RUNS = {
     "stock": lambda m: spawn(f"stock-{m}", ["--child", "stock", "--model", m], plugins=False),
     "ours": lambda m: spawn(f"ours-{m}", ["--child", "ours", "--model", m,
-                                          "--measure", "idle,one_layer,all_layers,update"]),
+                                          "--measure", "idle,one_layer,all_layers,specs16,update"]),
+    "capture": lambda m: spawn(f"capture-{m}", ["--child", "capture", "--model", m]),
     "stock_eager": lambda m: spawn(f"stock-eager-{m}", ["--child", "stock", "--model", m, "--eager"], plugins=False),
     "hooks": lambda m: spawn(f"hooks-{m}", ["--child", "stock", "--model", m, "--eager", "--hooks"], plugins=False),
     "ours_eager": lambda m: spawn(f"ours-eager-{m}", ["--child", "ours", "--model", m, "--eager", "--measure",

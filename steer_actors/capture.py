@@ -5,8 +5,8 @@ Graph-safe: the steering op itself writes captured rows into a buffer allocated 
 (``[num_layers, rows_per_step, hidden]`` fp32), steered by a per-token destination index and per-layer
 flags that the host fills before each forward. A CUDA graph replay runs the same kernel, so capture
 works with graphs on. After the forward, the step's rows are gathered on the device (stream-ordered,
-before the next step overwrites the buffer) and copied to pinned host memory on a side stream, so
-the copy overlaps the next step.
+before the next step overwrites the buffer) and copied to host by a copy thread on a stream of its
+own, so the copy overlaps the next step and the runner never waits for it.
 
 The flat batch is sliced per request from the model runner's own batch order and query start
 locations (never ``len(prompt)``); rows accumulate by absolute position across chunked-prefill steps,
@@ -41,12 +41,12 @@ class _Step:
     rows: torch.Tensor  # [len(layers), n, H]
     positions: torch.Tensor  # [n]
     token_ids: torch.Tensor  # [n]
-    done: Any = None  # CUDA event recorded after the device-to-host copy
+    pending: Any = None  # future of the device-to-host copy (GPU)
 
     def wait(self) -> None:
-        if self.done is not None:
-            self.done.synchronize()
-            self.done = None
+        if self.pending is not None:
+            self.rows, self.positions, self.token_ids = self.pending.result()
+            self.pending = None
 
 
 @dataclass
@@ -154,18 +154,29 @@ class CaptureStore:
                 pend.parts.append((step, a, b))
 
     def _copy_async(self, layers, snap, p, t) -> _Step:
-        main = torch.cuda.current_stream()
+        """Copy the snapshot to host on a copy thread and stream of its own: the runner's thread never
+        waits for it, and the copy overlaps the next forward."""
+        import torch
+
         if self._side is None:
-            self._side = torch.cuda.Stream()
-        self._side.wait_stream(main)
-        with torch.cuda.stream(self._side):
-            host = [torch.empty(x.shape, dtype=x.dtype, pin_memory=True) for x in (snap, p, t)]
-            for h, x in zip(host, (snap, p, t)):
-                h.copy_(x, non_blocking=True)
-                x.record_stream(self._side)  # keep the device copy alive until the side stream read it
-            done = torch.cuda.Event()
-            done.record(self._side)
-        return _Step(layers, host[0], host[1], host[2], done)
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._side = (torch.cuda.Stream(), ThreadPoolExecutor(1, thread_name_prefix="steer-capture-d2h"))
+        stream, pool = self._side
+        ready = torch.cuda.Event()
+        ready.record()
+        for x in (snap, p, t):
+            x.record_stream(stream)  # the allocator keeps them until the copy stream is done
+
+        def to_host():
+            with torch.cuda.stream(stream):
+                stream.wait_event(ready)
+                out = tuple(x.to("cpu") for x in (snap, p, t))
+            return out
+
+        step = _Step(layers, snap, p, t)
+        step.pending = pool.submit(to_host)
+        return step
 
     def take(self, request_id: str) -> dict[str, Any] | None:
         """Everything captured for ``request_id``, one row per absolute position (last copy wins),

@@ -36,9 +36,17 @@ class Replica:
     recovering: Any = None  # asyncio task restoring this replica
 
 
+def on_gpus(cfg: VLLMSteeringConfig) -> bool:
+    """Decided from the cluster, not from this process: the coordinator may run on a CPU-only head."""
+    if cfg.device != "auto":
+        return cfg.device == "cuda"
+    import ray
+
+    return ray.cluster_resources().get("GPU", 0) > 0
+
+
 def uses_ray_executor(cfg: VLLMSteeringConfig) -> bool:
-    device = cfg.resolved_device()
-    return (cfg.distributed_executor_backend or ("ray" if device == "cuda" and cfg.tensor_parallel_size > 1
+    return (cfg.distributed_executor_backend or ("ray" if on_gpus(cfg) and cfg.tensor_parallel_size > 1
                                                  else "mp")) == "ray"
 
 
@@ -53,7 +61,9 @@ def _placement(cfg: VLLMSteeringConfig, name: str) -> dict[str, Any]:
     try:
         pg = ray.util.get_placement_group(pg_name)  # left by an earlier coordinator
     except ValueError:
-        bundles = [{"CPU": 0.001}] + [{"GPU": 1.0}] * cfg.tensor_parallel_size
+        # bundle 0 hosts the engine actor, so it carries the resources that pin the actor to a node
+        pin = dict(cfg.actor_options.get("resources", {}))
+        bundles = [{"CPU": 0.001, **pin}] + [{"GPU": 1.0}] * cfg.tensor_parallel_size
         pg = placement_group(bundles, strategy=cfg.placement_strategy, name=pg_name, lifetime="detached")
     return {"scheduling_strategy": PlacementGroupSchedulingStrategy(
         placement_group=pg, placement_group_bundle_index=0, placement_group_capture_child_tasks=True)}
@@ -67,8 +77,11 @@ def start_replicas(cfg: VLLMSteeringConfig, app: str) -> list[Replica]:
     for i in range(cfg.num_replicas):
         rcfg = cfg.for_replica(i)
         name = f"{app}-engine-{i}"
+        # mp engines run their GPU workers in the actor's own process tree, so the actor claims the GPUs
+        # (and Ray sets CUDA_VISIBLE_DEVICES); Ray-executor workers claim theirs in the placement group.
+        gpus = rcfg.tensor_parallel_size if on_gpus(rcfg) and not uses_ray_executor(rcfg) else 0
         opts: dict[str, Any] = dict(name=name, namespace=NAMESPACE, lifetime="detached", get_if_exists=True,
-                                    max_restarts=-1, max_task_retries=0, num_cpus=0, num_gpus=0)
+                                    max_restarts=-1, max_task_retries=0, num_cpus=0, num_gpus=gpus)
         opts.update(_placement(rcfg, name))
         opts.update(rcfg.actor_options)
         handle = ray.remote(SteerEngine).options(**opts).remote(rcfg.model_dump())

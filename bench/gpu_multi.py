@@ -1,0 +1,229 @@
+"""Multi-GPU runs on one host with several raylets (``ray start`` twice = two simulated nodes).
+
+    python bench/gpu_multi.py --part tp  --out $OUT/tp.json     # 2+ GPUs: TP=2 (Ray executor) == TP=1
+    python bench/gpu_multi.py --part app --out $OUT/app.json    # 4 GPUs: two TP=2 replicas, one per raylet
+
+``tp``: tiny fp32 Qwen3, steered greedy tokens of a TP=2 replica on vLLM's Ray executor (its own placement
+group, made by steer_actors.replicas) against a TP=1 replica.
+``app``: the Serve app with two TP=2 replicas of the 0.6B shape pinned to raylets A and B: version
+atomicity under concurrent readers and writers, a capture made on B fetched by this driver (on A), and
+throughput of two replicas against one in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+PORT = 6400
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+
+def start_raylets(gpus_a: str, gpus_b: str | None) -> None:
+    subprocess.run(["ray", "stop", "--force"], capture_output=True)
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": gpus_a}
+    n_a = len(gpus_a.split(","))
+    subprocess.run(["ray", "start", "--head", f"--port={PORT}", f"--num-gpus={n_a}", "--num-cpus=8",
+                    "--resources", json.dumps({"raylet_a": 1}), "--include-dashboard=false",
+                    "--disable-usage-stats"], env=env, check=True, capture_output=True)
+    if gpus_b:
+        env = {**os.environ, "CUDA_VISIBLE_DEVICES": gpus_b}
+        subprocess.run(["ray", "start", f"--address=127.0.0.1:{PORT}", f"--num-gpus={len(gpus_b.split(','))}",
+                        "--num-cpus=8", "--resources", json.dumps({"raylet_b": 1})], env=env, check=True,
+                       capture_output=True)
+
+
+def pin(raylet: str) -> dict:
+    return {"actor_options": {"resources": {raylet: 0.01}}}
+
+
+def part_tp() -> dict:
+    import ray
+    import torch
+
+    from steer_actors.config import VLLMSteeringConfig
+    from steer_actors.replicas import start_replicas, stop_replicas
+    from steer_actors.specs import AddSpec, AblationSpec, LayerSteeringSpec, ProjectionCapSpec, SteeringSpec
+    from steer_actors.testing import build_tiny_model
+
+    start_raylets("0,1", "2" if torch.cuda.device_count() > 2 else None)
+    ray.init(address=f"127.0.0.1:{PORT}", log_to_driver=False)
+    path = build_tiny_model("qwen3")
+    base = dict(model_name=path, dtype="float32", max_model_len=512, gpu_memory_utilization=0.3)
+    tp2 = start_replicas(VLLMSteeringConfig(**base, tensor_parallel_size=2, distributed_executor_backend="ray",
+                                            **pin("raylet_a")), "tp2")
+    one_raylet = torch.cuda.device_count() <= 2
+    g = torch.Generator().manual_seed(3)
+    v = lambda: torch.randn(256, generator=g)  # noqa: E731
+    L = lambda *ops: LayerSteeringSpec(operations=list(ops))  # noqa: E731
+    spec = SteeringSpec(layers={1: L(AddSpec(vector=v(), scale=1.5), AblationSpec(vector=v(), scale=0.0)),
+                                2: L(ProjectionCapSpec(vector=v(), max=0.0))})
+    prompts = [[5, 6, 7, 8, 9, 10], [100, 200, 300], list(range(40, 70))]
+    sp = dict(max_tokens=16, temperature=0.0, ignore_eos=True)
+
+    def tokens(handle):
+        ray.get(handle.apply_spec.remote(spec.to_wire()))
+        steered = [r["token_ids"] for r in ray.get(handle.generate.remote(prompts, sp))]
+        per_req = [r["token_ids"] for r in ray.get(handle.generate.remote(prompts, sp, None, [None, spec.to_wire(),
+                                                                                             None]))]
+        return steered, per_req, ray.get(handle.worker_state.remote())
+
+    t = time.perf_counter()
+    a_steered, a_req, a_ranks = tokens(tp2[0].handle)
+    res = {"tp2_start_and_run_s": time.perf_counter() - t, "tp2_ranks": len(a_ranks)}
+    if one_raylet:
+        stop_replicas(tp2)
+    tp1 = start_replicas(VLLMSteeringConfig(**base, **pin("raylet_a" if one_raylet else "raylet_b")), "tp1")
+    b_steered, b_req, _ = tokens(tp1[0].handle)
+    res.update(tp2_equals_tp1=a_steered == b_steered, tp2_equals_tp1_per_request=a_req == b_req,
+               steered=a_steered, tp1=b_steered, per_request_tp2=a_req, per_request_tp1=b_req)
+    stop_replicas(tp1 + ([] if one_raylet else tp2))
+    return res
+
+
+async def _timed(calls) -> float:
+    t = time.perf_counter()
+    await asyncio.gather(*calls)
+    return time.perf_counter() - t
+
+
+def part_app() -> dict:
+    import ray
+    import torch
+    from ray import serve
+
+    sys.path.insert(0, str(REPO / "bench"))
+    from gpu import _prompts, build_checkpoint  # noqa: E402
+
+    from deployments.app import build_app
+    from steer_actors.handles import CaptureHandle, fetch_captures_batch
+    from steer_actors.specs import AddSpec, LayerSteeringSpec, SteeringSpec
+
+    subprocess.run([sys.executable, "-c", f"import sys; sys.path.insert(0, {str(REPO / 'bench')!r}); "
+                    "import gpu; gpu.build_checkpoint('0.6b')"], check=True)
+    model = build_checkpoint("0.6b")  # built above, in a process of its own (no CUDA context here)
+    start_raylets("0,1", "2,3")
+    ray.init(address=f"127.0.0.1:{PORT}", log_to_driver=False)
+    t = time.perf_counter()
+    cfg = dict(model_name=model, dtype="bfloat16", max_model_len=1024, gpu_memory_utilization=0.85,
+               tensor_parallel_size=2, distributed_executor_backend="ray", placement_strategy="STRICT_PACK",
+               num_replicas=2, replica_overrides=[pin("raylet_a"), pin("raylet_b")],
+               engine_kwargs={"skip_tokenizer_init": True})
+    app = serve.run(build_app(cfg), name="steer", route_prefix="/steer")
+    res: dict = {"app_start_s": time.perf_counter() - t}
+    engines = [ray.get_actor(f"steer-engine-{i}", namespace="steer_actors") for i in range(2)]
+    nodes = {n["NodeID"]: ("A" if "raylet_a" in n["Resources"] else "B") for n in ray.nodes() if n["Alive"]}
+    res["replica_raylets"] = [nodes[ray.get(e.info.remote())["node_id"]] for e in engines]
+    res["driver_raylet"] = nodes[ray.get_runtime_context().get_node_id()]
+    res["ranks_per_replica"] = [len(ray.get(e.worker_state.remote())) for e in engines]
+    hidden, n_layers = ray.get(engines[0].info.remote())["hidden_size"], ray.get(engines[0].info.remote())["num_layers"]
+    g = torch.Generator().manual_seed(5)
+    specs = [SteeringSpec(layers={k: LayerSteeringSpec(operations=[AddSpec(vector=torch.randn(hidden, generator=g),
+                                                                           scale=0.5)]) for k in (3 + i, 20 - i)})
+             for i in range(4)]
+    sp = dict(max_tokens=32, temperature=0.0, ignore_eos=True, detokenize=False)
+
+    async def atomicity():
+        seen, committed = [], {}
+
+        async def reader(k):
+            out = await app.generate.remote(_prompts(8, seed=100 + k), sp)
+            seen.extend((r["spec_version"], r["spec_fingerprint"]) for r in out)
+
+        async def writer(k):
+            for j in range(4):
+                st = await app.edit.remote({"action": "replace", "spec": specs[(k + j) % 4].to_wire()})
+                committed[st["spec_version"]] = st["spec_fingerprint"]
+                await asyncio.sleep(0.05)
+
+        await asyncio.gather(*(reader(k) for k in range(48)), *(writer(k) for k in range(3)))
+        return seen, committed
+
+    seen, committed = asyncio.run(atomicity())
+    ranks = [r for rep in ray.get(engines[0].worker_state.remote()) + ray.get(engines[1].worker_state.remote())
+             for r in [rep]]
+    final = app.get_spec.remote().result()
+    res["atomicity"] = {
+        "responses": len(seen), "versions_committed": len(committed),
+        "versions_seen": len({v for v, _ in seen}),
+        "every_response_names_a_committed_version": all(v == 0 or committed.get(v) == fp for v, fp in seen),
+        "all_ranks_on_final_version": all(r["version"] == final["spec_version"] for r in ranks),
+    }
+    # capture on replica B, fetched here (raylet A)
+    outs = ray.get(engines[1].generate.remote(_prompts(16, seed=7), dict(sp, max_tokens=64), list(range(n_layers))))
+    handles = [CaptureHandle.from_wire(o["captures"]) for o in outs]
+    t = time.perf_counter()
+    fetch_captures_batch(handles)
+    dt = time.perf_counter() - t
+    ref = ray.get(engines[0].generate.remote(_prompts(16, seed=7)[:1], dict(sp, max_tokens=64), [0, n_layers - 1]))
+    ref_h = fetch_captures_batch([CaptureHandle.from_wire(ref[0]["captures"])])[0]
+    res["capture_cross_raylet"] = {
+        "handles": 16, "bytes": sum(h.nbytes for h in handles), "seconds": dt,
+        "GB_s": sum(h.nbytes for h in handles) / dt / 1e9,
+        "rows_ok": all(h.captures[0][0]["hidden"].shape[0] == 128 + 64 - 1 for h in handles),
+        "max_diff_vs_replica_A_layer0": (handles[0].captures[0][0]["hidden"] - ref_h.captures[0][0]["hidden"]).abs().max().item(),
+    }
+    ray.get([e.release_captures.remote([h.capture_id]) for e, h in [(engines[1], h) for h in handles]])
+    # throughput: same workload (1024 prompts x 128/256, 8 per call) on one replica, then on both
+    app.edit.remote({"action": "clear"}).result()
+    big = dict(max_tokens=256, temperature=0.0, ignore_eos=True, detokenize=False)
+
+    def chunks(seed):
+        ps = _prompts(1024, seed=seed)
+        return [ps[i:i + 8] for i in range(0, len(ps), 8)]
+
+    async def one_replica(seed):
+        return await _timed([engines[0].generate.remote(c, big) for c in chunks(seed)])
+
+    async def two_direct(seed):
+        return await _timed([engines[i % 2].generate.remote(c, big) for i, c in enumerate(chunks(seed))])
+
+    async def two_app(seed):
+        return await _timed([app.generate.remote(c, big) for c in chunks(seed)])
+
+    async def throughput():
+        await two_direct(1)  # warm-up both
+        out = {"one_replica": [], "two_replicas_direct": [], "two_replicas_app": []}
+        for r in range(2):
+            out["one_replica"].append(1024 * 256 / await one_replica(10 + r))
+            out["two_replicas_direct"].append(1024 * 256 / await two_direct(20 + r))
+            out["two_replicas_app"].append(1024 * 256 / await two_app(30 + r))
+        return {k: max(v) for k, v in out.items()}
+
+    tps = asyncio.run(throughput())
+    res["throughput_tok_s"] = tps
+    res["scaling_direct"] = tps["two_replicas_direct"] / tps["one_replica"]
+    res["scaling_app"] = tps["two_replicas_app"] / tps["one_replica"]
+    serve.delete("steer")
+    return res
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--part", choices=["tp", "app"], required=True)
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args()
+    import torch
+
+    t = time.perf_counter()
+    try:
+        res = part_tp() if args.part == "tp" else part_app()
+    except Exception as e:  # keep what is known
+        import traceback
+
+        res = {"error": repr(e), "trace": traceback.format_exc()[-4000:]}
+    res.update(card=torch.cuda.get_device_name(0), gpus=torch.cuda.device_count(), wall_s=time.perf_counter() - t)
+    Path(args.out).write_text(json.dumps(res, indent=1))
+    print(json.dumps(res)[:3000])
+    subprocess.run(["ray", "stop", "--force"], capture_output=True)
+
+
+if __name__ == "__main__":
+    main()
