@@ -187,7 +187,7 @@ class CaptureStore:
         if pend.error:
             raise ValueError(f"capture of request {request_id} is incomplete: {pend.error}")
         if not pend.parts:
-            return {"positions": [], "token_ids": [], "layers": {}}
+            return {"positions": [], "token_ids": [], "layers": {}, "recomputed": 0}
         for step, _, _ in pend.parts:
             step.wait()
         pos = torch.cat([s.positions[a:b] for s, a, b in pend.parts]).numpy()
@@ -199,7 +199,7 @@ class CaptureStore:
             chunks = [s.rows[s.layers.index(layer), a:b] for s, a, b in pend.parts]
             layers[str(layer)] = wire.encode_tensor(torch.cat(chunks)[order])
         return {"positions": [int(pos[i]) for i in order], "token_ids": [int(toks[i]) for i in order],
-                "layers": layers}
+                "layers": layers, "recomputed": int(len(pos) - len(order))}
 
     def drop(self, request_id: str) -> None:
         self.wanted.pop(request_id, None)

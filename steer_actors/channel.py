@@ -30,6 +30,10 @@ ALLOWED = frozenset({
 })
 
 
+# Methods that only touch host state of their own (validation, building rows): no lock.
+UNLOCKED = frozenset({"steer_info", "steer_stage", "steer_abort"})
+
+
 def note_forward_stream() -> None:
     """Called by the runner hook (main thread) before each forward."""
     global _forward_stream
@@ -83,10 +87,18 @@ class WorkerChannel:
         while True:
             try:
                 msg = wire.unpackb(self.sock.recv())
-                if msg.get("m") not in ALLOWED:
-                    raise ValueError(f"unknown steering method {msg.get('m')!r}")
-                with LOCK, on_forward_stream():
-                    reply = {"ok": getattr(self.worker, msg["m"])(*msg.get("a", []))}
+                method, args = msg.get("m"), msg.get("a", [])
+                if method not in ALLOWED:
+                    raise ValueError(f"unknown steering method {method!r}")
+                if method in UNLOCKED:  # host-side only: never waits for a forward
+                    reply = {"ok": getattr(self.worker, method)(*args)}
+                elif method == "steer_apply":  # validate and build rows outside the lock, copy under it
+                    self.worker.steer_stage(*args)
+                    with LOCK, on_forward_stream():
+                        reply = {"ok": self.worker.steer_commit(args[0])}
+                else:
+                    with LOCK, on_forward_stream():
+                        reply = {"ok": getattr(self.worker, method)(*args)}
             except Exception as e:  # every error goes back to the caller, the thread lives on
                 reply = {"err": type(e).__name__, "msg": str(e)}
             try:

@@ -89,6 +89,7 @@ class SteerEngine:
         self._max_ops = cfg.max_ops_per_layer
         self._device = device
         self.captures = CaptureRegistry(cfg.capture_budget_bytes, cfg.capture_ttl_s)
+        self._recomputed_rows = 0
         self._channel: Any = None  # ChannelClient once opened, False if it cannot be
         self._channel_lock = asyncio.Lock()
         self.slots = SlotPool(cfg.max_steering_slots, self._load_slot)
@@ -306,6 +307,7 @@ class SteerEngine:
             data = taken[rid]
             if "error" in data:
                 raise ValueError(data["error"])
+            self._recomputed_rows += data.get("recomputed", 0)
             # rows past prompt + generated - 1 (e.g. rejected speculative drafts) are not the sequence
             keep = sum(p < len(res.prompt_token_ids) + len(res.token_ids) - 1 for p in data["positions"])
             layers = {int(k): decode_tensor(v)[:keep] for k, v in data["layers"].items()}
@@ -319,7 +321,8 @@ class SteerEngine:
 
     async def capture_stats(self) -> dict[str, int]:
         self.captures.prune()
-        return self.captures.stats()
+        # rows computed twice (preemption by recompute) and deduplicated by position
+        return {**self.captures.stats(), "recomputed_rows": self._recomputed_rows}
 
     def tokenizer(self):
         if self._tokenizer is None:

@@ -101,7 +101,15 @@ def make_async_llm(args: Any, placement_group: Any = None) -> Any:
     if placement_group is None:
         return AsyncLLM.from_engine_args(args)
     vllm_config = args.create_engine_config(UsageContext.ENGINE_CONTEXT)
-    vllm_config.parallel_config.placement_group = placement_group
+    pc = vllm_config.parallel_config
+    pc.placement_group = placement_group
+    if pc.data_parallel_size == 1 and not pc.data_parallel_master_port:
+        # vLLM 0.26's Ray executor puts the TCPStore at data_parallel_master_port + 100 (+ a 32-port
+        # window): with no DP that is port 100 for every engine of a host, and two TP engines starting
+        # together fail with EADDRINUSE (seen on a 4-GPU host). A free base port per engine avoids it.
+        from vllm.utils.network_utils import get_open_port
+
+        pc.data_parallel_master_port = get_open_port()
     return AsyncLLM(vllm_config=vllm_config, executor_class=Executor.get_class(vllm_config),
                     log_requests=args.enable_log_requests, log_stats=not args.disable_log_stats,
                     start_engine_loop=True, usage_context=UsageContext.ENGINE_CONTEXT)

@@ -126,3 +126,21 @@ def test_fetch_after_owner_died_fails_fast(ray_local, capture_engine):
     with pytest.raises(RuntimeError, match="engine replica that owned it died"):
         fetch_captures_batch(fresh, timeout_s=60)
     assert time.monotonic() - t < 60
+
+
+@pytest.fixture(scope="module")
+def tight_kv_engine(ray_local, qwen3_path):
+    # 6 KV blocks of 128 tokens for three requests that grow to 3 blocks each: the scheduler must
+    # preempt (recompute) while the requests decode
+    yield from engine_lifetime(ray_local, model_name=qwen3_path, engine_kwargs={"num_gpu_blocks_override": 6},
+                               enable_prefix_caching=False)
+
+
+def test_capture_is_exact_through_a_real_preemption(ray_local, tight_kv_engine, oracles):
+    prompts = [list(range(10, 110)), list(range(200, 320)), list(range(400, 540))]
+    sampling = dict(max_tokens=240, temperature=0.0, ignore_eos=True)
+    results, handles = capture(ray_local, tight_kv_engine, prompts=prompts, sampling=sampling)
+    assert ray_local.get(tight_kv_engine.capture_stats.remote())["recomputed_rows"] > 0  # it was preempted
+    for prompt, res in zip(prompts, results):
+        assert res["token_ids"] == oracles["qwen3"].greedy(prompt, 240).token_ids
+    assert_matches_hf(oracles["qwen3"], prompts, results, handles)
