@@ -1,11 +1,14 @@
 """GPU benchmark: steering against stock vLLM on the same card, in the same session.
 
-    python bench/gpu.py --model 0.6b --runs stock,ours,stock --out $OUT/part1.json   (stock twice brackets drift)
-    python bench/gpu.py --runs parity,hooks --out $OUT/part2.json
-    python bench/gpu.py --merge $OUT/part*.json --out bench/results/gpu-<card>-<date>.json
+    python bench/gpu.py --runs parity_eager,parity_graphs --out $OUT/parity.json       (V2 runner checks, tiny fp32)
+    python bench/gpu.py --model 0.6b --runs stock,ours,stock --out $OUT/b06.json      (stock twice brackets drift)
+    python bench/gpu.py --model 0.6b --runs capture,hooks --out $OUT/b06b.json
+    python bench/gpu.py --model 8b --runs stock,ours --out $OUT/b8.json
 
-Each run is a fresh subprocess (GPU memory freed between them). Prompts are random token ids with
-``ignore_eos`` so every mode does the same work; throughput = generated tokens / wall time.
+Each run is a fresh subprocess in its own session (killed whole on a timeout, so no engine keeps the GPU
+for the next run; BENCH_CHILD_TIMEOUT_S). Prompts are random token ids with ``ignore_eos`` so every mode
+does the same work; throughput = generated tokens / wall time. Budget: an engine start with graphs is
+70-110 s at 0.6B; a device call may last 10 minutes, so put at most three runs in one call.
 """
 
 from __future__ import annotations
@@ -310,16 +313,33 @@ def child(args) -> None:
     print("RESULT=" + json.dumps(res), flush=True)
 
 
-def spawn(name: str, argv: list[str], plugins: bool = True) -> dict:
+def spawn(name: str, argv: list[str], plugins: bool = True, timeout_s: float | None = None) -> dict:
+    """One mode in a fresh process (its own session: on a timeout the whole tree goes, so no engine is
+    left holding the GPU for the next mode)."""
+    import signal
+
     env = {**os.environ, "PYTHONPATH": f"{REPO}:{os.environ.get('PYTHONPATH', '')}"}
     if not plugins:
         env["VLLM_PLUGINS"] = ""
+    timeout_s = timeout_s or float(os.environ.get("BENCH_CHILD_TIMEOUT_S", "1800"))
     t = time.perf_counter()
-    proc = subprocess.run([sys.executable, __file__, *argv], env=env, capture_output=True, text=True, cwd=REPO)
-    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT=")]
+    proc = subprocess.Popen([sys.executable, __file__, *argv], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=REPO, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        return {"error": f"timed out after {timeout_s:.0f} s", "stderr_tail": err[-1500:]}
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # stragglers (engine cores, workers)
+        except ProcessLookupError:
+            pass
+    line = [ln for ln in out.splitlines() if ln.startswith("RESULT=")]
     if not line:
-        print(proc.stdout[-3000:], proc.stderr[-6000:], file=sys.stderr)
-        return {"error": proc.stderr[-1500:]}
+        print(out[-3000:], err[-6000:], file=sys.stderr)
+        return {"error": err[-1500:]}
     res = json.loads(line[0][7:])
     res["wall_s"] = time.perf_counter() - t
     print(name, json.dumps(res)[:600], flush=True)

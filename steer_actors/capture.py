@@ -178,9 +178,10 @@ class CaptureStore:
         step.pending = pool.submit(to_host)
         return step
 
-    def take(self, request_id: str) -> dict[str, Any] | None:
+    def take(self, request_id: str, to_dir: str | None = None) -> dict[str, Any] | None:
         """Everything captured for ``request_id``, one row per absolute position (last copy wins),
-        sorted by position; msgpack-safe."""
+        sorted by position; msgpack-safe. With ``to_dir`` (shared memory on the engine actor's node)
+        the rows go to one file there, ``[layers, rows, hidden]`` fp32, and only its path travels."""
         pend = self.wanted.pop(request_id, None)
         if pend is None:
             return None
@@ -194,12 +195,21 @@ class CaptureStore:
         toks = torch.cat([s.token_ids[a:b] for s, a, b in pend.parts]).numpy()
         last = {int(p): i for i, p in enumerate(pos)}  # dedupe: a recomputed position keeps its newest row
         order = torch.as_tensor([last[p] for p in sorted(last)], dtype=torch.long)
-        layers = {}
-        for layer in sorted(pend.layers):
-            chunks = [s.rows[s.layers.index(layer), a:b] for s, a, b in pend.parts]
-            layers[str(layer)] = wire.encode_tensor(torch.cat(chunks)[order])
-        return {"positions": [int(pos[i]) for i in order], "token_ids": [int(toks[i]) for i in order],
-                "layers": layers, "recomputed": int(len(pos) - len(order))}
+        ids = sorted(pend.layers)
+        stacked = torch.stack([torch.cat([s.rows[s.layers.index(layer), a:b] for s, a, b in pend.parts])[order]
+                               for layer in ids])
+        out = {"positions": [int(pos[i]) for i in order], "token_ids": [int(toks[i]) for i in order],
+               "recomputed": int(len(pos) - len(order))}
+        if to_dir is None:
+            out["layers"] = {str(layer): wire.encode_tensor(stacked[i]) for i, layer in enumerate(ids)}
+        else:
+            import os
+            import uuid
+
+            path = os.path.join(to_dir, f"steer-capture-{os.getpid()}-{uuid.uuid4().hex}.f32")
+            stacked.numpy().tofile(path)
+            out.update(file=path, layer_ids=ids, shape=list(stacked.shape))
+        return out
 
     def drop(self, request_id: str) -> None:
         self.wanted.pop(request_id, None)

@@ -299,19 +299,25 @@ class SteerEngine:
         return need
 
     async def _finish_capture(self, results: list[GenerationResult], ids: list[str]) -> None:
-        from .wire import decode_tensor
+        import socket
 
-        taken = next(t for t in await self._workers("steer_capture_take", ids)
+        taken = next(t for t in await self._workers("steer_capture_take", ids, socket.gethostname())
                      if t is not None)
-        for res, rid in zip(results, ids):
-            data = taken[rid]
-            if "error" in data:
-                raise ValueError(data["error"])
-            self._recomputed_rows += data.get("recomputed", 0)
-            # rows past prompt + generated - 1 (e.g. rejected speculative drafts) are not the sequence
-            keep = sum(p < len(res.prompt_token_ids) + len(res.token_ids) - 1 for p in data["positions"])
-            layers = {int(k): decode_tensor(v)[:keep] for k, v in data["layers"].items()}
-            res.captures = self.captures.put(rid, layers, data["positions"][:keep], data["token_ids"][:keep])
+        try:
+            for res, rid in zip(results, ids):
+                data = taken[rid]
+                if "error" in data:
+                    raise ValueError(data["error"])
+                self._recomputed_rows += data.get("recomputed", 0)
+                # rows past prompt + generated - 1 (e.g. rejected speculative drafts) are not the sequence
+                keep = sum(p < len(res.prompt_token_ids) + len(res.token_ids) - 1 for p in data["positions"])
+                layers = {layer: t[:keep] for layer, t in _capture_layers(data).items()}
+                res.captures = self.captures.put(rid, layers, data["positions"][:keep], data["token_ids"][:keep])
+        finally:
+            for data in taken.values():
+                if data.get("file"):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(data["file"])
 
     async def get_capture(self, capture_id: str) -> dict[str, Any]:
         return self.captures.get(capture_id)
@@ -341,6 +347,19 @@ class SteerEngine:
 
     async def shutdown(self) -> None:
         self.engine.shutdown()
+
+
+def _capture_layers(data: dict[str, Any]) -> dict[int, Any]:
+    """A worker's capture payload: inline tensors, or one shared-memory file of [layers, rows, hidden]."""
+    import numpy as np
+    import torch
+
+    from .wire import decode_tensor
+
+    if "file" in data:
+        arr = np.fromfile(data["file"], dtype=np.float32).reshape(data["shape"])
+        return {int(layer): torch.from_numpy(arr[i]) for i, layer in enumerate(data["layer_ids"])}
+    return {int(k): decode_tensor(v) for k, v in data["layers"].items()}
 
 
 def _node_id() -> str | None:

@@ -15,6 +15,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 
+# tests/multinode runs in a pytest process of its own (see test_multinode.py)
+collect_ignore = [] if os.environ.get("STEER_MULTINODE") else ["multinode"]
+
 RAY_PORT = int(os.environ.get("STEER_TEST_RAY_PORT", "6390"))
 RAY_ADDRESS = f"127.0.0.1:{RAY_PORT}"
 

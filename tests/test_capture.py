@@ -62,17 +62,22 @@ def test_capture_sees_prompt_positions_already_in_prefix_cache(ray_local, captur
     assert_matches_hf(oracles["qwen3"], PROMPTS, results, handles)
 
 
+def assert_steered_capture_matches_hf(ray, engine, oracle, spec):
+    """Under a global ``spec``, captured rows equal HF run with the same hooks; the spec is cleared after."""
+    ray.get(engine.apply_spec.remote(spec.to_wire()))
+    try:
+        results, handles = capture(ray, engine)
+        assert_matches_hf(oracle, PROMPTS, results, handles, spec)
+    finally:
+        ray.get(engine.apply_spec.remote(SteeringSpec().to_wire()))
+
+
 def test_capture_with_steering_equals_hf_with_hooks(ray_local, capture_engine, oracles):
     spec = SteeringSpec(layers={
         0: LayerSteeringSpec(operations=[AddSpec(vector=rand_vec(3), scale=4.0)]),
         2: LayerSteeringSpec(operations=[ProjectionCapSpec(vector=rand_vec(4), min=-0.2, max=0.2)]),
     })
-    ray_local.get(capture_engine.apply_spec.remote(spec.to_wire()))
-    try:
-        results, handles = capture(ray_local, capture_engine)
-        assert_matches_hf(oracles["qwen3"], PROMPTS, results, handles, spec)
-    finally:
-        ray_local.get(capture_engine.apply_spec.remote(SteeringSpec().to_wire()))
+    assert_steered_capture_matches_hf(ray_local, capture_engine, oracles["qwen3"], spec)
 
 
 def test_budget_overflow_is_clear_and_engine_keeps_serving(ray_local, capture_engine):

@@ -70,16 +70,11 @@ def test_stock_compile_cache_does_not_disable_steering(ray_local, compiled_engin
 def test_capture_in_compiled_mode_matches_hf(ray_local, compiled_engine, oracles):
     """Capture is written by the steering op itself (graph-safe), so a compiled engine captures the
     same rows as HF, steered or not."""
-    from test_capture import LAYERS, PROMPTS, assert_matches_hf, capture
     from conftest import rand_vec
     from steer_actors.specs import AddSpec, LayerSteeringSpec, SteeringSpec
+    from test_capture import PROMPTS, assert_matches_hf, assert_steered_capture_matches_hf, capture
 
     results, handles = capture(ray_local, compiled_engine)
     assert_matches_hf(oracles["qwen3"], PROMPTS, results, handles)
     spec = SteeringSpec(layers={2: LayerSteeringSpec(operations=[AddSpec(vector=rand_vec(5), scale=3.0)])})
-    ray_local.get(compiled_engine.apply_spec.remote(spec.to_wire()))
-    try:
-        results, handles = capture(ray_local, compiled_engine)
-        assert_matches_hf(oracles["qwen3"], PROMPTS, results, handles, spec)
-    finally:
-        ray_local.get(compiled_engine.apply_spec.remote(SteeringSpec().to_wire()))
+    assert_steered_capture_matches_hf(ray_local, compiled_engine, oracles["qwen3"], spec)
