@@ -18,11 +18,11 @@ class OracleRun:
 
 
 class HFOracle:
-    def __init__(self, path: str):
+    def __init__(self, path: str, dtype: torch.dtype = torch.float32):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.tokenizer = AutoTokenizer.from_pretrained(path)
-        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
 
     def _hooks(self, spec: SteeringSpec | None):
         handles = []
@@ -66,7 +66,7 @@ class HFOracle:
         outs: dict[int, torch.Tensor] = {}
         for i, layer in enumerate(self.model.model.layers):
             def grab(_m, _i, out, i=i):
-                outs[i] = (out[0] if isinstance(out, tuple) else out)[0].float().clone()
+                outs[i] = (out[0] if isinstance(out, tuple) else out)[0].clone()
             handles.append(layer.register_forward_hook(grab))
         try:
             self.model(torch.tensor([token_ids]))
