@@ -171,12 +171,18 @@ def _probe_v1(runner: Any, listeners: list) -> None:
 
 
 def _probe_v2(runner: Any, listeners: list) -> None:
+    """The lock is taken once the step's inputs are prepared and released when the forward is enqueued:
+    the rest of ``execute_model`` (request bookkeeping, which may wait for the previous step's results
+    under async scheduling) runs without it, so a change waits for a forward's launch, not for a step."""
     from .channel import LOCK, note_forward_stream
 
     orig_prepare, orig_execute = runner.prepare_inputs, runner.execute_model
 
     def prepare_inputs(*args: Any, **kwargs: Any) -> Any:
         batch = orig_prepare(*args, **kwargs)
+        LOCK.acquire()
+        runner._steer_locked = True
+        note_forward_stream()
         n = batch.num_reqs
         for lst in listeners:
             lst.begin_step(list(batch.req_ids[:n]), batch.query_start_loc_np[: n + 1], batch.positions,
@@ -184,12 +190,14 @@ def _probe_v2(runner: Any, listeners: list) -> None:
         return batch
 
     def execute_model(*args: Any, **kwargs: Any) -> Any:
-        with LOCK:
-            note_forward_stream()
+        try:
+            return orig_execute(*args, **kwargs)
+        finally:
             try:
-                return orig_execute(*args, **kwargs)
-            finally:
                 _end(listeners)
+            finally:
+                if runner.__dict__.pop("_steer_locked", False):
+                    LOCK.release()
 
     runner.prepare_inputs, runner.execute_model = prepare_inputs, execute_model
 
