@@ -34,6 +34,12 @@ def h2d(dst: torch.Tensor, src: np.ndarray) -> None:
         dst.copy_(t)
 
 
+def to_device(src: np.ndarray, device: torch.device) -> torch.Tensor:
+    """A new device tensor from a host array, without waiting for the stream (see :func:`h2d`)."""
+    t = torch.from_numpy(src)
+    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t
+
+
 @dataclass
 class _Step:
     """One forward's captured rows for every capturing request in it (host tensors, maybe in flight)."""
@@ -131,7 +137,7 @@ class CaptureStore:
         if not self._last_on:
             self.any_on.fill_(1)
             self._last_on = True
-        self._step = (layout, layers, torch.from_numpy(rows).to(pos.device), pos, input_ids)
+        self._step = (layout, layers, to_device(rows, pos.device), pos, input_ids)
 
     def end_step(self) -> None:
         """After the forward is enqueued: snapshot the rows (device gather, stream-ordered before the next
@@ -141,7 +147,7 @@ class CaptureStore:
         layout, layers, rows, pos, input_ids = self._step
         self._step = None
         n = rows.shape[0]
-        snap = self.buf[torch.as_tensor(layers, device=self.buf.device), :n]
+        snap = self.buf[to_device(np.asarray(layers, dtype=np.int64), self.buf.device), :n]
         p = pos[rows].to(torch.int64)
         t = input_ids[rows].to(torch.int64) if input_ids is not None else torch.full_like(p, -1)
         if snap.is_cuda:
@@ -182,7 +188,10 @@ class CaptureStore:
         """Everything captured for ``request_id``, one row per absolute position (last copy wins),
         sorted by position; msgpack-safe. With ``to_dir`` (shared memory on the engine actor's node)
         the rows go to one file there, ``[layers, rows, hidden]`` fp32, and only its path travels."""
-        pend = self.wanted.pop(request_id, None)
+        from .channel import LOCK
+
+        with LOCK:  # the runner's thread reads ``wanted`` every step; the rest is host-only work
+            pend = self.wanted.pop(request_id, None)
         if pend is None:
             return None
         if pend.error:
@@ -200,15 +209,19 @@ class CaptureStore:
                                for layer in ids])
         out = {"positions": [int(pos[i]) for i in order], "token_ids": [int(toks[i]) for i in order],
                "recomputed": int(len(pos) - len(order))}
-        if to_dir is None:
-            out["layers"] = {str(layer): wire.encode_tensor(stacked[i]) for i, layer in enumerate(ids)}
-        else:
+        if to_dir is not None:
             import os
             import uuid
 
             path = os.path.join(to_dir, f"steer-capture-{os.getpid()}-{uuid.uuid4().hex}.f32")
-            stacked.numpy().tofile(path)
-            out.update(file=path, layer_ids=ids, shape=list(stacked.shape))
+            try:
+                stacked.numpy().tofile(path)
+                out.update(file=path, layer_ids=ids, shape=list(stacked.shape))
+                return out
+            except OSError:  # shared memory full (containers often get 64 MB): send the bytes instead
+                if os.path.exists(path):
+                    os.unlink(path)
+        out["layers"] = {str(layer): wire.encode_tensor(stacked[i]) for i, layer in enumerate(ids)}
         return out
 
     def drop(self, request_id: str) -> None:

@@ -31,7 +31,7 @@ ALLOWED = frozenset({
 
 
 # Methods that only touch host state of their own (validation, building rows): no lock.
-UNLOCKED = frozenset({"steer_info", "steer_stage", "steer_abort"})
+UNLOCKED = frozenset({"steer_info", "steer_stage", "steer_abort", "steer_capture_take"})
 
 
 def note_forward_stream() -> None:
@@ -128,12 +128,17 @@ class ChannelClient:
     async def _one(self, i: int, payload: bytes) -> Any:
         async with self._locks[i]:
             sock = self._socks[i]
-            await sock.send(payload)
-            if not await sock.poll(int(self.timeout_s * 1000)):
-                sock.close()  # a REQ socket that missed its reply cannot send again
+            try:
+                await sock.send(payload)
+                if not await sock.poll(int(self.timeout_s * 1000)):
+                    raise RuntimeError(f"steering worker {i} did not answer in {self.timeout_s:.0f} s")
+                reply = wire.unpackb(await sock.recv())
+            except BaseException:
+                # timed out, cancelled or failed mid-exchange: a REQ socket that missed its reply can
+                # never send again, so this rank gets a fresh one
+                sock.close()
                 self._socks[i] = self._connect(self.addresses[i])
-                raise RuntimeError(f"steering worker {i} did not answer in {self.timeout_s:.0f} s")
-            reply = wire.unpackb(await sock.recv())
+                raise
         if "err" in reply:
             raise (ValueError if reply["err"] in ("ValueError", "TypeError") else RuntimeError)(reply["msg"])
         return reply["ok"]

@@ -13,6 +13,7 @@ import itertools
 from typing import Any
 
 from .config import VLLMSteeringConfig
+from .engine import StaleReplicaError
 from .replicas import Replica, start_replicas, stop_replicas
 from .rwlock import AsyncRWLock
 from .specs import SteeringSpec, apply_edit
@@ -33,6 +34,9 @@ def _spec_layers(steering_spec: Any) -> set[int]:
     return out
 
 
+EXPECTED = object()  # placeholder for the (version, fingerprint) a call expects its replica to run
+
+
 class ReplicaUnavailableError(RuntimeError):
     """An engine replica died under the request, or none is serving: retry (HTTP 503)."""
 
@@ -44,6 +48,17 @@ def _serve_app_name() -> str | None:
         return serve.get_replica_context().app_name
     except Exception:  # not inside a Serve replica
         return None
+
+
+def _app_is_going_away(app: str) -> bool:
+    try:
+        from ray import serve
+
+        status = serve.status().applications.get(app)
+    except Exception:  # no Serve (in-process use) or no answer: this coordinator was the app
+        return True
+    return status is None or str(getattr(status.status, "value", status.status)).upper() in ("DELETING",
+                                                                                          "NOT_STARTED")
 
 
 class SteeringCoordinator:
@@ -73,11 +88,13 @@ class SteeringCoordinator:
         self.replica_failures = 0  # calls that found their replica dead (retried or failed)
 
     def __del__(self) -> None:
-        # Serve calls this when the app is deleted (not when the process is killed): the detached
-        # engines and the persisted state go with the app.
+        # Serve calls this when it stops the replica gracefully (not when the process is killed). Only
+        # when the app itself is going away do the detached engines and the persisted state go with it;
+        # a replica replaced while the app lives leaves them for its successor.
         try:
-            stop_replicas(self.replicas)
-            self.store.delete()
+            if _app_is_going_away(self.app):
+                stop_replicas(self.replicas)
+                self.store.delete()
         except Exception:
             pass
 
@@ -89,20 +106,26 @@ class SteeringCoordinator:
             r.recovering = asyncio.get_running_loop().create_task(self._recover(r))
 
     async def _recover(self, r: Replica) -> None:
-        """Wait for Ray to restart the engine, load the current spec, then put it back in rotation."""
-        import ray
+        """Wait for Ray to restart the engine, load the current spec, then put it back in rotation.
+        Every failure on the way (still restarting, died again, channel timeout) is retried with backoff."""
+        import logging
 
+        log = logging.getLogger(__name__)
+        delay = 1.0
         try:
             while True:
                 try:
                     info = await asyncio.wait_for(asyncio.ensure_future(r.handle.info.remote()), timeout=900)
-                    break
-                except (ray.exceptions.RayActorError, asyncio.TimeoutError):
-                    await asyncio.sleep(1.0)
-            async with self.lock.read():  # no change can land while the replica catches up
-                if (info["spec_version"], info["spec_fingerprint"]) != (self.version, self.fingerprint):
-                    await r.handle.apply_spec.remote(self.spec.to_wire(), self.version)
-                r.layers, r.healthy = set(info["steerable_layers"]), True
+                    async with self.lock.read():  # no change can land while the replica catches up
+                        if (info["spec_version"], info["spec_fingerprint"]) != (self.version, self.fingerprint):
+                            await r.handle.apply_spec.remote(self.spec.to_wire(), self.version)
+                        r.layers, r.healthy = set(info["steerable_layers"]), True
+                    return
+                except Exception as e:
+                    log.warning("replica %d not back yet (%s: %s); retrying in %.0f s", r.index,
+                                type(e).__name__, e, delay)
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 30.0)
         finally:
             r.recovering = None
 
@@ -135,7 +158,10 @@ class SteeringCoordinator:
             async with self.lock.read():
                 r = self._pick(set(layers), tried)
                 r.in_flight += 1
-                ref = getattr(r.handle, method).remote(*args)
+                # under the read lock the live version cannot change: a replica that does not run it
+                # (restarted while idle) refuses, and is restored
+                call_args = [(self.version, self.fingerprint) if a is EXPECTED else a for a in args]
+                ref = getattr(r.handle, method).remote(*call_args)
                 fut = asyncio.ensure_future(ref)
                 try:
                     return r.index, await asyncio.shield(fut)
@@ -145,7 +171,7 @@ class SteeringCoordinator:
                     ray.cancel(ref)
                     await asyncio.wait([fut], timeout=60)
                     raise
-                except ray.exceptions.RayActorError as e:
+                except (ray.exceptions.RayActorError, StaleReplicaError) as e:
                     self._lost(r)
                     tried.add(r.index)
                     if len(tried) > 1 or not any(x.healthy for x in self.replicas):
@@ -169,14 +195,14 @@ class SteeringCoordinator:
             raise ValueError("prompts must be a non-empty list of strings or token-id lists")
         layers = set(capture_layers or []) | _spec_layers(steering_spec)
         i, results = await self._call_engine("generate", prompts, sampling, capture_layers, steering_spec,
-                                             layers=layers)
+                                             EXPECTED, layers=layers)
         return self._tag_captures(i, results)
 
     async def chat(self, conversations: list[list[dict[str, str]]], sampling: dict[str, Any] | None = None,
                    chat_template_kwargs: dict[str, Any] | None = None) -> list[dict[str, Any]]:
         if not isinstance(conversations, list) or not conversations:
             raise ValueError("conversations must be a non-empty list of message lists")
-        return (await self._call_engine("chat", conversations, sampling, chat_template_kwargs))[1]
+        return (await self._call_engine("chat", conversations, sampling, chat_template_kwargs, EXPECTED))[1]
 
     def _owner(self, capture_id: str) -> tuple[Any, str]:
         replica, _, cid = str(capture_id).partition(".")

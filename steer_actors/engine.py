@@ -34,6 +34,10 @@ def _data_plane_hash() -> str:
     return h.hexdigest()[:16]
 
 
+class StaleReplicaError(RuntimeError):
+    """This engine does not run the spec version its caller expects (it was restarted)."""
+
+
 class SteerEngine:
     def __init__(self, config: dict[str, Any] | VLLMSteeringConfig):
         self.config = cfg = VLLMSteeringConfig.model_validate(config)
@@ -94,8 +98,11 @@ class SteerEngine:
         self._channel_lock = asyncio.Lock()
         self.slots = SlotPool(cfg.max_steering_slots, self._load_slot)
 
-    async def _workers(self, method: str, *args: Any) -> list[Any]:
-        """``method`` on every TP rank: over the side channel, or collective_rpc where it cannot open."""
+    async def _workers(self, method: str, *args: Any, same_step: bool = False) -> list[Any]:
+        """``method`` on every TP rank: over the side channel, or collective_rpc where it cannot open.
+        ``same_step``: with several ranks, each rank's channel would land the call before whichever
+        forward it is at, so a change could split one forward across versions; collective_rpc runs it
+        on every rank between the same two steps."""
         if self._channel is None:
             async with self._channel_lock:
                 if self._channel is None:
@@ -108,7 +115,7 @@ class SteerEngine:
 
                         logging.getLogger(__name__).warning("steer side channel unavailable (%s)", e)
                         self._channel = False
-        if self._channel:
+        if self._channel and not (same_step and len(self._channel.addresses) > 1):
             return await self._channel.call(method, *args)
         return await self.engine.collective_rpc(method, args=args)
 
@@ -150,7 +157,7 @@ class SteerEngine:
         staged = getattr(self, "_staged", None)
         if staged is None or staged[0] != int(version):
             raise ValueError(f"version {version} was not staged on this engine")
-        fps = await self._workers("steer_commit", int(version))
+        fps = await self._workers("steer_commit", int(version), same_step=True)
         self.version, self.spec, self.fingerprint, self._staged = int(version), staged[1], fps[0], None
         return self.fingerprint
 
@@ -162,7 +169,8 @@ class SteerEngine:
         """Change this engine alone (no coordinator): validate, then stage+commit in one RPC."""
         v = self.version + 1 if version is None else int(version)
         spec = await self._validated(spec_wire)
-        fps = await self._workers("steer_apply", v, spec_wire)
+        await self._workers("steer_stage", v, spec_wire)  # validation and rows: no wait for any forward
+        fps = await self._workers("steer_commit", v, same_step=True)
         self.version, self.spec, self.fingerprint = v, spec, fps[0]
         return {"spec_version": self.version, "spec_fingerprint": self.fingerprint}
 
@@ -209,15 +217,23 @@ class SteerEngine:
             raise
         return routed
 
+    def _expect(self, expected: tuple[int, str] | None) -> None:
+        if expected is not None and (self.version, self.fingerprint) != tuple(expected):
+            raise StaleReplicaError(f"engine runs spec version {self.version}, the coordinator expects "
+                                    f"{expected[0]} (restarted?)")
+
     async def generate(self, prompts: list[str] | list[list[int]], sampling: dict[str, Any] | None = None,
                        capture_layers: list[int] | None = None,
-                       steering_spec: dict[str, Any] | list[dict[str, Any] | None] | None = None
-                       ) -> list[dict[str, Any]]:
+                       steering_spec: dict[str, Any] | list[dict[str, Any] | None] | None = None,
+                       expected: tuple[int, str] | None = None) -> list[dict[str, Any]]:
         """``steering_spec``: one spec (wire form) for every prompt, or one per prompt (None = none).
-        A request's own ops run after the global ops at each layer."""
+        A request's own ops run after the global ops at each layer. ``expected`` = the (version,
+        fingerprint) the caller believes is live: a restarted engine refuses rather than run unsteered."""
         import asyncio
 
         from vllm import SamplingParams
+
+        self._expect(expected)
 
         try:
             params = SamplingParams(**(sampling or {}))
@@ -338,7 +354,9 @@ class SteerEngine:
         return self._tokenizer
 
     async def chat(self, conversations: list[list[dict[str, str]]], sampling: dict[str, Any] | None = None,
-                   chat_template_kwargs: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+                   chat_template_kwargs: dict[str, Any] | None = None,
+                   expected: tuple[int, str] | None = None) -> list[dict[str, Any]]:
+        self._expect(expected)
         tok = self.tokenizer()
         prompts = [tok.apply_chat_template(c, tokenize=True, add_generation_prompt=True,
                                            **(chat_template_kwargs or {})) for c in conversations]

@@ -103,6 +103,8 @@ def _wrap_init(orig_init):
         capture_rows = cfg.get("capture_rows")
         if capture_rows is None:  # a step never holds more tokens than the scheduler's budget
             capture_rows = vllm_compat.scheduler_tokens_at_construction()
+        if vllm_compat.tp_rank_at_construction() != 0:  # only TP rank 0 captures: no buffer elsewhere
+            capture_rows = 0
         self.steerer = LayerSteerer(idx, vllm_compat.hidden_size_at_construction(self), int(cfg["max_ops_per_layer"]),
                                     int(cfg.get("request_slots", 0)), vllm_compat.max_batched_tokens_at_construction(),
                                     vllm_compat.num_layers_at_construction(), int(capture_rows))

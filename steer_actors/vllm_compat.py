@@ -80,6 +80,15 @@ def worker_model(worker: Any) -> torch.nn.Module:
     return model
 
 
+def tp_rank_at_construction() -> int:
+    try:
+        from vllm.distributed import get_tensor_model_parallel_rank
+
+        return int(get_tensor_model_parallel_rank())
+    except Exception:  # parallel state not initialised (single process)
+        return 0
+
+
 def tp_rank(worker: Any) -> int:
     return int(getattr(worker, "rank", 0))
 

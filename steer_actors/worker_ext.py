@@ -121,11 +121,17 @@ class SteerWorkerExtension:
 
         to_dir = "/dev/shm" if host == socket.gethostname() and os.access("/dev/shm", os.W_OK) else None
         out = {}
-        for rid in request_ids:  # take every request, so none is left behind when one failed
-            try:
-                out[rid] = capture.STORE.take(rid, to_dir)
-            except ValueError as e:
-                out[rid] = {"error": str(e)}
+        try:
+            for rid in request_ids:  # take every request, so none is left behind when one failed
+                try:
+                    out[rid] = capture.STORE.take(rid, to_dir)
+                except ValueError as e:
+                    out[rid] = {"error": str(e)}
+        except BaseException:  # the paths would never reach the engine: remove what was written
+            for data in out.values():
+                if data and data.get("file"):
+                    os.unlink(data["file"])
+            raise
         return out
 
     def steer_capture_drop(self, request_ids: list[str]) -> None:
