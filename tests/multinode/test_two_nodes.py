@@ -168,6 +168,25 @@ def test_replica_killed_under_load_fails_clearly_and_comes_back_current(cluster,
     assert direct_tokens(1) == hf_tokens(oracles["qwen3"], spec_a())
 
 
+def test_replica_restarted_while_idle_never_serves_a_stale_spec(cluster, app, oracles):
+    """Nothing is in flight when replica 1 dies, so no call fails; Ray restarts it empty. It must refuse
+    requests until it runs the current version (they go to replica 0), then come back current."""
+    import ray
+
+    state = app.edit.remote({"action": "replace", "spec": spec_a().to_wire()}).result()
+    failures = app.info.remote().result()["replica_failures"]
+    ray.kill(engine(1), no_restart=False)
+    wait_until(lambda: ray.get(engine(1).info.remote(), timeout=5)["spec_version"] == 0, timeout_s=300)
+    want = hf_tokens(oracles["qwen3"], spec_a())
+    for _ in range(4):  # round-robin reaches the restarted replica
+        out = app.generate.remote(PROMPTS, SAMPLING).result(timeout_s=300)
+        assert [r["token_ids"] for r in out] == want
+        assert {r["spec_version"] for r in out} == {state["spec_version"]}
+    assert app.info.remote().result()["replica_failures"] > failures  # it refused, it was not trusted
+    wait_until(lambda: app.info.remote().result()["healthy_replicas"] == 2)
+    assert direct_tokens(1) == want
+
+
 def test_coordinator_killed_comes_back_with_spec_stack_and_version(cluster, app, oracles):
     import ray
 
