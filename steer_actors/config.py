@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -61,9 +61,19 @@ class VLLMSteeringConfig(BaseModel):
             raise ValueError("bootstrap_layers must be None (all) or a non-empty list of indices >= 0")
         return sorted(set(v)) if v is not None else None
 
+    SERVING_FIELDS: ClassVar[frozenset[str]] = frozenset({"num_replicas", "replica_overrides", "max_ongoing_requests", "max_body_bytes"})
+
+    def engine_hash(self) -> str:
+        """What an engine was started with (serving-only fields left out): engines found by name are
+        reused only if this matches."""
+        import hashlib
+
+        return hashlib.sha256(self.model_dump_json(exclude=set(self.SERVING_FIELDS)).encode()).hexdigest()[:16]
+
     def for_replica(self, index: int) -> "VLLMSteeringConfig":
         if index < len(self.replica_overrides) and self.replica_overrides[index]:
-            return self.model_copy(update=self.replica_overrides[index])
+            # validated, so an override is checked like any field and hashes like the engine's own copy
+            return type(self).model_validate({**self.model_dump(), **self.replica_overrides[index]})
         return self
 
     def resolved_model(self) -> str:

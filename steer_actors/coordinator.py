@@ -14,7 +14,7 @@ from typing import Any
 
 from .config import VLLMSteeringConfig
 from .engine import StaleReplicaError
-from .replicas import Replica, start_replicas, stop_replicas
+from .replicas import Replica, replace_replica, start_replicas, stop_replicas
 from .rwlock import AsyncRWLock
 from .specs import SteeringSpec, apply_edit
 from .state_store import StateStore, SteeringState
@@ -74,6 +74,11 @@ class SteeringCoordinator:
         self.lock = AsyncRWLock()
         self.replicas = start_replicas(cfg, self.app)
         infos = ray.get([r.handle.info.remote() for r in self.replicas])  # blocks until every engine is up
+        # Engines left by an earlier deployment of this app with another engine config are replaced.
+        for k, (r, i) in enumerate(zip(self.replicas, infos)):
+            if i.get("config_hash") != cfg.for_replica(r.index).engine_hash():
+                self.replicas[k] = replace_replica(cfg, self.app, r)
+                infos[k] = ray.get(self.replicas[k].handle.info.remote())
         # Engines found by name may hold another version (restarted, or changed by a coordinator that
         # died mid-change): each loads the current one before it takes traffic.
         stale = [r for r, i in zip(self.replicas, infos) if (i["spec_version"], i["spec_fingerprint"]) !=

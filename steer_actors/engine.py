@@ -133,6 +133,7 @@ class SteerEngine:
             "spec_version": self.version,
             "spec_fingerprint": self.fingerprint,
             "node_id": _node_id(),
+            "config_hash": self.config.engine_hash(),
         }
 
     async def worker_state(self) -> list[dict[str, Any]]:

@@ -69,24 +69,42 @@ def _placement(cfg: VLLMSteeringConfig, name: str) -> dict[str, Any]:
         placement_group=pg, placement_group_bundle_index=0, placement_group_capture_child_tasks=True)}
 
 
-def start_replicas(cfg: VLLMSteeringConfig, app: str) -> list[Replica]:
-    """Create the app's engine actors, or attach to the ones an earlier coordinator created."""
+def start_replica(cfg: VLLMSteeringConfig, app: str, i: int) -> Replica:
+    """Create engine ``i`` of the app, or attach to the one an earlier coordinator created."""
     import ray
 
-    out = []
-    for i in range(cfg.num_replicas):
-        rcfg = cfg.for_replica(i)
-        name = f"{app}-engine-{i}"
-        # mp engines run their GPU workers in the actor's own process tree, so the actor claims the GPUs
-        # (and Ray sets CUDA_VISIBLE_DEVICES); Ray-executor workers claim theirs in the placement group.
-        gpus = rcfg.tensor_parallel_size if on_gpus(rcfg) and not uses_ray_executor(rcfg) else 0
-        opts: dict[str, Any] = dict(name=name, namespace=NAMESPACE, lifetime="detached", get_if_exists=True,
-                                    max_restarts=-1, max_task_retries=0, num_cpus=0, num_gpus=gpus)
-        opts.update(_placement(rcfg, name))
-        opts.update(rcfg.actor_options)
-        handle = ray.remote(SteerEngine).options(**opts).remote(rcfg.model_dump())
-        out.append(Replica(i, handle, name))
-    return out
+    rcfg = cfg.for_replica(i)
+    name = f"{app}-engine-{i}"
+    # mp engines run their GPU workers in the actor's own process tree, so the actor claims the GPUs
+    # (and Ray sets CUDA_VISIBLE_DEVICES); Ray-executor workers claim theirs in the placement group.
+    gpus = rcfg.tensor_parallel_size if on_gpus(rcfg) and not uses_ray_executor(rcfg) else 0
+    opts: dict[str, Any] = dict(name=name, namespace=NAMESPACE, lifetime="detached", get_if_exists=True,
+                                max_restarts=-1, max_task_retries=0, num_cpus=0, num_gpus=gpus)
+    opts.update(_placement(rcfg, name))
+    opts.update(rcfg.actor_options)
+    handle = ray.remote(SteerEngine).options(**opts).remote(rcfg.model_dump())
+    return Replica(i, handle, name)
+
+
+def start_replicas(cfg: VLLMSteeringConfig, app: str) -> list[Replica]:
+    return [start_replica(cfg, app, i) for i in range(cfg.num_replicas)]
+
+
+def replace_replica(cfg: VLLMSteeringConfig, app: str, old: Replica, timeout_s: float = 120.0) -> Replica:
+    """Stop an engine that was started with another config and start one with ``cfg`` under its name."""
+    import time
+
+    import ray
+
+    stop_replicas([old])
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:  # the name is free once the old actor is gone
+        try:
+            ray.get_actor(old.name, namespace=NAMESPACE)
+        except ValueError:
+            break
+        time.sleep(0.2)
+    return start_replica(cfg, app, old.index)
 
 
 def stop_replicas(replicas: list[Replica]) -> None:

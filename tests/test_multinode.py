@@ -21,4 +21,4 @@ def test_two_simulated_nodes():
                           cwd=HERE.parent)
     summary = [ln for ln in proc.stdout.splitlines() if ln.startswith(("PASSED", "FAILED", "ERROR"))]
     assert proc.returncode == 0, "\n".join(summary) + "\n" + proc.stdout[-8000:]
-    assert len([ln for ln in summary if ln.startswith("PASSED")]) == 6, summary
+    assert len([ln for ln in summary if ln.startswith("PASSED")]) == 7, summary

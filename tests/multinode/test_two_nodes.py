@@ -21,6 +21,9 @@ pytestmark = pytest.mark.engine
 APP = "mn"
 SAMPLING = dict(max_tokens=8, temperature=0.0, ignore_eos=True)
 PROMPTS = [list(range(30, 45)), list(range(300, 309))]
+_pin = lambda node: {"actor_options": {"resources": {node: 0.01}}}  # noqa: E731
+APP_CONFIG = dict(dtype="float32", enforce_eager=True, max_model_len=512, num_replicas=2, max_steering_slots=2,
+                  replica_overrides=[_pin("node_a"), _pin("node_b")])
 
 
 @pytest.fixture(scope="module")
@@ -50,10 +53,8 @@ def app(cluster, qwen3_path):
 
     from deployments.app import build_app
 
-    pin = lambda node: {"actor_options": {"resources": {node: 0.01}}}  # noqa: E731
-    cfg = dict(model_name=qwen3_path, dtype="float32", enforce_eager=True, max_model_len=512, num_replicas=2,
-               max_steering_slots=2, replica_overrides=[pin("node_a"), pin("node_b")])
-    handle = serve.run(build_app(cfg), name=APP, route_prefix=f"/{APP}")
+    APP_CONFIG.update(model_name=qwen3_path)
+    handle = serve.run(build_app(APP_CONFIG), name=APP, route_prefix=f"/{APP}")
     yield handle
     serve.delete(APP)
 
@@ -210,6 +211,25 @@ def test_coordinator_killed_comes_back_with_spec_stack_and_version(cluster, app,
     popped = app.pop.remote().result()  # the stack came back too
     assert popped["stack_depth"] == 0 and popped["spec_version"] == before["spec_version"] + 1
     assert [r["token_ids"] for r in app.generate.remote(PROMPTS, SAMPLING).result()] == hf_tokens(oracles["qwen3"], spec_a())
+
+
+def test_redeploy_with_another_engine_config_replaces_engines_and_keeps_the_spec(cluster, app, oracles):
+    """Serve replaces the coordinator; engines found by name but started with another config are
+    replaced, the spec and version survive (the app was never deleted), and the new engines run it."""
+    import ray
+    from ray import serve
+
+    from deployments.app import build_app
+
+    state = app.edit.remote({"action": "replace", "spec": spec_a().to_wire()}).result()
+    old_ids = [engine(i)._actor_id for i in (0, 1)]
+    handle = serve.run(build_app({**APP_CONFIG, "max_steering_slots": 3}), name=APP, route_prefix=f"/{APP}")
+    new_ids = [engine(i)._actor_id for i in (0, 1)]
+    assert all(n != o for n, o in zip(new_ids, old_ids))
+    after = handle.get_spec.remote().result()
+    assert after["spec_version"] == state["spec_version"]
+    assert [r["token_ids"] for r in handle.generate.remote(PROMPTS, SAMPLING).result()] == hf_tokens(oracles["qwen3"], spec_a())
+    assert direct_tokens(0) == direct_tokens(1) == hf_tokens(oracles["qwen3"], spec_a())
 
 
 def test_deleting_the_app_stops_its_engines_and_forgets_its_state(cluster, app):
