@@ -32,10 +32,12 @@ SHAPES = {
 N_PROMPTS, PROMPT_LEN, GEN_LEN = 512, 128, 256
 
 
-def build_checkpoint(shape: str) -> str:
+def build_checkpoint(shape: str, device: str = "cuda") -> str:
     out = Path(f"/tmp/bench-qwen3-{shape}")
     if (out / "config.json").exists():
         return str(out)
+    import shutil
+
     import torch
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
@@ -43,11 +45,17 @@ def build_checkpoint(shape: str) -> str:
                       **SHAPES[shape])
     cfg.dtype = "bfloat16"
     torch.manual_seed(0)
-    with torch.device("cuda"):
+    with torch.device(device):
         model = Qwen3ForCausalLM(cfg).to(torch.bfloat16)
-    model.save_pretrained(out, safe_serialization=True)
+    tmp = out.with_name(out.name + f".tmp{os.getpid()}")  # another step may look for it meanwhile
+    model.save_pretrained(tmp, safe_serialization=True)
+    try:
+        tmp.rename(out)
+    except OSError:  # built by another process meanwhile
+        shutil.rmtree(tmp, ignore_errors=True)
     del model
-    torch.cuda.empty_cache()
+    if device == "cuda":
+        torch.cuda.empty_cache()
     return str(out)
 
 
@@ -163,26 +171,37 @@ async def run_ours(model: str, eager: bool, measure: list[str]) -> dict:
     if modes:
         await _throughput(generate, reps=1)  # warm-up: first-use kernels and allocator growth
     # Rounds over the modes (not one mode after another), so drift over time hits every mode alike.
-    for _ in range(3):
+    for _ in range(int(os.environ.get("BENCH_ROUNDS", "3"))):
         for name, spec, rs in modes:
             await eng.apply_spec(spec.to_wire())
             request_specs[:] = rs
             res[name] = max(res.get(name, 0.0), await _throughput(generate, reps=1))
+        print("RESULT=" + json.dumps(res), flush=True)  # partial results survive a timeout
     request_specs[:] = []
     if "update" in measure:
         await eng.apply_spec(SteeringSpec().to_wire())
-        bg = asyncio.create_task(generate(_prompts(N_PROMPTS, seed=9), dict(max_tokens=GEN_LEN, ignore_eos=True,
-                                                                              detokenize=False, temperature=0.0)))
-        await asyncio.sleep(2.0)
-        lat = []
-        for i in range(60):
+        # load that outlasts the 100 updates below (~4x one throughput batch)
+        bg = asyncio.create_task(generate(_prompts(2 * N_PROMPTS, seed=9), dict(max_tokens=2 * GEN_LEN, ignore_eos=True,
+                                                                                  detokenize=False, temperature=0.0)))
+        await asyncio.sleep(1.5)
+        lat, parts = [], []
+        for i in range(100):
             t = time.perf_counter()
             await eng.apply_spec((one if i % 2 == 0 else all_layers).to_wire())
             lat.append((time.perf_counter() - t) * 1000)
+            parts.append((eng._channel.last_timing or [None])[0] if eng._channel else None)
             await asyncio.sleep(0.02)
+        running = not bg.done()  # the updates must all have landed while the batch was decoding
         await bg
-        lat.sort()
-        res["update_ms"] = {"p50": lat[len(lat) // 2], "p99": lat[int(len(lat) * 0.99) - 1], "max": lat[-1]}
+
+        def pct(xs):
+            xs = sorted(xs)
+            return {"p50": xs[len(xs) // 2], "p99": xs[max(0, int(len(xs) * 0.99) - 1)], "max": xs[-1]}
+
+        res["update_ms"] = {**pct(lat), "n": len(lat), "all_while_decoding": running}
+        if all(parts):  # worker side of each change: building rows, waiting for the forward lock, copying
+            res["update_worker_ms"] = {k: pct([p[j] for p in parts]) for j, k in enumerate(["build", "lock_wait",
+                                                                                             "copy"])}
     eng.engine.shutdown()
     return res
 
@@ -199,7 +218,7 @@ async def run_parity(eager: bool) -> dict:
     from steer_actors.specs import AblationSpec, AddSpec, LayerSteeringSpec, ProjectionCapSpec, SteeringSpec
     from steer_actors.testing import build_tiny_model
 
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)  # not a cluster of another step
     path = build_tiny_model("qwen3")
     eng = SteerEngine(dict(model_name=path, dtype="float32", enforce_eager=eager, max_model_len=512,
                            gpu_memory_utilization=0.3, max_steering_slots=4))
@@ -259,7 +278,8 @@ def run_capture(model: str) -> dict:
     from steer_actors.engine import engine_actor_class
     from steer_actors.handles import CaptureHandle, fetch_captures_batch
 
-    ray.init(num_cpus=8, object_store_memory=24 << 30, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=8, object_store_memory=24 << 30, include_dashboard=False,
+             log_to_driver=False)
     eng = engine_actor_class().remote(dict(model_name=model, dtype="bfloat16", max_model_len=1024,
                                            gpu_memory_utilization=0.8, capture_budget_bytes=48 << 30,
                                            engine_kwargs={"skip_tokenizer_init": True}))

@@ -27,7 +27,7 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 
 def start_raylets(gpus_a: str, gpus_b: str | None) -> None:
-    subprocess.run(["ray", "stop", "--force"], capture_output=True)
+    # no `ray stop` here: other steps may run their own Ray beside this one (gpu_step.sh stops Ray first)
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": gpus_a}
     n_a = len(gpus_a.split(","))
     subprocess.run(["ray", "start", "--head", f"--port={PORT}", f"--num-gpus={n_a}", "--num-cpus=8",
@@ -80,12 +80,26 @@ def part_tp() -> dict:
     res = {"tp2_start_and_run_s": time.perf_counter() - t, "tp2_ranks": len(a_ranks)}
     if one_raylet:
         stop_replicas(tp2)
+        _wait_gpus_free()
     tp1 = start_replicas(VLLMSteeringConfig(**base, **pin("raylet_a" if one_raylet else "raylet_b")), "tp1")
     b_steered, b_req, _ = tokens(tp1[0].handle)
     res.update(tp2_equals_tp1=a_steered == b_steered, tp2_equals_tp1_per_request=a_req == b_req,
                steered=a_steered, tp1=b_steered, per_request_tp2=a_req, per_request_tp1=b_req)
     stop_replicas(tp1 + ([] if one_raylet else tp2))
     return res
+
+
+def _wait_gpus_free(limit_s: float = 90.0) -> None:
+    """Until the visible GPUs hold < 2 GiB (a stopped replica's workers take a moment to exit)."""
+    ids = os.environ.get("CUDA_VISIBLE_DEVICES", "0,1").split(",")
+    end = time.time() + limit_s
+    while time.time() < end:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=index,memory.used", "--format=csv,noheader,nounits"],
+                             capture_output=True, text=True).stdout
+        used = {i.strip(): int(m) for i, m in (ln.split(",") for ln in out.strip().splitlines())}
+        if all(used.get(i, 0) < 2048 for i in ids):
+            return
+        time.sleep(1.0)
 
 
 async def _timed(calls) -> float:
@@ -222,7 +236,11 @@ def main() -> None:
     res.update(card=torch.cuda.get_device_name(0), gpus=torch.cuda.device_count(), wall_s=time.perf_counter() - t)
     Path(args.out).write_text(json.dumps(res, indent=1))
     print(json.dumps(res)[:3000])
-    subprocess.run(["ray", "stop", "--force"], capture_output=True)
+    import ray
+
+    ray.shutdown()
+    if not os.environ.get("BENCH_KEEP_RAY"):  # set when other steps share the host: gpu_step.sh stops Ray
+        subprocess.run(["ray", "stop", "--force"], capture_output=True)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,9 @@
 #   tp       TP=2 through vLLM's Ray executor == TP=1 (2+ GPUs)
 #   app      two TP=2 replicas on two raylets: atomicity, cross-raylet capture, 2 vs 1 replica (4 GPUs)
 #   b8       8B: stock, ours (1 GPU)
+# On a 4-GPU machine two calls do all of it, the GPUs working side by side (each job on cards of its own):
+#   A        tp on GPUs 0,1 then hooks (0) and capture (1); b06 on GPU 2; parity on GPU 3
+#   B        app on all four, then 8B stock (GPU 0) beside 8B ours (GPU 1) in the time left
 set -uo pipefail
 step=$1
 cd "$(dirname "$0")/.."
@@ -21,6 +24,41 @@ for pid in $(nvidia-smi --query-compute-apps=pid --format=csv,noheader 2>/dev/nu
 sleep 2
 nvidia-smi --query-gpu=index,memory.used --format=csv,noheader | tr '\n' ' '; echo
 one="env CUDA_VISIBLE_DEVICES=0 BENCH_CHILD_TIMEOUT_S=280"
+t0=$SECONDS
+job() {  # job <name> <gpus> <child timeout s> <timeout s> <script args...>: log under /tmp/<name>.log
+  local name=$1 gpus=$2 child=$3 limit=$4; shift 4
+  env CUDA_VISIBLE_DEVICES="$gpus" BENCH_CHILD_TIMEOUT_S="$child" VLLM_CACHE_ROOT="/tmp/vc-$name" BENCH_KEEP_RAY=1 \
+    timeout "$limit" python3 "$@" >"/tmp/$name.log" 2>&1
+  echo "$name rc=$? at $((SECONDS - t0)) s"
+}
+report() {  # the end of every log in one file (the device returns at most 8 files)
+  for f in "$@"; do echo "=== $f"; grep -vE "^\s*$|Loading|it/s" "/tmp/$f.log" | tail -25 | cut -c1-400; done >"$OUT/$step.log"
+  ray stop --force >/dev/null 2>&1
+  grep -hE "Error|error" "$OUT/$step.log" | tail -8 | cut -c1-300
+}
+case $step in
+  A)
+    ( job tp 0,1 200 240 bench/gpu_multi.py --part tp --out "$OUT/tp.json"
+      job hooks 0 300 320 bench/gpu.py --model 0.6b --runs hooks --out "$OUT/hooks.json" &
+      job capture 1 320 330 bench/gpu.py --model 0.6b --runs capture --out "$OUT/capture.json"; wait ) &
+    job b06 2 270 570 bench/gpu.py --model 0.6b --runs stock,ours,stock --out "$OUT/b06.json" &
+    job parity 3 280 570 bench/gpu.py --runs parity_eager,parity_graphs --out "$OUT/parity.json" &
+    wait; report tp hooks capture b06 parity; exit 0 ;;
+  B)
+    # the 8B checkpoint is built on the CPU meanwhile (every GPU is the app's)
+    ( CUDA_VISIBLE_DEVICES= python3 -c "import sys; sys.path.insert(0, 'bench'); import gpu; gpu.build_checkpoint('8b', 'cpu')" \
+        >/tmp/build8b.log 2>&1 ) &
+    job app 0,1,2,3 400 420 bench/gpu_multi.py --part app --out "$OUT/app.json"
+    wait
+    ray stop --force >/dev/null 2>&1; sleep 2
+    left=$((575 - (SECONDS - t0)))
+    if [ "$left" -gt 150 ]; then
+      job b8stock 0 "$((left - 10))" "$left" bench/gpu.py --model 8b --runs stock --out "$OUT/b8stock.json" &
+      BENCH_ROUNDS=1 job b8ours 1 "$((left - 10))" "$left" bench/gpu.py --model 8b --runs ours --out "$OUT/b8ours.json" &
+      wait
+    fi
+    report build8b app b8stock b8ours; exit 0 ;;
+esac
 case $step in
   parity) $one timeout 580 python3 bench/gpu.py --runs parity_eager,parity_graphs --out "$OUT/parity.json" ;;
   b06)    $one timeout 580 python3 bench/gpu.py --model 0.6b --runs stock,ours,stock --out "$OUT/b06.json" ;;

@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import logging
 import threading
+import time
 from typing import Any
 
 from . import wire
@@ -92,13 +93,20 @@ class WorkerChannel:
                     raise ValueError(f"unknown steering method {method!r}")
                 if method in UNLOCKED:  # host-side only: never waits for a forward
                     reply = {"ok": getattr(self.worker, method)(*args)}
-                elif method == "steer_apply":  # validate and build rows outside the lock, copy under it
-                    self.worker.steer_stage(*args)
-                    with LOCK, on_forward_stream():
-                        reply = {"ok": self.worker.steer_commit(args[0])}
                 else:
-                    with LOCK, on_forward_stream():
-                        reply = {"ok": getattr(self.worker, method)(*args)}
+                    # steer_apply: validate and build rows outside the lock, copy under it
+                    t0 = time.perf_counter()
+                    if method == "steer_apply":
+                        self.worker.steer_stage(*args)
+                        method, args = "steer_commit", args[:1]
+                    t1 = time.perf_counter()
+                    with LOCK:
+                        t2 = time.perf_counter()
+                        with on_forward_stream():
+                            reply = {"ok": getattr(self.worker, method)(*args)}
+                    # where a change's latency goes: building rows, waiting for the forward lock, copying
+                    reply["t"] = [round((t1 - t0) * 1e3, 3), round((t2 - t1) * 1e3, 3),
+                                  round((time.perf_counter() - t2) * 1e3, 3)]
             except Exception as e:  # every error goes back to the caller, the thread lives on
                 reply = {"err": type(e).__name__, "msg": str(e)}
             try:
@@ -108,41 +116,77 @@ class WorkerChannel:
 
 
 class ChannelClient:
-    """Engine-actor side: one REQ socket per TP rank; a call goes to every rank concurrently."""
+    """Engine-actor side: one REQ socket per TP rank, driven by a thread of its own.
+
+    The engine actor's event loop also runs vLLM's output handler and every streaming request, so under
+    load each ``await`` waits its turn behind hundreds of callbacks per step (on the H100 with 512
+    requests, ~one step per await). Here the whole exchange (send to every rank, wait for every reply)
+    runs in this thread on blocking sockets, and a call costs the loop a single wake-up. A caller that is
+    cancelled leaves the exchange to finish in the thread, so no REQ socket ever loses step.
+    """
 
     def __init__(self, addresses: list[str], timeout_s: float = 120.0):
+        from concurrent.futures import ThreadPoolExecutor
+
         self.addresses, self.timeout_s = addresses, timeout_s
-        self._socks = [self._connect(a) for a in addresses]
-        self._locks = [asyncio.Lock() for _ in addresses]
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="steer-channel-client")
+        self._socks: list[Any] = []  # made and used by the pool thread only
+        self.last_timing: list[Any] = []  # per rank, from the last locked call: [build, wait, commit] ms
 
-    @staticmethod
-    def _connect(address: str):
+    def _connect(self, address: str):
         import zmq
-        import zmq.asyncio
 
-        sock = zmq.asyncio.Context.instance().socket(zmq.REQ)
+        sock = zmq.Context.instance().socket(zmq.REQ)
         sock.setsockopt(zmq.LINGER, 0)
         sock.connect(address)
         return sock
 
-    async def _one(self, i: int, payload: bytes) -> Any:
-        async with self._locks[i]:
-            sock = self._socks[i]
-            try:
-                await sock.send(payload)
-                if not await sock.poll(int(self.timeout_s * 1000)):
-                    raise RuntimeError(f"steering worker {i} did not answer in {self.timeout_s:.0f} s")
-                reply = wire.unpackb(await sock.recv())
-            except BaseException:
-                # timed out, cancelled or failed mid-exchange: a REQ socket that missed its reply can
-                # never send again, so this rank gets a fresh one
-                sock.close()
-                self._socks[i] = self._connect(self.addresses[i])
-                raise
-        if "err" in reply:
-            raise (ValueError if reply["err"] in ("ValueError", "TypeError") else RuntimeError)(reply["msg"])
-        return reply["ok"]
+    def _exchange(self, payload: bytes) -> list[dict[str, Any]]:
+        import time
+
+        import zmq
+
+        if not self._socks:
+            self._socks = [self._connect(a) for a in self.addresses]
+        for sock in self._socks:
+            sock.send(payload)
+        poller = zmq.Poller()
+        for sock in self._socks:
+            poller.register(sock, zmq.POLLIN)
+        replies: list[Any] = [None] * len(self._socks)
+        deadline = time.monotonic() + self.timeout_s
+        try:
+            while any(r is None for r in replies):
+                ready = dict(poller.poll(max(0, int((deadline - time.monotonic()) * 1000))))
+                if not ready:
+                    late = [i for i, r in enumerate(replies) if r is None]
+                    raise RuntimeError(f"steering worker(s) {late} did not answer in {self.timeout_s:.0f} s")
+                for i, sock in enumerate(self._socks):
+                    if sock in ready:
+                        replies[i] = wire.unpackb(sock.recv())
+                        poller.unregister(sock)
+        except BaseException:
+            # a REQ socket that missed its reply can never send again: those ranks get fresh ones
+            for i, r in enumerate(replies):
+                if r is None:
+                    self._socks[i].close()
+                    self._socks[i] = self._connect(self.addresses[i])
+            raise
+        return replies
 
     async def call(self, method: str, *args: Any) -> list[Any]:
         payload = wire.packb({"m": method, "a": list(args)})
-        return list(await asyncio.gather(*(self._one(i, payload) for i in range(len(self._socks)))))
+        replies = await asyncio.wrap_future(self._pool.submit(self._exchange, payload))
+        for reply in replies:
+            if "err" in reply:
+                raise (ValueError if reply["err"] in ("ValueError", "TypeError") else RuntimeError)(reply["msg"])
+        if any("t" in r for r in replies):
+            self.last_timing = [r.get("t") for r in replies]
+        return [r["ok"] for r in replies]
+
+    def close(self) -> None:
+        def _close():
+            for sock in self._socks:
+                sock.close()
+        self._pool.submit(_close)
+        self._pool.shutdown(wait=False)

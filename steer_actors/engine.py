@@ -98,11 +98,8 @@ class SteerEngine:
         self._channel_lock = asyncio.Lock()
         self.slots = SlotPool(cfg.max_steering_slots, self._load_slot)
 
-    async def _workers(self, method: str, *args: Any, same_step: bool = False) -> list[Any]:
-        """``method`` on every TP rank: over the side channel, or collective_rpc where it cannot open.
-        ``same_step``: with several ranks, each rank's channel would land the call before whichever
-        forward it is at, so a change could split one forward across versions; collective_rpc runs it
-        on every rank between the same two steps."""
+    async def _side_channel(self) -> Any:
+        """The workers' side channel (opened on first use), or False where it cannot open."""
         if self._channel is None:
             async with self._channel_lock:
                 if self._channel is None:
@@ -115,6 +112,14 @@ class SteerEngine:
 
                         logging.getLogger(__name__).warning("steer side channel unavailable (%s)", e)
                         self._channel = False
+        return self._channel
+
+    async def _workers(self, method: str, *args: Any, same_step: bool = False) -> list[Any]:
+        """``method`` on every TP rank: over the side channel, or collective_rpc where it cannot open.
+        ``same_step``: with several ranks, each rank's channel would land the call before whichever
+        forward it is at, so a change could split one forward across versions; collective_rpc runs it
+        on every rank between the same two steps."""
+        await self._side_channel()
         if self._channel and not (same_step and len(self._channel.addresses) > 1):
             return await self._channel.call(method, *args)
         return await self.engine.collective_rpc(method, args=args)
@@ -170,8 +175,12 @@ class SteerEngine:
         """Change this engine alone (no coordinator): validate, then stage+commit in one RPC."""
         v = self.version + 1 if version is None else int(version)
         spec = await self._validated(spec_wire)
-        await self._workers("steer_stage", v, spec_wire)  # validation and rows: no wait for any forward
-        fps = await self._workers("steer_commit", v, same_step=True)
+        channel = await self._side_channel()
+        if channel and len(channel.addresses) == 1:  # one round trip: rows built, then copied
+            fps = await channel.call("steer_apply", v, spec_wire)
+        else:
+            await self._workers("steer_stage", v, spec_wire)  # validation and rows: no wait for any forward
+            fps = await self._workers("steer_commit", v, same_step=True)
         self.version, self.spec, self.fingerprint = v, spec, fps[0]
         return {"spec_version": self.version, "spec_fingerprint": self.fingerprint}
 
@@ -365,6 +374,8 @@ class SteerEngine:
         return await self.generate(prompts, sampling)
 
     async def shutdown(self) -> None:
+        if self._channel:
+            self._channel.close()
         self.engine.shutdown()
 
 
