@@ -315,6 +315,10 @@ def run_capture(model: str) -> dict:
         await _throughput(await generate(False), reps=1)  # warm-up
         res["no_capture"] = await _throughput(await generate(False), reps=1)
         report()
+        # a quarter of the batch first, so a slow capture path still leaves a same-size ratio behind
+        res["no_capture_128"] = await _throughput(await generate(False), n=128, reps=1)
+        res["capture_all_layers_128"] = await _throughput(await generate(True), n=128, reps=1)
+        report()
         res["capture_all_layers"] = await _throughput(await generate(True), reps=1)
         report()
         res["no_capture_again"] = await _throughput(await generate(False), reps=1)
@@ -378,6 +382,7 @@ RUNS = {
     "stock": lambda m: spawn(f"stock-{m}", ["--child", "stock", "--model", m], plugins=False),
     "ours": lambda m: spawn(f"ours-{m}", ["--child", "ours", "--model", m,
                                           "--measure", "idle,one_layer,all_layers,specs16,update"]),
+    "ours_update": lambda m: spawn(f"ours-update-{m}", ["--child", "ours", "--model", m, "--measure", "idle,update"]),
     "capture": lambda m: spawn(f"capture-{m}", ["--child", "capture", "--model", m]),
     "stock_eager": lambda m: spawn(f"stock-eager-{m}", ["--child", "stock", "--model", m, "--eager"], plugins=False),
     "hooks": lambda m: spawn(f"hooks-{m}", ["--child", "stock", "--model", m, "--eager", "--hooks"], plugins=False),

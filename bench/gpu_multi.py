@@ -54,9 +54,10 @@ def part_tp() -> dict:
     from steer_actors.testing import build_tiny_model
 
     start_raylets("0,1", "2" if torch.cuda.device_count() > 2 else None)
-    ray.init(address=f"127.0.0.1:{PORT}", log_to_driver=False)
+    ray.init(address=f"127.0.0.1:{PORT}", log_to_driver=True)  # engine start failures show their cause
     path = build_tiny_model("qwen3")
-    base = dict(model_name=path, dtype="float32", max_model_len=512, gpu_memory_utilization=0.3)
+    base = dict(model_name=path, dtype="float32", max_model_len=512, gpu_memory_utilization=0.3,
+                enforce_eager=True)  # the check is TP=2 == TP=1; graphs are covered by the parity step
     tp2 = start_replicas(VLLMSteeringConfig(**base, tensor_parallel_size=2, distributed_executor_backend="ray",
                                             **pin("raylet_a")), "tp2")
     one_raylet = torch.cuda.device_count() <= 2

@@ -11,6 +11,7 @@
 # On a 4-GPU machine two calls do all of it, the GPUs working side by side (each job on cards of its own):
 #   A        tp on GPUs 0,1 then hooks (0) and capture (1); b06 on GPU 2; parity on GPU 3
 #   B        app on all four, then 8B stock (GPU 0) beside 8B ours (GPU 1) in the time left
+#   C        tp (all logs kept) then eager parity; capture (GPU 2); update latency (GPU 3)
 set -uo pipefail
 step=$1
 cd "$(dirname "$0")/.."
@@ -44,6 +45,15 @@ case $step in
     job b06 2 270 570 bench/gpu.py --model 0.6b --runs stock,ours,stock --out "$OUT/b06.json" &
     job parity 3 280 570 bench/gpu.py --runs parity_eager,parity_graphs --out "$OUT/parity.json" &
     wait; report tp hooks capture b06 parity; exit 0 ;;
+  C)  # the rest: TP=2 with every log kept, eager parity, capture throughput, update latency
+    ( job tp 0,1 190 200 bench/gpu_multi.py --part tp --out "$OUT/tp.json"
+      grep -aE -B2 -A40 "Traceback|Error" /tmp/tp.log | head -600 >"$OUT/tp_err.log"
+      for f in $(grep -alE "Traceback|Error" /tmp/ray/session_*/logs/*.err /tmp/ray/session_*/logs/*.out 2>/dev/null | head -30); do
+        echo "=== $f"; grep -aE -B3 -A30 "Traceback|Error" "$f" | head -120; done >"$OUT/ray_err.log"
+      OMP_NUM_THREADS=8 job parity 0 125 135 bench/gpu.py --runs parity_eager --out "$OUT/parity.json" ) &
+    job capture 2 355 360 bench/gpu.py --model 0.6b --runs capture --out "$OUT/capture.json" &
+    job update 3 330 340 bench/gpu.py --model 0.6b --runs ours_update --out "$OUT/update.json" &
+    wait; report tp parity capture update; exit 0 ;;
   B)
     # the 8B checkpoint is built on the CPU meanwhile (every GPU is the app's)
     ( CUDA_VISIBLE_DEVICES= python3 -c "import sys; sys.path.insert(0, 'bench'); import gpu; gpu.build_checkpoint('8b', 'cpu')" \

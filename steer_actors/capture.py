@@ -200,32 +200,68 @@ class CaptureStore:
             return {"positions": [], "token_ids": [], "layers": {}, "recomputed": 0}
         for step, _, _ in pend.parts:
             step.wait()
-        pos = torch.cat([s.positions[a:b] for s, a, b in pend.parts]).numpy()
-        toks = torch.cat([s.token_ids[a:b] for s, a, b in pend.parts]).numpy()
-        last = {int(p): i for i, p in enumerate(pos)}  # dedupe: a recomputed position keeps its newest row
-        order = torch.as_tensor([last[p] for p in sorted(last)], dtype=torch.long)
+        parts = pend.parts
+        pos = torch.cat([s.positions[a:b] for s, a, b in parts]).numpy()
+        toks = torch.cat([s.token_ids[a:b] for s, a, b in parts]).numpy()
         ids = sorted(pend.layers)
-        stacked = torch.stack([torch.cat([s.rows[s.layers.index(layer), a:b] for s, a, b in pend.parts])[order]
-                               for layer in ids])
-        out = {"positions": [int(pos[i]) for i in order], "token_ids": [int(toks[i]) for i in order],
+        in_order = bool(np.all(np.diff(pos) > 0))  # no position recomputed (preemption): rows go as they are
+        if in_order:
+            order = np.arange(len(pos))
+        else:  # dedupe: a recomputed position keeps its newest row
+            last = {int(p): i for i, p in enumerate(pos)}
+            order = np.asarray([last[p] for p in sorted(last)], dtype=np.int64)
+        out = {"positions": pos[order].tolist(), "token_ids": toks[order].tolist(),
                "recomputed": int(len(pos) - len(order))}
+        shape = (len(ids), len(order), self.buf.shape[2] if self.buf is not None else parts[0][0].rows.shape[2])
+        path = None
         if to_dir is not None:
             import os
             import uuid
 
             path = os.path.join(to_dir, f"steer-capture-{os.getpid()}-{uuid.uuid4().hex}.f32")
-            try:
-                stacked.numpy().tofile(path)
-                out.update(file=path, layer_ids=ids, shape=list(stacked.shape))
+        try:
+            # Rows go straight into their destination (the shared-memory file, else one array): one copy.
+            arr = _shared_array(path, shape) if path and shape[1] else np.empty(shape, dtype=np.float32)
+            if in_order:
+                off = 0
+                for s, a, b in parts:
+                    rows = s.rows.numpy()
+                    sel = [s.layers.index(layer) for layer in ids]
+                    arr[:, off:off + b - a] = rows[:, a:b] if sel == list(range(rows.shape[0])) else rows[sel, a:b]
+                    off += b - a
+            else:
+                for li, layer in enumerate(ids):
+                    arr[li] = torch.cat([s.rows[s.layers.index(layer), a:b] for s, a, b in parts])[order].numpy()
+            if path and shape[1]:
+                del arr  # unmapped: the pages stay in the file
+                out.update(file=path, layer_ids=ids, shape=list(shape))
                 return out
-            except OSError:  # shared memory full (containers often get 64 MB): send the bytes instead
-                if os.path.exists(path):
-                    os.unlink(path)
-        out["layers"] = {str(layer): wire.encode_tensor(stacked[i]) for i, layer in enumerate(ids)}
+        except OSError:  # shared memory full (containers often get 64 MB): send the bytes instead
+            import os
+
+            if path and os.path.exists(path):
+                os.unlink(path)
+            arr = np.empty(shape, dtype=np.float32)
+            for li, layer in enumerate(ids):
+                arr[li] = torch.cat([s.rows[s.layers.index(layer), a:b] for s, a, b in parts])[order].numpy()
+        out["layers"] = {str(layer): wire.encode_tensor(torch.from_numpy(arr[i])) for i, layer in enumerate(ids)}
         return out
 
     def drop(self, request_id: str) -> None:
         self.wanted.pop(request_id, None)
+
+
+def _shared_array(path: str, shape: tuple[int, ...]) -> np.ndarray:
+    """A float32 array mapped on a new file, its space reserved first: a full tmpfs then raises
+    ``OSError`` here rather than SIGBUS at the first write into a page it cannot back."""
+    import os
+
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.posix_fallocate(fd, 0, int(np.prod(shape)) * 4)
+    finally:
+        os.close(fd)
+    return np.memmap(path, dtype=np.float32, mode="r+", shape=shape)
 
 
 STORE = CaptureStore()

@@ -6,6 +6,7 @@ OOM or a silent drop); entries live until released or until their TTL passes.
 
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -29,22 +30,26 @@ class CaptureRegistry:
         self.entries: dict[str, _Entry] = {}
         self.used = 0
         self.reserved = 0
+        self._lock = threading.Lock()  # puts run on a thread of their own (off the actor's event loop)
 
     def prune(self) -> None:
         now = time.monotonic()
-        for cid in [c for c, e in self.entries.items() if now - e.created > self.ttl]:
-            self.release([cid])
+        with self._lock:
+            expired = [c for c, e in self.entries.items() if now - e.created > self.ttl]
+        self.release(expired)
 
     def reserve(self, nbytes: int) -> None:
         self.prune()
-        if self.used + self.reserved + nbytes > self.budget:
-            raise ValueError(
-                f"capture budget exceeded: this request needs up to {nbytes} bytes, {self.used + self.reserved} of "
-                f"{self.budget} are in use; release captures or raise capture_budget_bytes")
-        self.reserved += nbytes
+        with self._lock:
+            if self.used + self.reserved + nbytes > self.budget:
+                raise ValueError(
+                    f"capture budget exceeded: this request needs up to {nbytes} bytes, {self.used + self.reserved} "
+                    f"of {self.budget} are in use; release captures or raise capture_budget_bytes")
+            self.reserved += nbytes
 
     def unreserve(self, nbytes: int) -> None:
-        self.reserved = max(0, self.reserved - nbytes)
+        with self._lock:
+            self.reserved = max(0, self.reserved - nbytes)
 
     def put(self, capture_id: str, layers: dict[int, torch.Tensor], positions: list[int],
             token_ids: list[int]) -> dict[str, Any]:
@@ -52,8 +57,9 @@ class CaptureRegistry:
 
         refs = {layer: ray.put(t.numpy()) for layer, t in layers.items()}
         nbytes = sum(t.numel() * t.element_size() for t in layers.values())
-        self.entries[capture_id] = _Entry(refs, positions, token_ids, nbytes, time.monotonic())
-        self.used += nbytes
+        with self._lock:
+            self.entries[capture_id] = _Entry(refs, positions, token_ids, nbytes, time.monotonic())
+            self.used += nbytes
         try:
             owner = ray.get_runtime_context().current_actor
         except RuntimeError:  # not inside an actor (in-process use)
@@ -74,11 +80,12 @@ class CaptureRegistry:
 
     def release(self, capture_ids: list[str]) -> int:
         n = 0
-        for cid in capture_ids:
-            e = self.entries.pop(cid, None)
-            if e is not None:
-                self.used -= e.nbytes
-                n += 1
+        with self._lock:
+            for cid in capture_ids:
+                e = self.entries.pop(cid, None)
+                if e is not None:
+                    self.used -= e.nbytes
+                    n += 1
         return n
 
     def stats(self) -> dict[str, int]:

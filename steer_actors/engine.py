@@ -329,7 +329,7 @@ class SteerEngine:
 
         taken = next(t for t in await self._workers("steer_capture_take", ids, socket.gethostname())
                      if t is not None)
-        try:
+        def store() -> None:  # copies into the object store: off the event loop, which serves every request
             for res, rid in zip(results, ids):
                 data = taken[rid]
                 if "error" in data:
@@ -339,6 +339,9 @@ class SteerEngine:
                 keep = sum(p < len(res.prompt_token_ids) + len(res.token_ids) - 1 for p in data["positions"])
                 layers = {layer: t[:keep] for layer, t in _capture_layers(data).items()}
                 res.captures = self.captures.put(rid, layers, data["positions"][:keep], data["token_ids"][:keep])
+
+        try:
+            await asyncio.to_thread(store)
         finally:
             for data in taken.values():
                 if data.get("file"):
@@ -387,7 +390,8 @@ def _capture_layers(data: dict[str, Any]) -> dict[int, Any]:
     from .wire import decode_tensor
 
     if "file" in data:
-        arr = np.fromfile(data["file"], dtype=np.float32).reshape(data["shape"])
+        # mapped, not read: the object store's put is then the only copy on this side
+        arr = np.memmap(data["file"], dtype=np.float32, mode="r+", shape=tuple(data["shape"]))
         return {int(layer): torch.from_numpy(arr[i]) for i, layer in enumerate(data["layer_ids"])}
     return {int(k): decode_tensor(v) for k, v in data["layers"].items()}
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -87,6 +88,41 @@ class LayerSteerer(nn.Module):
         for name in ("add", "unit", "lo", "hi", "gamma"):
             self._load(getattr(self, name), getattr(rows, name))
         self.active.fill_(int(active))
+
+
+@dataclass
+class PackedRows:
+    """A change to several layers, packed on the host (outside the forward lock) for a few copies."""
+
+    layers: list[LayerSteerer]
+    flat: torch.Tensor  # fp32, pinned on CUDA: each layer's add, unit, lo, hi, gamma, in that order
+    flags: torch.Tensor  # int32, pinned on CUDA: each layer's active flag
+
+
+def pack_rows(items: list[tuple[LayerSteerer, SlotRows, bool]]) -> PackedRows | None:
+    if not items:
+        return None
+    flat = torch.cat([t.reshape(-1).float() for _, r, _ in items for t in (r.add, r.unit, r.lo, r.hi, r.gamma)])
+    flags = torch.tensor([int(active) for _, _, active in items], dtype=torch.int32)
+    if items[0][0].add.is_cuda:
+        flat, flags = flat.pin_memory(), flags.pin_memory()
+    return PackedRows([layer for layer, _, _ in items], flat, flags)
+
+
+@torch.inference_mode()
+def load_packed(packed: PackedRows | None) -> None:
+    """Two host-to-device copies and two multi-tensor device copies, whatever the number of layers.
+    Per-layer copies cost six CUDA calls per layer, made under the forward lock while the runner's
+    thread competes for the GIL (H100, 28 layers: 5.8 ms median, 16 ms p99)."""
+    if packed is None:
+        return
+    device = packed.layers[0].add.device
+    flat = packed.flat.to(device, non_blocking=True)  # stream-ordered; the pinned block is kept until done
+    flags = packed.flags.to(device, non_blocking=True)
+    dsts = [b for layer in packed.layers for b in (layer.add, layer.unit, layer.lo, layer.hi, layer.gamma)]
+    srcs = [src.view_as(dst) for src, dst in zip(torch.split(flat, [d.numel() for d in dsts]), dsts)]
+    torch._foreach_copy_(dsts, srcs)
+    torch._foreach_copy_([layer.active for layer in packed.layers], list(flags.split(1)))
 
 
 def _wrap_init(orig_init):

@@ -109,6 +109,14 @@ def make_async_llm(args: Any, placement_group: Any = None) -> Any:
 
     if placement_group is None:
         return AsyncLLM.from_engine_args(args)
+    import os
+
+    import ray
+
+    if ray.is_initialized():
+        # The engine core subprocess joins Ray as a driver of its own; without an address it takes the
+        # cluster last started on this host, which need not be the one holding the placement group.
+        os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
     vllm_config = args.create_engine_config(UsageContext.ENGINE_CONTEXT)
     pc = vllm_config.parallel_config
     pc.placement_group = placement_group

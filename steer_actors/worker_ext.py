@@ -13,7 +13,7 @@ from typing import Any
 
 from . import capture, vllm_compat
 from .ops import neutral_rows, ops_to_rows
-from .patch import LayerSteerer, steerers
+from .patch import LayerSteerer, load_packed, pack_rows, steerers
 from .routing import ROUTER
 from .specs import SteeringSpec
 
@@ -29,7 +29,7 @@ class SteerWorkerExtension:
         st = self.__dict__.get("_steer_state_")
         if st is None:
             st = self._steer_state_ = {"staged": {}, "version": 0, "fingerprint": SteeringSpec().fingerprint(),
-                                       "loaded": {}}
+                                       "loaded": {}, "commits": 0}
         return st
 
     def steer_channel_open(self) -> str:
@@ -71,26 +71,35 @@ class SteerWorkerExtension:
                          else neutral_rows(layer.num_slots, layer.hidden))
         return spec.fingerprint(), rows
 
+    def _pack(self, rows) -> tuple[list[tuple[int, str]], Any]:
+        """Only layers whose ops differ from what is loaded are copied."""
+        st, layers = self._steer_state(), self._steer_layers()
+        changed = [(idx, key, r) for idx, (key, r) in rows.items() if st["loaded"].get(idx) != key]
+        return [(idx, key) for idx, key, _ in changed], pack_rows([(layers[idx], r, bool(key))
+                                                                   for idx, key, r in changed])
+
     def steer_stage(self, version: int, spec_wire: dict[str, Any]) -> str:
         fp, rows = self._build_rows(spec_wire)
-        self._steer_state()["staged"][int(version)] = (fp, rows)
+        st = self._steer_state()
+        st["staged"][int(version)] = (fp, rows, self._pack(rows), st["commits"])
         return fp
 
     def steer_commit(self, version: int) -> str:
         st = self._steer_state()
         try:
-            fp, rows = st["staged"].pop(int(version))
+            fp, rows, (changed, packed), commits = st["staged"].pop(int(version))
         except KeyError:
             raise ValueError(f"no staged steering version {version}") from None
-        layers = self._steer_layers()
-        for idx, (key, layer_rows) in rows.items():
-            if st["loaded"].get(idx) != key:  # only layers whose ops changed are copied
-                layers[idx].load_rows(layer_rows, active=bool(key))
-                st["loaded"][idx] = key
+        if commits != st["commits"]:  # another version landed after staging: what differs is not the same
+            changed, packed = self._pack(rows)
+        load_packed(packed)
+        for idx, key in changed:
+            st["loaded"][idx] = key
         # Older staged versions can never commit after a newer one.
         for v in [v for v in st["staged"] if v < int(version)]:
             del st["staged"][v]
         st["version"], st["fingerprint"] = int(version), fp
+        st["commits"] += 1
         return fp
 
     def steer_apply(self, version: int, spec_wire: dict[str, Any]) -> str:
