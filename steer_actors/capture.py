@@ -5,8 +5,10 @@ Graph-safe: the steering op itself writes captured rows into a buffer allocated 
 (``[num_layers, rows_per_step, hidden]`` fp32), steered by a per-token destination index and per-layer
 flags that the host fills before each forward. A CUDA graph replay runs the same kernel, so capture
 works with graphs on. After the forward, the step's rows are gathered on the device (stream-ordered,
-before the next step overwrites the buffer) and copied to host by a copy thread on a stream of its
-own, so the copy overlaps the next step and the runner never waits for it.
+before the next step overwrites the buffer); a copy thread (own CUDA stream) brings them to host and
+writes each request's rows at their positions in that request's destination: a shared-memory file on the
+engine actor's host (else host memory). The copy overlaps the next step, the runner never waits for it,
+and a finished request has nothing left to assemble: only the file's path travels.
 
 The flat batch is sliced per request from the model runner's own batch order and query start
 locations (never ``len(prompt)``); rows accumulate by absolute position across chunked-prefill steps,
@@ -41,25 +43,33 @@ def to_device(src: np.ndarray, device: torch.device) -> torch.Tensor:
 
 
 @dataclass
-class _Step:
-    """One forward's captured rows for every capturing request in it (host tensors, maybe in flight)."""
-    layers: list[int]
-    rows: torch.Tensor  # [len(layers), n, H]
-    positions: torch.Tensor  # [n]
-    token_ids: torch.Tensor  # [n]
-    pending: Any = None  # future of the device-to-host copy (GPU)
-
-    def wait(self) -> None:
-        if self.pending is not None:
-            self.rows, self.positions, self.token_ids = self.pending.result()
-            self.pending = None
-
-
-@dataclass
 class _Pending:
-    layers: frozenset[int]
-    parts: list[tuple[_Step, int, int]] = field(default_factory=list)  # (step, first row, end row)
+    """One capturing request: its rows land in ``dest`` by absolute position as steps complete, so
+    nothing is left to assemble when it finishes (the newest copy of a recomputed position wins)."""
+    layers: list[int]  # sorted
+    dest: np.ndarray  # [len(layers), max_rows, H] fp32: a file in shared memory, or host memory
+    path: str | None  # the file, when ``dest`` is one
+    seen: np.ndarray  # [max_rows] bool
+    tokens: np.ndarray  # [max_rows] int64
+    recomputed: int = 0
+    futures: list[Any] = field(default_factory=list)  # copies still writing into ``dest``
     error: str | None = None
+
+    def scatter(self, step_layers: list[int], rows: np.ndarray, pos: np.ndarray, toks: np.ndarray) -> None:
+        keep = pos < self.seen.shape[0]  # past prompt + max_tokens (rejected drafts): never the sequence
+        if not keep.all():
+            rows, pos, toks = rows[:, keep], pos[keep], toks[keep]
+        if pos.size == 0:
+            return
+        self.recomputed += int(self.seen[pos].sum())
+        self.seen[pos] = True
+        self.tokens[pos] = toks
+        if step_layers != self.layers:
+            rows = rows[[step_layers.index(layer) for layer in self.layers]]
+        if pos[-1] - pos[0] == pos.size - 1 and (pos.size == 1 or bool(np.all(np.diff(pos) == 1))):
+            self.dest[:, pos[0]:pos[-1] + 1] = rows  # the usual case: consecutive positions, one slice
+        else:
+            self.dest[:, pos] = rows
 
 
 class CaptureStore:
@@ -86,10 +96,34 @@ class CaptureStore:
             self.any_on = torch.zeros(1, dtype=torch.int32)
         return self.buf, self.dst, self.layer_on, self.any_on
 
-    def register(self, request_id: str, layers: list[int]) -> None:
+    def register(self, request_id: str, layers: list[int], max_rows: int, to_dir: str | None = None) -> None:
+        """``max_rows``: prompt + max_tokens (positions past it are never part of the sequence).
+        ``to_dir``: shared memory on the engine actor's host, where the rows then go straight to a file."""
         if self.rows_per_step == 0:
             raise ValueError("this engine was started with capture disabled (capture_rows_per_step=0)")
-        self.wanted[request_id] = _Pending(frozenset(int(x) for x in layers))
+        ids = sorted({int(x) for x in layers})
+        shape = (len(ids), int(max_rows), self.buf.shape[2])
+        dest, path = None, None
+        if to_dir is not None:
+            import os
+            import uuid
+
+            path = os.path.join(to_dir, f"steer-capture-{os.getpid()}-{uuid.uuid4().hex}.f32")
+            try:
+                dest = _shared_array(path, shape)
+            except OSError:  # shared memory full (containers often get 64 MB): keep the rows here
+                _unlink(path)
+                dest, path = None, None
+        if dest is None:
+            dest = np.empty(shape, dtype=np.float32)
+        pend = _Pending(ids, dest, path, np.zeros(shape[1], dtype=bool), np.full(shape[1], -1, dtype=np.int64))
+        from .channel import LOCK
+
+        with LOCK:  # made outside the lock (a file of many MB), published under it
+            old = self.wanted.pop(request_id, None)
+            self.wanted[request_id] = pend
+        if old is not None:
+            self._discard(old)
 
     def _match(self, internal_id: str) -> str | None:
         if internal_id in self.wanted:
@@ -120,7 +154,7 @@ class CaptureStore:
                                           f"raise it or lower max_num_batched_tokens")
                 continue
             picked.append(np.arange(start, end))
-            layout.append((ext, n, n + end - start))
+            layout.append((self.wanted[ext], n, n + end - start))
             n += end - start
         if not picked:
             return self._off()
@@ -130,7 +164,7 @@ class CaptureStore:
         dst = np.full(total, -1, dtype=np.int32)
         dst[rows] = np.arange(n, dtype=np.int32)
         h2d(self.dst[:total], dst)
-        layers = sorted(set().union(*(self.wanted[ext].layers for ext, _, _ in layout)))
+        layers = sorted(set().union(*(pend.layers for pend, _, _ in layout)))
         on = np.zeros(self.layer_on.shape[0], dtype=np.int32)
         on[layers] = 1
         h2d(self.layer_on, on)
@@ -141,7 +175,8 @@ class CaptureStore:
 
     def end_step(self) -> None:
         """After the forward is enqueued: snapshot the rows (device gather, stream-ordered before the next
-        step's writes) and start their copy to host."""
+        step's writes); a thread of its own copies them to host and into each request's destination,
+        so the copy overlaps the next forward and a finished request has nothing left to assemble."""
         if self._step is None:
             return
         layout, layers, rows, pos, input_ids = self._step
@@ -150,105 +185,89 @@ class CaptureStore:
         snap = self.buf[to_device(np.asarray(layers, dtype=np.int64), self.buf.device), :n]
         p = pos[rows].to(torch.int64)
         t = input_ids[rows].to(torch.int64) if input_ids is not None else torch.full_like(p, -1)
-        if snap.is_cuda:
-            step = self._copy_async(layers, snap, p, t)
-        else:
-            step = _Step(layers, snap, p, t)
-        for ext, a, b in layout:
-            pend = self.wanted.get(ext)
-            if pend is not None:
-                pend.parts.append((step, a, b))
-
-    def _copy_async(self, layers, snap, p, t) -> _Step:
-        """Copy the snapshot to host on a copy thread and stream of its own: the runner's thread never
-        waits for it, and the copy overlaps the next forward."""
-        import torch
-
         if self._side is None:
             from concurrent.futures import ThreadPoolExecutor
 
-            self._side = (torch.cuda.Stream(), ThreadPoolExecutor(1, thread_name_prefix="steer-capture-d2h"))
+            self._side = (torch.cuda.Stream() if snap.is_cuda else None,
+                          ThreadPoolExecutor(1, thread_name_prefix="steer-capture-copy"))
         stream, pool = self._side
-        ready = torch.cuda.Event()
-        ready.record()
-        for x in (snap, p, t):
-            x.record_stream(stream)  # the allocator keeps them until the copy stream is done
+        ready = None
+        if snap.is_cuda:
+            ready = torch.cuda.Event()
+            ready.record()
+            for x in (snap, p, t):
+                x.record_stream(stream)  # the allocator keeps them until the copy stream is done
 
-        def to_host():
-            with torch.cuda.stream(stream):
-                stream.wait_event(ready)
-                out = tuple(x.to("cpu") for x in (snap, p, t))
-            return out
+        def to_dest():
+            if stream is not None:
+                with torch.cuda.stream(stream):
+                    stream.wait_event(ready)
+                    host = [x.to("cpu") for x in (snap, p, t)]
+            else:
+                host = [snap, p, t]
+            rows_np, pos_np, tok_np = (x.numpy() for x in host)
+            for pend, a, b in layout:
+                pend.scatter(layers, rows_np[:, a:b], pos_np[a:b], tok_np[a:b])
 
-        step = _Step(layers, snap, p, t)
-        step.pending = pool.submit(to_host)
-        return step
+        fut = pool.submit(to_dest)
+        for pend, _, _ in layout:
+            pend.futures.append(fut)
 
-    def take(self, request_id: str, to_dir: str | None = None) -> dict[str, Any] | None:
-        """Everything captured for ``request_id``, one row per absolute position (last copy wins),
-        sorted by position; msgpack-safe. With ``to_dir`` (shared memory on the engine actor's node)
-        the rows go to one file there, ``[layers, rows, hidden]`` fp32, and only its path travels."""
+    def take(self, request_id: str) -> dict[str, Any] | None:
+        """Everything captured for ``request_id``, one row per absolute position, sorted by position;
+        msgpack-safe. Rows kept in a shared-memory file stay there (only its path travels)."""
         from .channel import LOCK
 
-        with LOCK:  # the runner's thread reads ``wanted`` every step; the rest is host-only work
+        with LOCK:  # the runner's thread reads ``wanted`` every step (and adds copies under the lock)
             pend = self.wanted.pop(request_id, None)
         if pend is None:
             return None
-        if pend.error:
-            raise ValueError(f"capture of request {request_id} is incomplete: {pend.error}")
-        if not pend.parts:
-            return {"positions": [], "token_ids": [], "layers": {}, "recomputed": 0}
-        for step, _, _ in pend.parts:
-            step.wait()
-        parts = pend.parts
-        pos = torch.cat([s.positions[a:b] for s, a, b in parts]).numpy()
-        toks = torch.cat([s.token_ids[a:b] for s, a, b in parts]).numpy()
-        ids = sorted(pend.layers)
-        in_order = bool(np.all(np.diff(pos) > 0))  # no position recomputed (preemption): rows go as they are
-        if in_order:
-            order = np.arange(len(pos))
-        else:  # dedupe: a recomputed position keeps its newest row
-            last = {int(p): i for i, p in enumerate(pos)}
-            order = np.asarray([last[p] for p in sorted(last)], dtype=np.int64)
-        out = {"positions": pos[order].tolist(), "token_ids": toks[order].tolist(),
-               "recomputed": int(len(pos) - len(order))}
-        shape = (len(ids), len(order), self.buf.shape[2] if self.buf is not None else parts[0][0].rows.shape[2])
-        path = None
-        if to_dir is not None:
-            import os
-            import uuid
-
-            path = os.path.join(to_dir, f"steer-capture-{os.getpid()}-{uuid.uuid4().hex}.f32")
         try:
-            # Rows go straight into their destination (the shared-memory file, else one array): one copy.
-            arr = _shared_array(path, shape) if path and shape[1] else np.empty(shape, dtype=np.float32)
-            if in_order:
-                off = 0
-                for s, a, b in parts:
-                    rows = s.rows.numpy()
-                    sel = [s.layers.index(layer) for layer in ids]
-                    arr[:, off:off + b - a] = rows[:, a:b] if sel == list(range(rows.shape[0])) else rows[sel, a:b]
-                    off += b - a
-            else:
-                for li, layer in enumerate(ids):
-                    arr[li] = torch.cat([s.rows[s.layers.index(layer), a:b] for s, a, b in parts])[order].numpy()
-            if path and shape[1]:
-                del arr  # unmapped: the pages stay in the file
-                out.update(file=path, layer_ids=ids, shape=list(shape))
-                return out
-        except OSError:  # shared memory full (containers often get 64 MB): send the bytes instead
-            import os
-
-            if path and os.path.exists(path):
-                os.unlink(path)
-            arr = np.empty(shape, dtype=np.float32)
-            for li, layer in enumerate(ids):
-                arr[li] = torch.cat([s.rows[s.layers.index(layer), a:b] for s, a, b in parts])[order].numpy()
-        out["layers"] = {str(layer): wire.encode_tensor(torch.from_numpy(arr[i])) for i, layer in enumerate(ids)}
+            for fut in pend.futures:
+                fut.result()
+        except BaseException:
+            self._discard(pend)
+            raise
+        if pend.error:
+            self._discard(pend)
+            raise ValueError(f"capture of request {request_id} is incomplete: {pend.error}")
+        positions = np.flatnonzero(pend.seen)
+        out = {"positions": positions.tolist(), "token_ids": pend.tokens[positions].tolist(),
+               "recomputed": pend.recomputed, "layer_ids": pend.layers}
+        if pend.path is not None:
+            pend.dest.flush()
+            out.update(file=pend.path, shape=list(pend.dest.shape))
+            return out
+        out["layers"] = {str(layer): wire.encode_tensor(torch.from_numpy(pend.dest[i, positions]))
+                         for i, layer in enumerate(pend.layers)}
         return out
 
     def drop(self, request_id: str) -> None:
-        self.wanted.pop(request_id, None)
+        from .channel import LOCK
+
+        with LOCK:
+            pend = self.wanted.pop(request_id, None)
+        if pend is not None:
+            self._discard(pend)
+
+    @staticmethod
+    def _discard(pend: _Pending) -> None:
+        for fut in pend.futures:
+            try:
+                fut.result()  # the file must not be written after it is gone
+            except Exception:
+                pass
+        if pend.path is not None:
+            _unlink(pend.path)
+
+
+def _unlink(path: str) -> None:
+    import os
+
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
 
 
 def _shared_array(path: str, shape: tuple[int, ...]) -> np.ndarray:

@@ -31,8 +31,10 @@ ALLOWED = frozenset({
 })
 
 
-# Methods that only touch host state of their own (validation, building rows): no lock.
-UNLOCKED = frozenset({"steer_info", "steer_stage", "steer_abort", "steer_capture_take"})
+# Methods that only touch host state of their own (validation, building rows), or that take the lock
+# themselves for just the moment they need it (capture bookkeeping): no lock around the call.
+UNLOCKED = frozenset({"steer_info", "steer_stage", "steer_abort", "steer_capture_register", "steer_capture_take",
+                      "steer_capture_drop"})
 
 
 def note_forward_stream() -> None:

@@ -318,17 +318,18 @@ class SteerEngine:
         need = sum(n + (params.max_tokens or 16) for n in n_tokens) * len(set(layers)) * self.hidden_size * 4
         self.captures.reserve(need)
         try:
-            await self._workers("steer_capture_register", [(rid, sorted(set(layers))) for rid in ids])
+            import socket
+
+            max_tokens = params.max_tokens or 16
+            await self._workers("steer_capture_register", [(rid, sorted(set(layers)), n + max_tokens)
+                                                           for rid, n in zip(ids, n_tokens)], socket.gethostname())
         except BaseException:
             self.captures.unreserve(need)
             raise
         return need
 
     async def _finish_capture(self, results: list[GenerationResult], ids: list[str]) -> None:
-        import socket
-
-        taken = next(t for t in await self._workers("steer_capture_take", ids, socket.gethostname())
-                     if t is not None)
+        taken = next(t for t in await self._workers("steer_capture_take", ids) if t is not None)
         def store() -> None:  # copies into the object store: off the event loop, which serves every request
             for res, rid in zip(results, ids):
                 data = taken[rid]
@@ -383,16 +384,18 @@ class SteerEngine:
 
 
 def _capture_layers(data: dict[str, Any]) -> dict[int, Any]:
-    """A worker's capture payload: inline tensors, or one shared-memory file of [layers, rows, hidden]."""
+    """A worker's capture payload: inline tensors, or one shared-memory file of [layers, position, hidden]."""
     import numpy as np
     import torch
 
     from .wire import decode_tensor
 
     if "file" in data:
-        # mapped, not read: the object store's put is then the only copy on this side
+        # rows by absolute position, mapped rather than read: the object store's put is the one copy here
         arr = np.memmap(data["file"], dtype=np.float32, mode="r+", shape=tuple(data["shape"]))
-        return {int(layer): torch.from_numpy(arr[i]) for i, layer in enumerate(data["layer_ids"])}
+        pos = data["positions"]
+        rows = slice(0, len(pos)) if not pos or pos[-1] == len(pos) - 1 else np.asarray(pos)
+        return {int(layer): torch.from_numpy(arr[i, rows]) for i, layer in enumerate(data["layer_ids"])}
     return {int(k): decode_tensor(v) for k, v in data["layers"].items()}
 
 

@@ -111,36 +111,31 @@ class SteerWorkerExtension:
         self._steer_state()["staged"].pop(int(version), None)
 
     # ---- activation capture (rank 0 only: every rank holds the same residual stream) ------------
-    def steer_capture_register(self, requests: list[tuple[str, list[int]]]) -> None:
+    def steer_capture_register(self, requests: list[tuple[str, list[int], int]], host: str | None = None) -> None:
+        """``requests``: (request id, layers, prompt + max_tokens). On the engine actor's host the rows
+        go straight into a shared-memory file per request as steps complete (one copy each way)."""
         if vllm_compat.tp_rank(self) != 0:
             return
-        vllm_compat.install_step_probe(self, capture.STORE)
-        if capture.STORE.rows_per_step == 0:
-            raise ValueError("this engine was started with capture disabled (capture_rows_per_step=0)")
-        for request_id, layers in requests:
-            capture.STORE.register(request_id, layers)
-
-    def steer_capture_take(self, request_ids: list[str], host: str | None = None) -> dict[str, Any] | None:
-        """Captured rows of finished requests. On the caller's host they go through /dev/shm (one copy
-        each way) rather than inline over the socket."""
-        if vllm_compat.tp_rank(self) != 0:
-            return None
         import os
         import socket
 
+        vllm_compat.install_step_probe(self, capture.STORE)
+        if capture.STORE.rows_per_step == 0:
+            raise ValueError("this engine was started with capture disabled (capture_rows_per_step=0)")
         to_dir = "/dev/shm" if host == socket.gethostname() and os.access("/dev/shm", os.W_OK) else None
+        for request_id, layers, max_rows in requests:
+            capture.STORE.register(request_id, layers, int(max_rows), to_dir)
+
+    def steer_capture_take(self, request_ids: list[str]) -> dict[str, Any] | None:
+        """Captured rows of finished requests (each a file path on the engine's host, else inline)."""
+        if vllm_compat.tp_rank(self) != 0:
+            return None
         out = {}
-        try:
-            for rid in request_ids:  # take every request, so none is left behind when one failed
-                try:
-                    out[rid] = capture.STORE.take(rid, to_dir)
-                except ValueError as e:
-                    out[rid] = {"error": str(e)}
-        except BaseException:  # the paths would never reach the engine: remove what was written
-            for data in out.values():
-                if data and data.get("file"):
-                    os.unlink(data["file"])
-            raise
+        for rid in request_ids:  # take every request, so none is left behind when one failed
+            try:
+                out[rid] = capture.STORE.take(rid)
+            except ValueError as e:
+                out[rid] = {"error": str(e)}
         return out
 
     def steer_capture_drop(self, request_ids: list[str]) -> None:

@@ -38,8 +38,8 @@ def make_store(rows=16, H=4):
 
 def test_slices_accumulates_and_dedupes():
     store = make_store()
-    store.register("a", [0])
-    store.register("b", [0])
+    store.register("a", [0], 8)
+    store.register("b", [0], 8)
     H = 4
     row = lambda p, who: torch.full((H,), float(p) + (0.5 if who == "b" else 0.0))  # noqa: E731
     # step 1: a prefills positions 0-2, an uncaptured request x has 2 tokens, b prefills 0-1 (chunked)
@@ -62,8 +62,8 @@ def test_slices_accumulates_and_dedupes():
 
 def test_step_larger_than_the_buffer_is_a_clear_error_not_a_silent_drop():
     store = make_store(rows=4)
-    store.register("a", [0])
-    store.register("b", [0])
+    store.register("a", [0], 8)
+    store.register("b", [0], 8)
     H = 4
     step(store, ["a-1", "b-2"], [3, 3], [0, 1, 2, 0, 1, 2], torch.arange(6.0)[:, None].expand(6, H).contiguous())
     a = store.take("a")
@@ -76,4 +76,22 @@ def test_capture_off_refuses_registration():
     store = CaptureStore()
     store.buffers(num_layers=2, rows=0, hidden=4, max_tokens=8)
     with pytest.raises(ValueError, match="capture disabled"):
-        store.register("a", [0])
+        store.register("a", [0], 8)
+
+
+def test_rows_go_to_a_file_by_position_and_drop_removes_it(tmp_path):
+    store = make_store()
+    store.register("a", [0], 4, str(tmp_path))
+    store.register("b", [0], 4, str(tmp_path))
+    H = 4
+    # positions past prompt + max_tokens (e.g. rejected drafts) never enter the capture
+    step(store, ["a-1", "b-2"], [3, 1], [0, 1, 2, 0], torch.arange(4.0)[:, None].expand(4, H).contiguous())
+    step(store, ["a-1"], [2], [3, 4], torch.tensor([[7.0] * H, [8.0] * H]))
+    a = store.take("a")
+    assert a["positions"] == [0, 1, 2, 3] and a["recomputed"] == 0 and "layers" not in a
+    rows = np.fromfile(a["file"], dtype=np.float32).reshape(a["shape"])
+    assert a["shape"] == [1, 4, H] and rows[0, :, 0].tolist() == [0.0, 1.0, 2.0, 7.0]
+    files = sorted(p.name for p in tmp_path.iterdir())
+    assert len(files) == 2
+    store.drop("b")
+    assert [p.name for p in tmp_path.iterdir()] == [a["file"].rsplit("/", 1)[1]]
