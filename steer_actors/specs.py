@@ -11,6 +11,7 @@ operations applied to the residual stream ``s = h + r`` after that layer:
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import math
 from typing import Annotated, Any, Literal, Union
@@ -137,6 +138,13 @@ class AblationSpec(_DirectionSpec):
 SteeringOpSpec = Annotated[Union[AddSpec, ProjectionCapSpec, AblationSpec], Field(discriminator="kind")]
 
 
+def _map_header(n: int) -> bytes:
+    import msgpack
+
+    packer = msgpack.Packer()
+    return packer.pack_map_header(n)
+
+
 class LayerSteeringSpec(BaseModel):
     model_config = ConfigDict(frozen=True)
     operations: list[SteeringOpSpec] = Field(default_factory=list)
@@ -148,8 +156,13 @@ class LayerSteeringSpec(BaseModel):
         return {"operations": [{**o.model_dump(exclude={"vector"}), "vector": wire.encode_tensor(o.vector)}
                                for o in self.operations]}
 
+    @functools.cached_property
+    def packed(self) -> bytes:
+        """msgpack of :meth:`to_wire`, made once (frozen model): fingerprints of every change reuse it."""
+        return wire.packb(self.to_wire())
+
     def fingerprint(self) -> str:
-        return hashlib.sha256(wire.packb(self.to_wire())).hexdigest()[:16]
+        return hashlib.sha256(self.packed).hexdigest()[:16]
 
 
 class SteeringSpec(BaseModel):
@@ -182,15 +195,28 @@ class SteeringSpec(BaseModel):
             return cls.model_validate(payload)
 
     def to_msgpack(self) -> bytes:
-        return wire.packb(self.to_wire())
+        return self.packed
+
+    @functools.cached_property
+    def packed(self) -> bytes:
+        """Same bytes as ``packb(to_wire())``, assembled from each layer's cached bytes (msgpack is
+        compositional), so fingerprinting a spec does not re-encode its vectors."""
+        out = [wire.packb({"layers": {}})[:-1], _map_header(len(self.layers))]
+        for i, ls in self.layers.items():
+            out += [wire.packb(str(i)), ls.packed]
+        return b"".join(out)
 
     @classmethod
     def from_msgpack(cls, data: bytes) -> "SteeringSpec":
         return cls.from_wire(wire.unpackb(data))
 
+    @functools.cached_property
+    def _fingerprint(self) -> str:
+        return hashlib.sha256(self.packed).hexdigest()[:16]
+
     def fingerprint(self) -> str:
         """Content hash: equal specs (same ops, same float32 bytes) give equal fingerprints."""
-        return hashlib.sha256(self.to_msgpack()).hexdigest()[:16]
+        return self._fingerprint
 
     # ---- checks against an engine ------------------------------------------------------------
     def validate_for(self, hidden_size: int, num_layers: int, steerable_layers: list[int] | None = None,
