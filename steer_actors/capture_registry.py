@@ -57,6 +57,13 @@ class CaptureRegistry:
 
         refs = {layer: ray.put(t.numpy()) for layer, t in layers.items()}
         nbytes = sum(t.numel() * t.element_size() for t in layers.values())
+        return self.put_refs(capture_id, refs, positions, token_ids, nbytes)
+
+    def put_refs(self, capture_id: str, refs: dict[int, Any], positions: list[int], token_ids: list[int],
+                 nbytes: int) -> dict[str, Any]:
+        """Register object refs made elsewhere (e.g. the returns of a task still copying them)."""
+        import ray
+
         with self._lock:
             self.entries[capture_id] = _Entry(refs, positions, token_ids, nbytes, time.monotonic())
             self.used += nbytes
@@ -67,14 +74,16 @@ class CaptureRegistry:
         return {"capture_id": capture_id, "layers": refs, "positions": positions, "token_ids": token_ids,
                 "nbytes": nbytes, "owner": owner}
 
-    def get(self, capture_id: str) -> dict[str, Any]:
-        import ray
+    async def get(self, capture_id: str) -> dict[str, Any]:
+        """Awaited, never a blocking ``ray.get``: the refs may be the returns of a task of this same
+        actor, which needs the event loop to run."""
+        import asyncio
 
         self.prune()
         e = self.entries.get(capture_id)
         if e is None:
             raise ValueError(f"unknown capture {capture_id!r} (released, expired, or never made here)")
-        arrays = ray.get(list(e.refs.values()))
+        arrays = await asyncio.gather(*e.refs.values())
         return {"positions": e.positions, "token_ids": e.token_ids,
                 "layers": {layer: torch.from_numpy(np.array(a)) for layer, a in zip(e.refs, arrays)}}
 

@@ -3,6 +3,7 @@ prefill, prefix caching and steering; object-store handles; budget; owner death.
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import pytest
@@ -118,6 +119,19 @@ def test_release_frees_budget_and_unknown_capture_is_clear(ray_local, capture_en
         ray_local.get(capture_engine.generate.remote(PROMPTS[:1], SAMPLING, [7]))
 
 
+def test_no_shared_memory_file_outlives_its_capture(ray_local, capture_engine):
+    """Rows travel from the worker to the object store through one /dev/shm file per request; the task
+    that copies it into the store removes it, so a fetched capture leaves nothing behind."""
+    import glob
+
+    before = set(glob.glob("/dev/shm/steer-capture-*"))
+    results = ray_local.get(capture_engine.generate.remote(PROMPTS, SAMPLING, LAYERS))
+    handles = fetch_captures_batch([CaptureHandle.from_wire(r["captures"]) for r in results])
+    assert all(h.captures[LAYERS[0]][0]["hidden"].shape[0] == len(h.positions) > 0 for h in handles)
+    assert set(glob.glob("/dev/shm/steer-capture-*")) - before == set()
+    ray_local.get(capture_engine.release_captures.remote([h.capture_id for h in handles]))
+
+
 def test_captures_expire_after_their_ttl(ray_local, qwen3_path):
     """A separate short-TTL registry check on the same engine process type: entries past the TTL are
     dropped and their bytes return to the budget."""
@@ -125,10 +139,11 @@ def test_captures_expire_after_their_ttl(ray_local, qwen3_path):
 
     reg = CaptureRegistry(budget_bytes=1 << 20, ttl_s=0.2)
     handle = reg.put("c1", {0: torch.ones(4, 8)}, [0, 1, 2, 3], [5, 6, 7, 8])
-    assert reg.stats()["used_bytes"] == 128 and torch.equal(reg.get("c1")["layers"][0], torch.ones(4, 8))
+    got = asyncio.run(reg.get("c1"))
+    assert reg.stats()["used_bytes"] == 128 and torch.equal(got["layers"][0], torch.ones(4, 8))
     time.sleep(0.3)
     with pytest.raises(ValueError, match="unknown capture"):
-        reg.get("c1")
+        asyncio.run(reg.get("c1"))
     assert reg.stats()["used_bytes"] == 0 and handle["nbytes"] == 128
 
 
