@@ -125,7 +125,7 @@ def part_app() -> dict:
                     "import gpu; gpu.build_checkpoint('0.6b')"], check=True)
     model = build_checkpoint("0.6b")  # built above, in a process of its own (no CUDA context here)
     start_raylets("0,1", "2,3")
-    ray.init(address=f"127.0.0.1:{PORT}", log_to_driver=False)
+    ray.init(address=f"127.0.0.1:{PORT}", log_to_driver=True)  # a failed engine start shows its cause
     t = time.perf_counter()
     cfg = dict(model_name=model, dtype="bfloat16", max_model_len=1024, gpu_memory_utilization=0.85,
                tensor_parallel_size=2, distributed_executor_backend="ray", placement_strategy="STRICT_PACK",

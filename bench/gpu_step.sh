@@ -59,6 +59,7 @@ case $step in
     ( CUDA_VISIBLE_DEVICES= python3 -c "import sys; sys.path.insert(0, 'bench'); import gpu; gpu.build_checkpoint('8b', 'cpu')" \
         >/tmp/build8b.log 2>&1 ) &
     job app 0,1,2,3 400 420 bench/gpu_multi.py --part app --out "$OUT/app.json"
+    grep -aE -B2 -A40 "Traceback|Error" /tmp/app.log | head -600 >"$OUT/app_err.log"
     wait
     ray stop --force >/dev/null 2>&1; sleep 2
     left=$((575 - (SECONDS - t0)))
