@@ -153,9 +153,21 @@ class SteerEngine:
         spec.validate_for(self.hidden_size, self.num_layers, info["steerable_layers"], self._max_ops)
         return spec
 
+    def _rows_payload(self, spec: SteeringSpec) -> dict[str, Any]:
+        """The change as per-layer rows, built here once for every rank: workers then only copy bytes
+        (their Python shares the GIL with the thread that launches forwards)."""
+        from .ops import ops_to_rows, rows_to_bytes
+
+        K, H = self._max_ops, self.hidden_size
+        rows = {}
+        for idx in self._layers:
+            ls = spec.layers.get(idx)
+            rows[str(idx)] = [ls.fingerprint(), rows_to_bytes(ops_to_rows(ls.to_ops(), K, H))] if ls else ["", None]
+        return {"rows": rows, "fingerprint": spec.fingerprint(), "slots": K, "hidden": H}
+
     async def stage(self, version: int, spec_wire: dict[str, Any]) -> str:
         spec = await self._validated(spec_wire)
-        fps = await self._workers("steer_stage", int(version), spec_wire)
+        fps = await self._workers("steer_stage", int(version), self._rows_payload(spec))
         self._staged = (int(version), spec)
         return fps[0]
 
@@ -177,9 +189,9 @@ class SteerEngine:
         spec = await self._validated(spec_wire)
         channel = await self._side_channel()
         if channel and len(channel.addresses) == 1:  # one round trip: rows built, then copied
-            fps = await channel.call("steer_apply", v, spec_wire)
+            fps = await channel.call("steer_apply", v, self._rows_payload(spec))
         else:
-            await self._workers("steer_stage", v, spec_wire)  # validation and rows: no wait for any forward
+            await self._workers("steer_stage", v, self._rows_payload(spec))  # no wait for any forward
             fps = await self._workers("steer_commit", v, same_step=True)
         self.version, self.spec, self.fingerprint = v, spec, fps[0]
         return {"spec_version": self.version, "spec_fingerprint": self.fingerprint}

@@ -98,6 +98,26 @@ def ops_to_rows(ops: list[Op], num_slots: int, hidden: int) -> SlotRows:
     return rows
 
 
+def rows_to_bytes(rows: SlotRows) -> bytes:
+    """One layer's rows as little-endian float32 bytes: add, unit (K x H each), then lo, hi, gamma (K each)."""
+    import numpy as np
+
+    return np.concatenate([t.reshape(-1).float().numpy() for t in (rows.add, rows.unit, rows.lo, rows.hi, rows.gamma)]
+                          ).astype("<f4", copy=False).tobytes()
+
+
+def rows_from_bytes(data: bytes, num_slots: int, hidden: int) -> SlotRows:
+    import numpy as np
+
+    K, H = num_slots, hidden
+    flat = np.frombuffer(data, dtype="<f4")
+    if flat.size != 2 * K * H + 3 * K:
+        raise ValueError(f"steering rows of {flat.size} floats do not fit {K} slots x hidden {H}")
+    t = torch.from_numpy(flat.astype(np.float32))  # a writable copy, one per layer
+    return SlotRows(add=t[:K * H].view(K, H), unit=t[K * H:2 * K * H].view(K, H), lo=t[2 * K * H:2 * K * H + K],
+                    hi=t[2 * K * H + K:2 * K * H + 2 * K], gamma=t[2 * K * H + 2 * K:])
+
+
 def apply_slots(
     s: torch.Tensor,
     add_: torch.Tensor,

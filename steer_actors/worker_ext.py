@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from . import capture, vllm_compat
-from .ops import neutral_rows, ops_to_rows
+from .ops import SlotRows, neutral_rows, ops_to_rows, rows_from_bytes
 from .patch import LayerSteerer, load_packed, pack_rows, steerers
 from .routing import ROUTER
 from .specs import SteeringSpec
@@ -71,15 +71,39 @@ class SteerWorkerExtension:
                          else neutral_rows(layer.num_slots, layer.hidden))
         return spec.fingerprint(), rows
 
+    def _rows_from_engine(self, payload: dict[str, Any]):
+        """Rows the engine actor built from a spec it validated: (fingerprint, {layer: (key, bytes)}).
+        This worker only checks that they fit its layers; its thread shares the GIL with the runner."""
+        layers = self._steer_layers()
+        any_layer = next(iter(layers.values()), None)
+        if any_layer is None:
+            raise ValueError("this engine has no steerable layers (was it started by steer_actors?)")
+        if (payload.get("slots"), payload.get("hidden")) != (any_layer.num_slots, any_layer.hidden):
+            raise ValueError(f"rows for {payload.get('slots')} slots x hidden {payload.get('hidden')}; this worker "
+                             f"has {any_layer.num_slots} x {any_layer.hidden}")
+        rows = {int(k): (key, data) for k, (key, data) in payload["rows"].items()}
+        if set(rows) != set(layers):
+            raise ValueError(f"rows for layers {sorted(rows)}; this worker steers {sorted(layers)}")
+        return payload["fingerprint"], rows
+
     def _pack(self, rows) -> tuple[list[tuple[int, str]], Any]:
         """Only layers whose ops differ from what is loaded are copied."""
         st, layers = self._steer_state(), self._steer_layers()
         changed = [(idx, key, r) for idx, (key, r) in rows.items() if st["loaded"].get(idx) != key]
-        return [(idx, key) for idx, key, _ in changed], pack_rows([(layers[idx], r, bool(key))
+
+        def slot_rows(layer: LayerSteerer, r: Any) -> SlotRows:
+            if isinstance(r, SlotRows):
+                return r
+            return rows_from_bytes(r, layer.num_slots, layer.hidden) if r else neutral_rows(layer.num_slots,
+                                                                                            layer.hidden)
+
+        return [(idx, key) for idx, key, _ in changed], pack_rows([(layers[idx], slot_rows(layers[idx], r), bool(key))
                                                                    for idx, key, r in changed])
 
-    def steer_stage(self, version: int, spec_wire: dict[str, Any]) -> str:
-        fp, rows = self._build_rows(spec_wire)
+    def steer_stage(self, version: int, change: dict[str, Any]) -> str:
+        """``change``: a spec's wire form (validated and built here), or rows the engine actor built
+        (``{"rows": ..., "fingerprint": ...}``)."""
+        fp, rows = self._rows_from_engine(change) if "rows" in change else self._build_rows(change)
         st = self._steer_state()
         st["staged"][int(version)] = (fp, rows, self._pack(rows), st["commits"])
         return fp
