@@ -1,8 +1,9 @@
 """Worker extension (``worker_extension_cls``): the ``steer_*`` methods reached by ``collective_rpc``.
 
 Every TP rank runs the same calls. A change is two-phase so that it lands on every rank of every
-replica or on none: ``steer_stage`` validates and builds the host rows for a version (nothing visible
-changes), ``steer_commit`` copies them into the layer buffers. The engine core runs RPCs between
+replica or on none: ``steer_stage`` takes the host rows of a version (built by the engine actor, or built
+here from a spec) and packs what changed (nothing visible changes); ``steer_commit`` copies them into the
+layer buffers. The engine core runs RPCs between
 model steps, so a commit never tears a forward pass.
 Payloads are msgpack-safe (see :mod:`steer_actors.wire`).
 """
