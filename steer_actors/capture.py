@@ -81,6 +81,7 @@ class CaptureStore:
         self.layer_on: torch.Tensor | None = None  # [num_layers] int32: capture this layer in this step
         self.any_on: torch.Tensor | None = None  # [1] int32: 0 = nothing captured in this step
         self._last_on = False
+        self._resolved: dict[str, _Pending | None] = {}  # internal request id -> capture; reset when wanted changes
         self._step: tuple | None = None
         self._side: Any = None
 
@@ -122,8 +123,19 @@ class CaptureStore:
         with LOCK:  # made outside the lock (a file of many MB), published under it
             old = self.wanted.pop(request_id, None)
             self.wanted[request_id] = pend
+            self._resolved.clear()
         if old is not None:
             self._discard(old)
+
+    def _lookup(self, internal_id: str) -> _Pending | None:
+        """The capture an engine-internal request id belongs to (memoized: this runs for every request
+        of every step, on the thread that launches forwards)."""
+        try:
+            return self._resolved[internal_id]
+        except KeyError:
+            ext = self._match(internal_id)
+            pend = self._resolved[internal_id] = self.wanted.get(ext) if ext is not None else None
+            return pend
 
     def _match(self, internal_id: str) -> str | None:
         if internal_id in self.wanted:
@@ -143,22 +155,31 @@ class CaptureStore:
         self._step = None
         if not self.wanted or positions is None or self.buf is None:
             return self._off()
-        picked, layout, n, cap = [], [], 0, self.rows_per_step
-        for i, rid in enumerate(req_ids):
-            ext = self._match(rid)
-            if ext is None:
-                continue
-            start, end = int(query_start_loc[i]), int(query_start_loc[i + 1])
-            if n + end - start > cap:  # never silent: the request's take() reports it
-                self.wanted[ext].error = (f"a step held more captured tokens than capture_rows_per_step={cap}; "
-                                          f"raise it or lower max_num_batched_tokens")
-                continue
-            picked.append(np.arange(start, end))
-            layout.append((self.wanted[ext], n, n + end - start))
-            n += end - start
-        if not picked:
+        found = [(i, pend) for i, pend in enumerate(map(self._lookup, req_ids)) if pend is not None]
+        if not found:
             return self._off()
-        rows = np.concatenate(picked)
+        idx = np.fromiter((i for i, _ in found), dtype=np.int64, count=len(found))
+        starts = query_start_loc[idx].astype(np.int64)
+        counts = query_start_loc[idx + 1].astype(np.int64) - starts
+        ends = np.cumsum(counts)
+        cap = self.rows_per_step
+        if ends[-1] > cap:  # rare: keep whole requests while they fit; the others' take() reports it
+            keep = np.zeros(len(found), dtype=bool)
+            n = 0
+            for k, c in enumerate(counts.tolist()):
+                if n + c <= cap:
+                    keep[k], n = True, n + c
+                else:
+                    found[k][1].error = (f"a step held more captured tokens than capture_rows_per_step={cap}; "
+                                         f"raise it or lower max_num_batched_tokens")
+            found = [f for f, k in zip(found, keep.tolist()) if k]
+            starts, counts = starts[keep], counts[keep]
+            ends = np.cumsum(counts)
+        n = int(ends[-1])
+        firsts = ends - counts
+        picked = np.repeat(starts - firsts, counts) + np.arange(n)  # batch row of each captured row
+        layout = [(pend, a, b) for (_, pend), a, b in zip(found, firsts.tolist(), ends.tolist())]
+        rows = picked
         pos = positions.reshape(-1, positions.shape[-1])[-1] if positions.dim() > 1 else positions
         total = int(num_padded if num_padded is not None else pos.shape[0])
         dst = np.full(total, -1, dtype=np.int32)
@@ -220,6 +241,7 @@ class CaptureStore:
 
         with LOCK:  # the runner's thread reads ``wanted`` every step (and adds copies under the lock)
             pend = self.wanted.pop(request_id, None)
+            self._resolved.clear()
         if pend is None:
             return None
         try:
@@ -247,6 +269,7 @@ class CaptureStore:
 
         with LOCK:
             pend = self.wanted.pop(request_id, None)
+            self._resolved.clear()
         if pend is not None:
             self._discard(pend)
 
