@@ -16,6 +16,7 @@ from typing import Any
 
 from . import vllm_compat
 from .capture_registry import CaptureRegistry
+from .engine_capture import EngineCaptureMixin
 from .config import VLLMSteeringConfig
 from .slots import SlotPool
 from .results import GenerationResult, result_from_output
@@ -38,7 +39,7 @@ class StaleReplicaError(RuntimeError):
     """This engine does not run the spec version its caller expects (it was restarted)."""
 
 
-class SteerEngine:
+class SteerEngine(EngineCaptureMixin):
     def __init__(self, config: dict[str, Any] | VLLMSteeringConfig):
         self.config = cfg = VLLMSteeringConfig.model_validate(config)
         device = cfg.resolved_device()
@@ -321,92 +322,6 @@ class SteerEngine:
                         await asyncio.gather(*(self.slots.release(s) for s in {s for _, s, _ in routed}))
         return [r.to_dict() for r in results]
 
-    async def _start_capture(self, prompts, params, layers: list[int], ids: list[str]) -> int:
-        info = await self.info()
-        bad = sorted(set(layers) - set(info["steerable_layers"]))
-        if bad:
-            raise ValueError(f"cannot capture layers {bad}: capturable layers are {info['steerable_layers']}")
-        n_tokens = [len(p) if isinstance(p, list) else len(self.tokenizer()(p).input_ids) for p in prompts]
-        need = sum(n + (params.max_tokens or 16) for n in n_tokens) * len(set(layers)) * self.hidden_size * 4
-        self.captures.reserve(need)
-        try:
-            import socket
-
-            max_tokens = params.max_tokens or 16
-            await self._workers("steer_capture_register", [(rid, sorted(set(layers)), n + max_tokens)
-                                                           for rid, n in zip(ids, n_tokens)], socket.gethostname())
-        except BaseException:
-            self.captures.unreserve(need)
-            raise
-        return need
-
-    async def _finish_capture(self, results: list[GenerationResult], ids: list[str]) -> None:
-        taken = next(t for t in await self._workers("steer_capture_take", ids) if t is not None)
-        me = _current_actor()
-        handed: set[str] = set()  # files a materialize task now owns (and removes)
-        eager = []
-        try:
-            for res, rid in zip(results, ids):
-                data = taken[rid]
-                if "error" in data:
-                    raise ValueError(data["error"])
-                self._recomputed_rows += data.get("recomputed", 0)
-                # rows past prompt + generated - 1 (e.g. rejected speculative drafts) are not the sequence
-                keep = sum(p < len(res.prompt_token_ids) + len(res.token_ids) - 1 for p in data["positions"])
-                positions, tokens = data["positions"][:keep], data["token_ids"][:keep]
-                if me is None or "file" not in data:
-                    eager.append((res, rid, data, keep))
-                    continue
-                # A task of this actor copies the rows into the object store: its refs exist now, so the
-                # response does not wait for the copy (all-layer captures are tens of MB per request),
-                # and a fetch waits only for its own rows.
-                layer_ids = data["layer_ids"]
-                refs = me.materialize_capture.options(num_returns=len(layer_ids)).remote(
-                    data["file"], data["shape"], positions)
-                handed.add(data["file"])
-                refs = [refs] if len(layer_ids) == 1 else list(refs)
-                nbytes = len(layer_ids) * keep * int(data["shape"][2]) * 4
-                res.captures = self.captures.put_refs(rid, dict(zip(layer_ids, refs)), positions, tokens, nbytes)
-
-            def store() -> None:  # copies into the object store: off the event loop, which serves every request
-                for res, rid, data, keep in eager:
-                    layers = {layer: t[:keep] for layer, t in _capture_layers(data).items()}
-                    res.captures = self.captures.put(rid, layers, data["positions"][:keep], data["token_ids"][:keep])
-
-            if eager:
-                await asyncio.to_thread(store)
-        finally:
-            for data in taken.values():
-                if data.get("file") and data["file"] not in handed:
-                    with contextlib.suppress(FileNotFoundError):
-                        os.unlink(data["file"])
-
-    async def materialize_capture(self, path: str, shape: list[int], positions: list[int]) -> Any:
-        """The rows of one capture file as one array per layer (this task's return values are the
-        capture's object-store entries); removes the file."""
-        import numpy as np
-
-        try:
-            arr = np.memmap(path, dtype=np.float32, mode="r", shape=tuple(shape))
-            rows = slice(0, len(positions)) if not positions or positions[-1] == len(positions) - 1 \
-                else np.asarray(positions)
-            out = tuple(np.asarray(arr[i, rows]) for i in range(shape[0]))  # views; Ray's put is the copy
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)  # the mapping stays valid until the arrays are stored
-        return out if len(out) > 1 else out[0]
-
-    async def get_capture(self, capture_id: str) -> dict[str, Any]:
-        return await self.captures.get(capture_id)
-
-    async def release_captures(self, capture_ids: list[str]) -> int:
-        return self.captures.release(capture_ids)
-
-    async def capture_stats(self) -> dict[str, int]:
-        self.captures.prune()
-        # rows computed twice (preemption by recompute) and deduplicated by position
-        return {**self.captures.stats(), "recomputed_rows": self._recomputed_rows}
-
     def tokenizer(self):
         if self._tokenizer is None:
             from transformers import AutoTokenizer
@@ -428,34 +343,6 @@ class SteerEngine:
         if self._channel:
             self._channel.close()
         self.engine.shutdown()
-
-
-def _capture_layers(data: dict[str, Any]) -> dict[int, Any]:
-    """A worker's capture payload: inline tensors, or one shared-memory file of [layers, position, hidden]."""
-    import numpy as np
-    import torch
-
-    from .wire import decode_tensor
-
-    if "file" in data:
-        # rows by absolute position, mapped rather than read: the object store's put is the one copy here
-        arr = np.memmap(data["file"], dtype=np.float32, mode="r+", shape=tuple(data["shape"]))
-        pos = data["positions"]
-        rows = slice(0, len(pos)) if not pos or pos[-1] == len(pos) - 1 else np.asarray(pos)
-        return {int(layer): torch.from_numpy(arr[i, rows]) for i, layer in enumerate(data["layer_ids"])}
-    return {int(k): decode_tensor(v) for k, v in data["layers"].items()}
-
-
-def _current_actor() -> Any:
-    """This engine's own actor handle, or None when it runs in-process (no actor to queue tasks on)."""
-    import ray
-
-    if not ray.is_initialized():
-        return None
-    try:
-        return ray.get_runtime_context().current_actor
-    except RuntimeError:
-        return None
 
 
 def _node_id() -> str | None:
