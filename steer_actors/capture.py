@@ -56,7 +56,8 @@ class _Pending:
     error: str | None = None
 
     def scatter(self, step_layers: list[int], rows: np.ndarray, pos: np.ndarray, toks: np.ndarray) -> None:
-        keep = pos < self.seen.shape[0]  # past prompt + max_tokens (rejected drafts): never the sequence
+        keep = pos < self.seen.shape[0]  # past prompt + max_tokens (rejected drafts); the engine checks
+        # that every position of the sequence arrived
         if not keep.all():
             rows, pos, toks = rows[:, keep], pos[keep], toks[keep]
         if pos.size == 0:
@@ -173,6 +174,8 @@ class CaptureStore:
                     found[k][1].error = (f"a step held more captured tokens than capture_rows_per_step={cap}; "
                                          f"raise it or lower max_num_batched_tokens")
             found = [f for f, k in zip(found, keep.tolist()) if k]
+            if not found:
+                return self._off()
             starts, counts = starts[keep], counts[keep]
             ends = np.cumsum(counts)
         n = int(ends[-1])

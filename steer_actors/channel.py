@@ -93,7 +93,7 @@ class WorkerChannel:
                 method, args = msg.get("m"), msg.get("a", [])
                 if method not in ALLOWED:
                     raise ValueError(f"unknown steering method {method!r}")
-                if method in UNLOCKED:  # host-side only: never waits for a forward
+                if method in UNLOCKED:  # no lock around the call (capture calls hold it only briefly)
                     reply = {"ok": getattr(self.worker, method)(*args)}
                 else:
                     # steer_apply: validate and build rows outside the lock, copy under it
@@ -150,14 +150,14 @@ class ChannelClient:
 
         if not self._socks:
             self._socks = [self._connect(a) for a in self.addresses]
-        for sock in self._socks:
-            sock.send(payload)
-        poller = zmq.Poller()
-        for sock in self._socks:
-            poller.register(sock, zmq.POLLIN)
         replies: list[Any] = [None] * len(self._socks)
         deadline = time.monotonic() + self.timeout_s
         try:
+            for sock in self._socks:
+                sock.send(payload)
+            poller = zmq.Poller()
+            for sock in self._socks:
+                poller.register(sock, zmq.POLLIN)
             while any(r is None for r in replies):
                 ready = dict(poller.poll(max(0, int((deadline - time.monotonic()) * 1000))))
                 if not ready:

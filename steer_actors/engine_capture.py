@@ -19,14 +19,16 @@ class EngineCaptureMixin:
         if bad:
             raise ValueError(f"cannot capture layers {bad}: capturable layers are {info['steerable_layers']}")
         n_tokens = [len(p) if isinstance(p, list) else len(self.tokenizer()(p).input_ids) for p in prompts]
-        need = sum(n + (params.max_tokens or 16) for n in n_tokens) * len(set(layers)) * self.hidden_size * 4
+        # rows a request can have: prompt + max_tokens (vLLM runs an unset max_tokens to the model's length)
+        max_len = int(self.engine.vllm_config.model_config.max_model_len)
+        rows = [min(max_len, n + params.max_tokens) if params.max_tokens else max(max_len, n) for n in n_tokens]
+        need = sum(rows) * len(set(layers)) * self.hidden_size * 4
         self.captures.reserve(need)
         try:
             import socket
 
-            max_tokens = params.max_tokens or 16
-            await self._workers("steer_capture_register", [(rid, sorted(set(layers)), n + max_tokens)
-                                                           for rid, n in zip(ids, n_tokens)], socket.gethostname())
+            await self._workers("steer_capture_register", [(rid, sorted(set(layers)), r)
+                                                           for rid, r in zip(ids, rows)], socket.gethostname())
         except BaseException:
             self.captures.unreserve(need)
             raise
@@ -37,6 +39,7 @@ class EngineCaptureMixin:
         me = _current_actor()
         handed: set[str] = set()  # files a materialize task now owns (and removes)
         eager = []
+        stored: list[str] = []
         try:
             for res, rid in zip(results, ids):
                 data = taken[rid]
@@ -44,8 +47,12 @@ class EngineCaptureMixin:
                     raise ValueError(data["error"])
                 self._recomputed_rows += data.get("recomputed", 0)
                 # rows past prompt + generated - 1 (e.g. rejected speculative drafts) are not the sequence
-                keep = sum(p < len(res.prompt_token_ids) + len(res.token_ids) - 1 for p in data["positions"])
+                expected = len(res.prompt_token_ids) + len(res.token_ids) - 1
+                keep = sum(p < expected for p in data["positions"])
                 positions, tokens = data["positions"][:keep], data["token_ids"][:keep]
+                if positions != list(range(expected)):  # never a silently short capture
+                    raise ValueError(f"capture of request {rid} is incomplete: {keep} of {expected} positions "
+                                     f"were captured")
                 if me is None or "file" not in data:
                     eager.append((res, rid, data, keep))
                     continue
@@ -59,14 +66,19 @@ class EngineCaptureMixin:
                 refs = [refs] if len(layer_ids) == 1 else list(refs)
                 nbytes = len(layer_ids) * keep * int(data["shape"][2]) * 4
                 res.captures = self.captures.put_refs(rid, dict(zip(layer_ids, refs)), positions, tokens, nbytes)
+                stored.append(rid)
 
             def store() -> None:  # copies into the object store: off the event loop, which serves every request
                 for res, rid, data, keep in eager:
                     layers = {layer: t[:keep] for layer, t in _capture_layers(data).items()}
                     res.captures = self.captures.put(rid, layers, data["positions"][:keep], data["token_ids"][:keep])
+                    stored.append(rid)
 
             if eager:
                 await asyncio.to_thread(store)
+        except BaseException:
+            self.captures.release(stored)  # the call fails whole: no entry of it lingers against the budget
+            raise
         finally:
             for data in taken.values():
                 if data.get("file") and data["file"] not in handed:
@@ -78,11 +90,14 @@ class EngineCaptureMixin:
         capture's object-store entries); removes the file."""
         import numpy as np
 
+        name = os.path.basename(path)
+        if os.path.dirname(path) != "/dev/shm" or not (name.startswith("steer-capture-") and name.endswith(".f32")):
+            raise ValueError(f"not a capture file: {path!r}")
         try:
             arr = np.memmap(path, dtype=np.float32, mode="r", shape=tuple(shape))
             rows = slice(0, len(positions)) if not positions or positions[-1] == len(positions) - 1 \
                 else np.asarray(positions)
-            out = tuple(np.asarray(arr[i, rows]) for i in range(shape[0]))  # views; Ray's put is the copy
+            out = tuple(np.asarray(arr[i, rows]) for i in range(shape[0]))  # views (contiguous rows); Ray's put copies
         finally:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)  # the mapping stays valid until the arrays are stored

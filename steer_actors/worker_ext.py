@@ -106,7 +106,8 @@ class SteerWorkerExtension:
         (``{"rows": ..., "fingerprint": ...}``)."""
         fp, rows = self._rows_from_engine(change) if "rows" in change else self._build_rows(change)
         st = self._steer_state()
-        st["staged"][int(version)] = (fp, rows, self._pack(rows), st["commits"])
+        commits = st["commits"]  # read before packing: a commit landing meanwhile forces a repack
+        st["staged"][int(version)] = (fp, rows, self._pack(rows), commits)
         return fp
 
     def steer_commit(self, version: int) -> str:
@@ -159,8 +160,8 @@ class SteerWorkerExtension:
         for rid in request_ids:  # take every request, so none is left behind when one failed
             try:
                 out[rid] = capture.STORE.take(rid)
-            except ValueError as e:
-                out[rid] = {"error": str(e)}
+            except Exception as e:  # this request's error; the others' files still reach the engine
+                out[rid] = {"error": f"{type(e).__name__}: {e}" if not isinstance(e, ValueError) else str(e)}
         return out
 
     def steer_capture_drop(self, request_ids: list[str]) -> None:

@@ -132,6 +132,18 @@ def test_no_shared_memory_file_outlives_its_capture(ray_local, capture_engine):
     ray_local.get(capture_engine.release_captures.remote([h.capture_id for h in handles]))
 
 
+def test_unset_max_tokens_captures_the_whole_sequence(ray_local, capture_engine):
+    """vLLM runs an unset max_tokens to the model's length: the capture must cover every position then too
+    (sized for max_model_len), never come back silently short."""
+    sp = dict(temperature=0.0, ignore_eos=True, max_tokens=None)
+    out = ray_local.get(capture_engine.generate.remote(PROMPTS[1:2], sp, [3]))[0]
+    h = fetch_captures_batch([CaptureHandle.from_wire(out["captures"])])[0]
+    n = len(PROMPTS[1]) + len(out["token_ids"]) - 1
+    assert len(out["token_ids"]) > 16 and h.positions == list(range(n))
+    assert h.captures[3][0]["hidden"].shape == (n, 256) and torch.isfinite(h.captures[3][0]["hidden"]).all()
+    ray_local.get(capture_engine.release_captures.remote([h.capture_id]))
+
+
 def test_captures_expire_after_their_ttl(ray_local, qwen3_path):
     """A separate short-TTL registry check on the same engine process type: entries past the TTL are
     dropped and their bytes return to the budget."""

@@ -95,3 +95,12 @@ def test_rows_go_to_a_file_by_position_and_drop_removes_it(tmp_path):
     assert len(files) == 2
     store.drop("b")
     assert [p.name for p in tmp_path.iterdir()] == [a["file"].rsplit("/", 1)[1]]
+
+
+def test_a_step_whose_every_request_overflows_captures_nothing_and_says_so():
+    store = make_store(rows=4)
+    store.register("a", [0], 16)
+    H = 4
+    step(store, ["a-1"], [6], list(range(6)), torch.arange(6.0)[:, None].expand(6, H).contiguous())
+    with pytest.raises(ValueError, match="capture_rows_per_step=4"):
+        store.take("a")
