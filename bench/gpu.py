@@ -189,7 +189,7 @@ async def run_ours(model: str, eager: bool, measure: list[str]) -> dict:
             t = time.perf_counter()
             await eng.apply_spec((one if i % 2 == 0 else all_layers).to_wire())
             lat.append((time.perf_counter() - t) * 1000)
-            parts.append((eng._channel.last_timing or [None])[0] if eng._channel else None)
+            parts.append((eng._channel["steer"].last_timing or [None])[0] if eng._channel else None)
             await asyncio.sleep(0.02)
         running = not bg.done()  # the updates must all have landed while the batch was decoding
         await bg

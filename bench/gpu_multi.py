@@ -44,7 +44,7 @@ def pin(raylet: str) -> dict:
     return {"actor_options": {"resources": {raylet: 0.01}}}
 
 
-def part_tp() -> dict:
+def part_tp(res: dict) -> dict:
     import ray
     import torch
 
@@ -78,7 +78,7 @@ def part_tp() -> dict:
 
     t = time.perf_counter()
     a_steered, a_req, a_ranks = tokens(tp2[0].handle)
-    res = {"tp2_start_and_run_s": time.perf_counter() - t, "tp2_ranks": len(a_ranks)}
+    res.update(tp2_start_and_run_s=time.perf_counter() - t, tp2_ranks=len(a_ranks))
     if one_raylet:
         stop_replicas(tp2)
         _wait_gpus_free()
@@ -109,7 +109,7 @@ async def _timed(calls) -> float:
     return time.perf_counter() - t
 
 
-def part_app() -> dict:
+def part_app(res: dict) -> dict:
     import ray
     import torch
     from ray import serve
@@ -132,7 +132,7 @@ def part_app() -> dict:
                num_replicas=2, replica_overrides=[pin("raylet_a"), pin("raylet_b")],
                engine_kwargs={"skip_tokenizer_init": True})
     app = serve.run(build_app(cfg), name="steer", route_prefix="/steer")
-    res: dict = {"app_start_s": time.perf_counter() - t}
+    res["app_start_s"] = time.perf_counter() - t
     engines = [ray.get_actor(f"steer-engine-{i}", namespace="steer_actors") for i in range(2)]
     nodes = {n["NodeID"]: ("A" if "raylet_a" in n["Resources"] else "B") for n in ray.nodes() if n["Alive"]}
     res["replica_raylets"] = [nodes[ray.get(e.info.remote())["node_id"]] for e in engines]
@@ -186,30 +186,33 @@ def part_app() -> dict:
         "max_diff_vs_replica_A_layer0": (handles[0].captures[0][0]["hidden"] - ref_h.captures[0][0]["hidden"]).abs().max().item(),
     }
     ray.get([e.release_captures.remote([h.capture_id]) for e, h in [(engines[1], h) for h in handles]])
-    # throughput: same workload (1024 prompts x 128/256, 8 per call) on one replica, then on both
+    # throughput: the same load per replica (512 prompts x 128/256 in flight, 8 per call) on one replica,
+    # then on both (1024): scaling out, not a batch split across more engines
     app.edit.remote({"action": "clear"}).result()
     big = dict(max_tokens=256, temperature=0.0, ignore_eos=True, detokenize=False)
 
-    def chunks(seed):
-        ps = _prompts(1024, seed=seed)
+    def chunks(seed, n):
+        ps = _prompts(n, seed=seed)
         return [ps[i:i + 8] for i in range(0, len(ps), 8)]
 
     async def one_replica(seed):
-        return await _timed([engines[0].generate.remote(c, big) for c in chunks(seed)])
+        return 512 * 256 / await _timed([engines[0].generate.remote(c, big) for c in chunks(seed, 512)])
 
     async def two_direct(seed):
-        return await _timed([engines[i % 2].generate.remote(c, big) for i, c in enumerate(chunks(seed))])
+        return 1024 * 256 / await _timed([engines[i % 2].generate.remote(c, big)
+                                          for i, c in enumerate(chunks(seed, 1024))])
 
     async def two_app(seed):
-        return await _timed([app.generate.remote(c, big) for c in chunks(seed)])
+        return 1024 * 256 / await _timed([app.generate.remote(c, big) for c in chunks(seed, 1024)])
 
     async def throughput():
         await two_direct(1)  # warm-up both
         out = {"one_replica": [], "two_replicas_direct": [], "two_replicas_app": []}
         for r in range(2):
-            out["one_replica"].append(1024 * 256 / await one_replica(10 + r))
-            out["two_replicas_direct"].append(1024 * 256 / await two_direct(20 + r))
-            out["two_replicas_app"].append(1024 * 256 / await two_app(30 + r))
+            out["one_replica"].append(await one_replica(10 + r))
+            out["two_replicas_direct"].append(await two_direct(20 + r))
+            out["two_replicas_app"].append(await two_app(30 + r))
+        res["throughput_runs"] = out
         return {k: max(v) for k, v in out.items()}
 
     tps = asyncio.run(throughput())
@@ -227,13 +230,20 @@ def main() -> None:
     args = ap.parse_args()
     import torch
 
+    import signal
+
+    def on_term(*_):  # `timeout` ends a step with SIGTERM: write what was measured before going
+        raise TimeoutError("step timed out (SIGTERM)")
+
+    signal.signal(signal.SIGTERM, on_term)
     t = time.perf_counter()
+    res: dict = {}  # filled as each phase ends: a later failure keeps what was measured
     try:
-        res = part_tp() if args.part == "tp" else part_app()
-    except Exception as e:  # keep what is known
+        part_tp(res) if args.part == "tp" else part_app(res)
+    except Exception as e:
         import traceback
 
-        res = {"error": repr(e), "trace": traceback.format_exc()[-4000:]}
+        res.update(error=repr(e), trace=traceback.format_exc()[-4000:])
     res.update(card=torch.cuda.get_device_name(0), gpus=torch.cuda.device_count(), wall_s=time.perf_counter() - t)
     Path(args.out).write_text(json.dumps(res, indent=1))
     print(json.dumps(res)[:3000])

@@ -12,6 +12,8 @@
 #   A        tp on GPUs 0,1 then hooks (0) and capture (1); b06 on GPU 2; parity on GPU 3
 #   B        app on all four, then 8B stock (GPU 0) beside 8B ours (GPU 1) in the time left
 #   C        tp (all logs kept) then eager parity; capture (GPU 2); update latency (GPU 3)
+#   D        tp (whole log kept) then 8B stock beside 8B ours; capture (GPU 2); update latency (GPU 3)
+#   E        app on all four (whole log kept)
 set -uo pipefail
 step=$1
 cd "$(dirname "$0")/.."
@@ -31,6 +33,17 @@ job() {  # job <name> <gpus> <child timeout s> <timeout s> <script args...>: log
   env CUDA_VISIBLE_DEVICES="$gpus" BENCH_CHILD_TIMEOUT_S="$child" VLLM_CACHE_ROOT="/tmp/vc-$name" BENCH_KEEP_RAY=1 \
     timeout "$limit" python3 "$@" >"/tmp/$name.log" 2>&1
   echo "$name rc=$? at $((SECONDS - t0)) s"
+}
+keep_log() {  # keep_log <name>: the whole log, less progress bars (the device returns 8 files at most)
+  grep -avE "it/s\]|Loading safetensors|^\s*$" "/tmp/$1.log" | tail -c 3000000 >"$OUT/${1}_full.log"
+}
+wait_free() {  # wait_free <gpu list> <s>: until those cards hold < 2 GiB (a stopped engine takes a moment)
+  local end=$((SECONDS + $2))
+  while [ $SECONDS -lt $end ]; do
+    busy=$(nvidia-smi --query-gpu=index,memory.used --format=csv,noheader,nounits |
+           awk -F', ' -v ids=",$1," 'index(ids, ","$1",") && $2 > 2048' | wc -l)
+    [ "$busy" -eq 0 ] && return 0; sleep 2
+  done
 }
 report() {  # the end of every log in one file (the device returns at most 8 files)
   for f in "$@"; do echo "=== $f"; grep -vE "^\s*$|Loading|it/s" "/tmp/$f.log" | tail -25 | cut -c1-400; done >"$OUT/$step.log"
@@ -54,6 +67,27 @@ case $step in
     job capture 2 355 360 bench/gpu.py --model 0.6b --runs capture --out "$OUT/capture.json" &
     job update 3 330 340 bench/gpu.py --model 0.6b --runs ours_update --out "$OUT/update.json" &
     wait; report tp parity capture update; exit 0 ;;
+  D)
+    { df -h /dev/shm | tail -1; nproc; free -g | sed -n 2p; } | tr '\n' ' '; echo
+    ( CUDA_VISIBLE_DEVICES= python3 -c "import sys; sys.path.insert(0, 'bench'); import gpu; gpu.build_checkpoint('8b', 'cpu')" \
+        >/tmp/build8b.log 2>&1 ) & build=$!
+    ( job tp 0,1 200 215 bench/gpu_multi.py --part tp --out "$OUT/tp.json"
+      keep_log tp
+      wait_free 0,1 60
+      while [ ! -f /tmp/bench-qwen3-8b/config.json ] && kill -0 "$build" 2>/dev/null; do sleep 2; done
+      left=$((565 - (SECONDS - t0)))
+      if [ "$left" -gt 200 ]; then
+        job b8stock 0 "$((left - 10))" "$left" bench/gpu.py --model 8b --runs stock --out "$OUT/b8stock.json" &
+        BENCH_ROUNDS=1 job b8ours 1 "$((left - 10))" "$left" bench/gpu.py --model 8b --runs ours --out "$OUT/b8ours.json" &
+        wait
+      else echo "no time left for 8B ($left s)"; fi ) &
+    job capture 2 390 400 bench/gpu.py --model 0.6b --runs capture --out "$OUT/capture.json" &
+    job update 3 330 340 bench/gpu.py --model 0.6b --runs ours_update --out "$OUT/update.json" &
+    wait; report tp capture update build8b b8stock b8ours; exit 0 ;;
+  E)
+    job app 0,1,2,3 540 560 bench/gpu_multi.py --part app --out "$OUT/app.json"
+    keep_log app
+    report app; exit 0 ;;
   B)
     # the 8B checkpoint is built on the CPU meanwhile (every GPU is the app's)
     ( CUDA_VISIBLE_DEVICES= python3 -c "import sys; sys.path.insert(0, 'bench'); import gpu; gpu.build_checkpoint('8b', 'cpu')" \

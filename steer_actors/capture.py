@@ -296,6 +296,33 @@ def _unlink(path: str) -> None:
         pass
 
 
+def sweep_orphan_files(directory: str = "/dev/shm") -> list[str]:
+    """Remove capture files whose writing process is gone (an engine that died with captures in flight):
+    tmpfs is memory, and nothing else would ever free them. Returns the paths removed."""
+    import os
+
+    removed = []
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return removed
+    for name in names:
+        if not (name.startswith("steer-capture-") and name.endswith(".f32")):
+            continue
+        try:
+            pid = int(name.split("-")[2])
+            os.kill(pid, 0)
+            continue  # its process lives: the file may be in use
+        except ProcessLookupError:
+            pass
+        except (ValueError, IndexError, PermissionError):
+            continue
+        path = os.path.join(directory, name)
+        _unlink(path)
+        removed.append(path)
+    return removed
+
+
 def _shared_array(path: str, shape: tuple[int, ...]) -> np.ndarray:
     """A float32 array mapped on a new file, its space reserved first: a full tmpfs then raises
     ``OSError`` here rather than SIGBUS at the first write into a page it cannot back."""

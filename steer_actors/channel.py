@@ -22,19 +22,75 @@ from . import wire
 
 log = logging.getLogger(__name__)
 
-LOCK = threading.RLock()  # held by the runner while it enqueues a forward, and by every steer_* call
+LOCK = threading.RLock()  # held by the runner while it enqueues a forward, and around every change's copy
 _forward_stream: Any = None  # the CUDA stream forwards run on (seen by the runner hook)
 
-ALLOWED = frozenset({
-    "steer_info", "steer_stage", "steer_commit", "steer_apply", "steer_abort", "steer_slot_load", "steer_route",
-    "steer_unroute", "steer_capture_register", "steer_capture_take", "steer_capture_drop",
-})
+# Two lanes per worker, each a socket and thread of its own, so that a steering change never queues
+# behind a capture's bookkeeping (registering a request's shared-memory file, taking a finished one).
+LANES = {
+    "steer": frozenset({"steer_info", "steer_stage", "steer_commit", "steer_apply", "steer_abort"}),
+    "requests": frozenset({"steer_slot_load", "steer_route", "steer_unroute", "steer_capture_register",
+                           "steer_capture_take", "steer_capture_drop"}),
+}
+ALLOWED = LANES["steer"] | LANES["requests"]
+LANE_OF = {m: lane for lane, methods in LANES.items() for m in methods}
 
 
 # Methods that only touch host state of their own (validation, building rows), or that take the lock
 # themselves for just the moment they need it (capture bookkeeping): no lock around the call.
 UNLOCKED = frozenset({"steer_info", "steer_stage", "steer_abort", "steer_capture_register", "steer_capture_take",
                       "steer_capture_drop"})
+
+
+class _Job:
+    __slots__ = ("fn", "done", "result", "error", "ran_s")
+
+    def __init__(self, fn):
+        self.fn, self.done, self.result, self.error, self.ran_s = fn, threading.Event(), None, None, 0.0
+
+
+_jobs: list[_Job] = []
+_jobs_mutex = threading.Lock()
+
+
+def between_forwards(fn):
+    """Run ``fn()`` where no forward is being enqueued, and return its result (or raise its error).
+
+    Whichever comes first runs it: this thread, as soon as it holds :data:`LOCK`, or the runner's
+    thread at the start of its next forward (:func:`run_pending`, called with the lock held). Under
+    load the runner releases the lock and takes it again within microseconds, and a waiting thread
+    must also win the GIL to get it, so waiting for the lock alone could miss several steps; the
+    runner picking the job up bounds the wait by one forward's launch."""
+    job = _Job(fn)
+    with _jobs_mutex:
+        _jobs.append(job)
+    while not job.done.is_set():
+        if LOCK.acquire(timeout=0.002):  # waits without the GIL
+            try:
+                run_pending()
+            finally:
+                LOCK.release()
+    if job.error is not None:
+        raise job.error
+    return job.result
+
+
+def run_pending() -> None:
+    """Run the queued :func:`between_forwards` jobs; the caller holds :data:`LOCK`."""
+    if not _jobs:
+        return
+    with _jobs_mutex:
+        jobs = _jobs[:]
+        _jobs.clear()
+    for job in jobs:
+        t = time.perf_counter()
+        try:
+            with on_forward_stream():
+                job.result = job.fn()
+        except BaseException as e:  # goes back to the caller's thread
+            job.error = e
+        job.ran_s = time.perf_counter() - t
+        job.done.set()
 
 
 def note_forward_stream() -> None:
@@ -69,16 +125,16 @@ def _bind_host() -> str:
 
 
 class WorkerChannel:
-    """Serves one worker's ``steer_*`` methods (thread + REP socket)."""
+    """Serves one lane of a worker's ``steer_*`` methods (thread + REP socket)."""
 
-    def __init__(self, worker: Any):
+    def __init__(self, worker: Any, lane: str = "steer"):
         import zmq
 
-        self.worker = worker
+        self.worker, self.lane, self.methods = worker, lane, LANES[lane]
         self.sock = zmq.Context.instance().socket(zmq.REP)
         host = _bind_host()
         self.address = f"tcp://{host}:{self.sock.bind_to_random_port(f'tcp://{host}')}"
-        self.thread = threading.Thread(target=self._serve, name="steer-channel", daemon=True)
+        self.thread = threading.Thread(target=self._serve, name=f"steer-channel-{lane}", daemon=True)
         self.thread.start()
 
     def _serve(self) -> None:
@@ -91,24 +147,32 @@ class WorkerChannel:
             try:
                 msg = wire.unpackb(self.sock.recv())
                 method, args = msg.get("m"), msg.get("a", [])
-                if method not in ALLOWED:
-                    raise ValueError(f"unknown steering method {method!r}")
+                if method not in self.methods:
+                    raise ValueError(f"unknown steering method {method!r} on the {self.lane!r} lane")
                 if method in UNLOCKED:  # no lock around the call (capture calls hold it only briefly)
                     reply = {"ok": getattr(self.worker, method)(*args)}
                 else:
-                    # steer_apply: validate and build rows outside the lock, copy under it
+                    # steer_apply: validate and build rows outside the lock, copy between two forwards
                     t0 = time.perf_counter()
                     if method == "steer_apply":
                         self.worker.steer_stage(*args)
                         method, args = "steer_commit", args[:1]
                     t1 = time.perf_counter()
-                    with LOCK:
-                        t2 = time.perf_counter()
-                        with on_forward_stream():
-                            reply = {"ok": getattr(self.worker, method)(*args)}
-                    # where a change's latency goes: building rows, waiting for the forward lock, copying
-                    reply["t"] = [round((t1 - t0) * 1e3, 3), round((t2 - t1) * 1e3, 3),
-                                  round((time.perf_counter() - t2) * 1e3, 3)]
+                    call = getattr(self.worker, method)
+                    ran: list[float] = []
+
+                    def job(call=call, args=args, ran=ran):
+                        t = time.perf_counter()
+                        try:
+                            return call(*args)
+                        finally:
+                            ran.append(time.perf_counter() - t)
+
+                    reply = {"ok": between_forwards(job)}
+                    copy_s = ran[0] if ran else 0.0
+                    # where a change's latency goes: building rows, waiting for a gap between forwards, copying
+                    reply["t"] = [round((t1 - t0) * 1e3, 3), round((time.perf_counter() - t1 - copy_s) * 1e3, 3),
+                                  round(copy_s * 1e3, 3)]
             except Exception as e:  # every error goes back to the caller, the thread lives on
                 reply = {"err": type(e).__name__, "msg": str(e)}
             try:

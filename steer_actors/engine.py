@@ -79,6 +79,9 @@ class SteerEngine(EngineCaptureMixin):
             import ray
 
             pg = ray.util.get_current_placement_group()
+        from .capture import sweep_orphan_files
+
+        sweep_orphan_files()  # files of an engine that died here before it handed its captures on
         self.engine = vllm_compat.make_async_llm(vllm_compat.engine_args(**kwargs), pg)
         from .reaper import start_for_children
 
@@ -95,34 +98,37 @@ class SteerEngine(EngineCaptureMixin):
         self._device = device
         self.captures = CaptureRegistry(cfg.capture_budget_bytes, cfg.capture_ttl_s)
         self._recomputed_rows = 0
-        self._channel: Any = None  # ChannelClient once opened, False if it cannot be
+        self._channel: Any = None  # {lane: ChannelClient} once opened, False if it cannot be
         self._channel_lock = asyncio.Lock()
         self.slots = SlotPool(cfg.max_steering_slots, self._load_slot)
 
-    async def _side_channel(self) -> Any:
-        """The workers' side channel (opened on first use), or False where it cannot open."""
+    async def _side_channel(self, lane: str = "steer") -> Any:
+        """The workers' side channel for ``lane`` (opened on first use), or False where it cannot open."""
         if self._channel is None:
             async with self._channel_lock:
                 if self._channel is None:
                     try:
-                        from .channel import ChannelClient
+                        from .channel import LANES, ChannelClient
 
-                        self._channel = ChannelClient(await self.engine.collective_rpc("steer_channel_open"))
+                        ranks = await self.engine.collective_rpc("steer_channel_open")
+                        self._channel = {lane: ChannelClient([r[lane] for r in ranks]) for lane in LANES}
                     except Exception as e:  # e.g. no zmq: slower, same semantics
                         import logging
 
                         logging.getLogger(__name__).warning("steer side channel unavailable (%s)", e)
                         self._channel = False
-        return self._channel
+        return self._channel and self._channel[lane]
 
     async def _workers(self, method: str, *args: Any, same_step: bool = False) -> list[Any]:
-        """``method`` on every TP rank: over the side channel, or collective_rpc where it cannot open.
-        ``same_step``: with several ranks, each rank's channel would land the call before whichever
-        forward it is at, so a change could split one forward across versions; collective_rpc runs it
-        on every rank between the same two steps."""
-        await self._side_channel()
-        if self._channel and not (same_step and len(self._channel.addresses) > 1):
-            return await self._channel.call(method, *args)
+        """``method`` on every TP rank: over its lane of the side channel, or collective_rpc where that
+        cannot open. ``same_step``: with several ranks, each rank's channel would land the call before
+        whichever forward it is at, so a change could split one forward across versions; collective_rpc
+        runs it on every rank between the same two steps."""
+        from .channel import LANE_OF
+
+        channel = await self._side_channel(LANE_OF[method])
+        if channel and not (same_step and len(channel.addresses) > 1):
+            return await channel.call(method, *args)
         return await self.engine.collective_rpc(method, args=args)
 
     # ---- introspection -------------------------------------------------------------------------
@@ -340,8 +346,8 @@ class SteerEngine(EngineCaptureMixin):
         return await self.generate(prompts, sampling)
 
     async def shutdown(self) -> None:
-        if self._channel:
-            self._channel.close()
+        for channel in (self._channel or {}).values():
+            channel.close()
         self.engine.shutdown()
 
 

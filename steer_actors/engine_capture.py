@@ -35,7 +35,13 @@ class EngineCaptureMixin:
         return need
 
     async def _finish_capture(self, results: list[GenerationResult], ids: list[str]) -> None:
-        taken = next(t for t in await self._workers("steer_capture_take", ids) if t is not None)
+        take = asyncio.ensure_future(self._workers("steer_capture_take", ids))
+        try:
+            ranks = await asyncio.shield(take)
+        except asyncio.CancelledError:  # the files the take hands over still need an owner: nobody wants them
+            take.add_done_callback(_unlink_taken)
+            raise
+        taken = next(t for t in ranks if t is not None)
         me = _current_actor()
         handed: set[str] = set()  # files a materialize task now owns (and removes)
         eager = []
@@ -129,6 +135,16 @@ def _capture_layers(data: dict[str, Any]) -> dict[int, Any]:
         rows = slice(0, len(pos)) if not pos or pos[-1] == len(pos) - 1 else np.asarray(pos)
         return {int(layer): torch.from_numpy(arr[i, rows]) for i, layer in enumerate(data["layer_ids"])}
     return {int(k): decode_tensor(v) for k, v in data["layers"].items()}
+
+
+def _unlink_taken(take: asyncio.Future) -> None:
+    if take.cancelled() or take.exception() is not None:
+        return
+    for rank in take.result():
+        for data in (rank or {}).values():
+            if data.get("file"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(data["file"])
 
 
 def _current_actor() -> Any:

@@ -107,16 +107,16 @@ def make_async_llm(args: Any, placement_group: Any = None) -> Any:
     from vllm.v1.engine.async_llm import AsyncLLM
     from vllm.v1.executor import Executor
 
-    if placement_group is None:
-        return AsyncLLM.from_engine_args(args)
     import os
 
     import ray
 
-    if ray.is_initialized():
+    if args.distributed_executor_backend == "ray" and ray.is_initialized():
         # The engine core subprocess joins Ray as a driver of its own; without an address it takes the
         # cluster last started on this host, which need not be the one holding the placement group.
         os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
+    if placement_group is None:
+        return AsyncLLM.from_engine_args(args)
     vllm_config = args.create_engine_config(UsageContext.ENGINE_CONTEXT)
     pc = vllm_config.parallel_config
     pc.placement_group = placement_group
@@ -165,13 +165,14 @@ def _end(listeners: list) -> None:
 
 
 def _probe_v1(runner: Any, listeners: list) -> None:
-    from .channel import LOCK, note_forward_stream
+    from .channel import LOCK, note_forward_stream, run_pending
 
     orig = runner._model_forward
 
     def probed(*args: Any, **kwargs: Any) -> Any:
         with LOCK:
             note_forward_stream()
+            run_pending()  # changes waiting for a gap between forwards land before this one
             n = runner.input_batch.num_reqs
             req_ids = list(runner.input_batch.req_ids[:n])
             qsl = runner.query_start_loc.np[: n + 1]
@@ -191,7 +192,7 @@ def _probe_v2(runner: Any, listeners: list) -> None:
     """The lock is taken once the step's inputs are prepared and released when the forward is enqueued:
     the rest of ``execute_model`` (request bookkeeping, which may wait for the previous step's results
     under async scheduling) runs without it, so a change waits for a forward's launch, not for a step."""
-    from .channel import LOCK, note_forward_stream
+    from .channel import LOCK, note_forward_stream, run_pending
 
     orig_prepare, orig_execute = runner.prepare_inputs, runner.execute_model
 
@@ -200,6 +201,7 @@ def _probe_v2(runner: Any, listeners: list) -> None:
         LOCK.acquire()
         runner._steer_locked = True
         note_forward_stream()
+        run_pending()  # changes waiting for a gap between forwards land before this one
         n = batch.num_reqs
         for lst in listeners:
             lst.begin_step(list(batch.req_ids[:n]), batch.query_start_loc_np[: n + 1], batch.positions,

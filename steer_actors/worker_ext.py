@@ -33,15 +33,15 @@ class SteerWorkerExtension:
                                        "loaded": {}, "commits": 0}
         return st
 
-    def steer_channel_open(self) -> str:
-        """Start this worker's side channel (once) and return its address (see :mod:`.channel`)."""
-        from .channel import WorkerChannel
+    def steer_channel_open(self) -> dict[str, str]:
+        """Start this worker's side channel (once): the address of each lane (see :mod:`.channel`)."""
+        from .channel import LANES, WorkerChannel
 
         vllm_compat.install_step_probe(self)
-        ch = self.__dict__.get("_steer_channel")
-        if ch is None:
-            ch = self._steer_channel = WorkerChannel(self)
-        return ch.address
+        chans = self.__dict__.get("_steer_channels")
+        if chans is None:
+            chans = self._steer_channels = {lane: WorkerChannel(self, lane) for lane in LANES}
+        return {lane: ch.address for lane, ch in chans.items()}
 
     def steer_info(self) -> dict[str, Any]:
         layers = self._steer_layers()

@@ -37,13 +37,27 @@ class Worker:
         return {"slept": ids[0]}
 
 
+def _lanes(workers, timeout_s=1.0):
+    chans = {lane: [channel.WorkerChannel(w, lane) for w in workers] for lane in channel.LANES}
+    return {lane: channel.ChannelClient([c.address for c in cs], timeout_s=timeout_s) for lane, cs in chans.items()}
+
+
 @pytest.fixture
 def ranks():
     workers = [Worker(0), Worker(1)]
-    chans = [channel.WorkerChannel(w) for w in workers]
-    client = channel.ChannelClient([c.address for c in chans], timeout_s=1.0)
-    yield workers, client
-    client.close()
+    clients = _lanes(workers)
+    yield workers, clients["steer"]
+    for c in clients.values():
+        c.close()
+
+
+@pytest.fixture
+def lanes():
+    workers = [Worker(0), Worker(1)]
+    clients = _lanes(workers)
+    yield workers, clients
+    for c in clients.values():
+        c.close()
 
 
 def test_call_reaches_every_rank_and_reports_where_time_went(ranks):
@@ -84,17 +98,19 @@ def test_cancelled_caller_leaves_sockets_in_step(ranks):
     assert [w.committed for w in workers] == [[5], [5]]
 
 
-def test_timeout_names_the_rank_and_the_channel_recovers(ranks):
-    workers, client = ranks
+def test_timeout_names_the_rank_and_the_channel_recovers(lanes):
+    workers, clients = lanes
+    client = clients["requests"]
     with pytest.raises(RuntimeError, match="did not answer"):
         asyncio.run(client.call("steer_capture_take", ["1.5"]))
     time.sleep(0.6)  # the workers finish the late call; their replies go to the closed sockets
-    assert asyncio.run(client.call("steer_info")) == [{"rank": 0}, {"rank": 1}]
+    assert asyncio.run(client.call("steer_capture_take", ["0"])) == [{"slept": "0"}, {"slept": "0"}]
 
 
-def test_loop_stays_free_while_a_call_waits(ranks):
+def test_loop_stays_free_while_a_call_waits(lanes):
     """The exchange runs off the event loop: other coroutines keep running while a rank holds the call."""
-    workers, client = ranks
+    workers, clients = lanes
+    client = clients["requests"]
 
     async def main():
         ticks = 0
@@ -111,3 +127,63 @@ def test_loop_stays_free_while_a_call_waits(ranks):
         return ticks
 
     assert asyncio.run(main()) >= 15
+
+
+def test_a_change_does_not_queue_behind_capture_calls(lanes):
+    """A slow capture take on the requests lane leaves the steering lane free."""
+    workers, clients = lanes
+
+    async def main():
+        slow = asyncio.create_task(clients["requests"].call("steer_capture_take", ["0.5"]))
+        await asyncio.sleep(0.05)
+        t = time.perf_counter()
+        out = await clients["steer"].call("steer_apply", 7, {})
+        took = time.perf_counter() - t
+        await slow
+        return out, took
+
+    out, took = asyncio.run(main())
+    assert out == ["fp7-r0", "fp7-r1"] and took < 0.3
+
+
+def test_busy_runner_picks_a_change_up_at_its_next_forward():
+    """A runner that releases the forward lock and takes it again at once (as under load) still lets a
+    change land within about one forward, never inside one: the runner runs it at its next step start."""
+    stop, inside, log = threading.Event(), threading.Event(), []
+
+    def runner():
+        while not stop.is_set():
+            with channel.LOCK:
+                channel.run_pending()
+                inside.set()
+                time.sleep(0.01)  # a forward being enqueued
+                inside.clear()
+            # released for only a moment: a thread waiting for the lock rarely wins it here
+
+    def change():
+        log.append(("ran", inside.is_set(), threading.current_thread().name))
+        return 42
+
+    th = threading.Thread(target=runner, name="runner", daemon=True)
+    th.start()
+    time.sleep(0.05)
+    waits = []
+    for _ in range(20):
+        t = time.perf_counter()
+        assert channel.between_forwards(change) == 42
+        waits.append(time.perf_counter() - t)
+    stop.set()
+    th.join()
+    assert len(log) == 20 and not any(was_inside for _, was_inside, _ in log)
+    assert max(waits) < 0.05, waits  # at most about one forward (10 ms) plus scheduling
+
+
+def test_idle_runner_change_runs_at_once_and_errors_come_back():
+    def bad():
+        raise ValueError("nope")
+
+    t = time.perf_counter()
+    assert channel.between_forwards(lambda: threading.current_thread().name) == threading.current_thread().name
+    assert time.perf_counter() - t < 0.05
+    with pytest.raises(ValueError, match="nope"):
+        channel.between_forwards(bad)
