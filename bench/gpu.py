@@ -382,6 +382,7 @@ RUNS = {
     "stock": lambda m: spawn(f"stock-{m}", ["--child", "stock", "--model", m], plugins=False),
     "ours": lambda m: spawn(f"ours-{m}", ["--child", "ours", "--model", m,
                                           "--measure", "idle,one_layer,all_layers,specs16,update"]),
+    "update_only": lambda m: spawn(f"update-{m}", ["--child", "ours", "--model", m, "--measure", "update"]),
     "ours_update": lambda m: spawn(f"ours-update-{m}", ["--child", "ours", "--model", m, "--measure", "idle,update"]),
     "capture": lambda m: spawn(f"capture-{m}", ["--child", "capture", "--model", m]),
     "stock_eager": lambda m: spawn(f"stock-eager-{m}", ["--child", "stock", "--model", m, "--eager"], plugins=False),

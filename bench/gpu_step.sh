@@ -14,6 +14,8 @@
 #   C        tp (all logs kept) then eager parity; capture (GPU 2); update latency (GPU 3)
 #   D        tp (whole log kept) then 8B stock beside 8B ours; capture (GPU 2); update latency (GPU 3)
 #   E        app on all four (whole log kept)
+#   F        tp alone on GPUs 0,1 (stacks of every engine process dumped if it is not done at 150 s); capture
+#            (GPU 2); update latency alone (GPU 3)
 set -uo pipefail
 step=$1
 cd "$(dirname "$0")/.."
@@ -84,6 +86,21 @@ case $step in
     job capture 2 390 400 bench/gpu.py --model 0.6b --runs capture --out "$OUT/capture.json" &
     job update 3 330 340 bench/gpu.py --model 0.6b --runs ours_update --out "$OUT/update.json" &
     wait; report tp capture update build8b b8stock b8ours; exit 0 ;;
+  F)
+    export STEER_ACTORS_DUMP_STACKS=1
+    stacks() {  # stacks <label>: py-spy (and faulthandler via SIGUSR1) for every engine-side process
+      for pid in $(pgrep -f "RayWorkerProc|EngineCore|SteerEngine|VLLM|gpu.py --child"); do
+        echo "=== $1 pid $pid $(tr '\0' ' ' </proc/$pid/cmdline | cut -c1-120)"
+        timeout 20 py-spy dump --pid "$pid" 2>&1 | head -80
+      done >>"$OUT/stacks.txt"
+      pkill -USR1 -f "RayWorkerProc" 2>/dev/null
+    }
+    ( VLLM_USE_FLASHINFER_SAMPLER=0 job tp 0,1 170 180 bench/gpu_multi.py --part tp --out "$OUT/tp.json" ) &
+    ( sleep 150; [ -f "$OUT/tp.json" ] || stacks tp; sleep 150; stacks late ) & dumper=$!
+    job capture 2 330 340 bench/gpu.py --model 0.6b --runs capture --out "$OUT/capture.json" &
+    job update 3 300 310 bench/gpu.py --model 0.6b --runs update_only --out "$OUT/update.json" &
+    wait $(jobs -p | grep -v "^$dumper$"); kill $dumper 2>/dev/null
+    keep_log tp; report tp capture update; exit 0 ;;
   E)
     job app 0,1,2,3 540 560 bench/gpu_multi.py --part app --out "$OUT/app.json"
     keep_log app

@@ -33,6 +33,16 @@ class SteerWorkerExtension:
                                        "loaded": {}, "commits": 0}
         return st
 
+    def _no_layers(self) -> str:
+        """Why a worker found no steerable layer: what it runs and what the patch covered."""
+        from .patch import _PATCHED_ATTR
+
+        model = vllm_compat.worker_model(self)
+        patched = [c.__qualname__ for c in vllm_compat.decoder_layer_classes() if c.__dict__.get(_PATCHED_ATTR)]
+        kinds = sorted({type(m).__name__ for m in model.modules() if type(m).__name__.endswith("DecoderLayer")})
+        return (f"this engine has no steerable layers (was it started by steer_actors?): it runs "
+                f"{type(model).__name__} with layers {kinds}; patched here: {patched}")
+
     def steer_channel_open(self) -> dict[str, str]:
         """Start this worker's side channel (once): the address of each lane (see :mod:`.channel`)."""
         from .channel import LANES, WorkerChannel
@@ -60,7 +70,7 @@ class SteerWorkerExtension:
         spec = SteeringSpec.from_wire(spec_wire)
         layers = self._steer_layers()
         if not layers:
-            raise ValueError("this engine has no steerable layers (was it started by steer_actors?)")
+            raise ValueError(self._no_layers())
         any_layer = next(iter(layers.values()))
         spec.validate_for(any_layer.hidden, num_layers=max(layers) + 1, steerable_layers=sorted(layers),
                           max_ops_per_layer=any_layer.num_slots)
@@ -78,7 +88,7 @@ class SteerWorkerExtension:
         layers = self._steer_layers()
         any_layer = next(iter(layers.values()), None)
         if any_layer is None:
-            raise ValueError("this engine has no steerable layers (was it started by steer_actors?)")
+            raise ValueError(self._no_layers())
         if (payload.get("slots"), payload.get("hidden")) != (any_layer.num_slots, any_layer.hidden):
             raise ValueError(f"rows for {payload.get('slots')} slots x hidden {payload.get('hidden')}; this worker "
                              f"has {any_layer.num_slots} x {any_layer.hidden}")
