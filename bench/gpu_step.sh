@@ -101,6 +101,15 @@ case $step in
     job update 3 300 310 bench/gpu.py --model 0.6b --runs update_only --out "$OUT/update.json" &
     wait $(jobs -p | grep -v "^$dumper$"); kill $dumper 2>/dev/null
     keep_log tp; report tp capture update; exit 0 ;;
+  G)  # why engines came up without steerable layers; if the tiny engine has them, F's measurements
+    CUDA_VISIBLE_DEVICES=0 timeout 150 python3 bench/diag_patch.py >"$OUT/diag.txt" 2>/tmp/diag.err
+    grep -avE "it/s\]|^\s*$" /tmp/diag.err | tail -c 200000 >"$OUT/diag_err.txt"
+    cut -c1-1500 "$OUT/diag.txt"
+    grep -q '"layers": \[0' "$OUT/diag.txt" || exit 0
+    ( VLLM_USE_FLASHINFER_SAMPLER=0 job tp 0,1 170 180 bench/gpu_multi.py --part tp --out "$OUT/tp.json"; keep_log tp ) &
+    job capture 2 290 300 bench/gpu.py --model 0.6b --runs capture --out "$OUT/capture.json" &
+    job update 3 270 280 bench/gpu.py --model 0.6b --runs update_only --out "$OUT/update.json" &
+    wait; report tp capture update; exit 0 ;;
   E)
     job app 0,1,2,3 540 560 bench/gpu_multi.py --part app --out "$OUT/app.json"
     keep_log app

@@ -37,8 +37,11 @@ def decoder_layer_classes() -> Iterator[type]:
     for mod_name, cls_name in DECODER_LAYERS:
         try:
             cls = getattr(importlib.import_module(mod_name), cls_name)
-        except (ImportError, AttributeError) as e:  # model absent in this vLLM build
+        except AttributeError as e:  # model absent in this vLLM build
             log.debug("steer_actors: skip %s.%s: %s", mod_name, cls_name, e)
+            continue
+        except ImportError as e:  # never silent: that model's layers would run unsteered
+            log.warning("steer_actors: cannot patch %s.%s: %r", mod_name, cls_name, e)
             continue
         yield cls
 
