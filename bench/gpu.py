@@ -331,14 +331,20 @@ def run_capture(model: str) -> dict:
 def child(args) -> None:
     import torch
 
-    if args.child == "stock":
-        res = asyncio.run(run_stock(build_checkpoint(args.model), args.eager, args.hooks))
-    elif args.child == "ours":
-        res = asyncio.run(run_ours(build_checkpoint(args.model), args.eager, args.measure.split(",")))
-    elif args.child == "capture":
-        res = run_capture(build_checkpoint(args.model))
-    else:
-        res = asyncio.run(run_parity(args.eager))
+    try:
+        if args.child == "stock":
+            res = asyncio.run(run_stock(build_checkpoint(args.model), args.eager, args.hooks))
+        elif args.child == "ours":
+            res = asyncio.run(run_ours(build_checkpoint(args.model), args.eager, args.measure.split(",")))
+        elif args.child == "capture":
+            res = run_capture(build_checkpoint(args.model))
+        else:
+            res = asyncio.run(run_parity(args.eager))
+    except Exception as e:  # after partial RESULT lines, the error must be the last word
+        import traceback
+
+        print("RESULT=" + json.dumps({"error": repr(e)[:2000], "trace": traceback.format_exc()[-3000:]}), flush=True)
+        raise
     res["card"] = torch.cuda.get_device_name(0)
     print("RESULT=" + json.dumps(res), flush=True)  # the parent keeps the last RESULT line
 
