@@ -110,6 +110,11 @@ case $step in
     job capture 2 290 300 bench/gpu.py --model 0.6b --runs capture --out "$OUT/capture.json" &
     job update 3 270 280 bench/gpu.py --model 0.6b --runs update_only --out "$OUT/update.json" &
     wait; report tp capture update; exit 0 ;;
+  H)  # the short version of F for the end of a budget
+    ( VLLM_USE_FLASHINFER_SAMPLER=0 job tp 0,1 150 155 bench/gpu_multi.py --part tp --out "$OUT/tp.json"; keep_log tp ) &
+    job capture 2 200 205 bench/gpu.py --model 0.6b --runs capture --out "$OUT/capture.json" &
+    job update 3 190 195 bench/gpu.py --model 0.6b --runs update_only --out "$OUT/update.json" &
+    wait; report tp capture update; exit 0 ;;
   E)
     job app 0,1,2,3 540 560 bench/gpu_multi.py --part app --out "$OUT/app.json"
     keep_log app

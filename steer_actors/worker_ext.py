@@ -14,9 +14,14 @@ from typing import Any
 
 from . import capture, vllm_compat
 from .ops import SlotRows, neutral_rows, ops_to_rows, rows_from_bytes
-from .patch import LayerSteerer, load_packed, pack_rows, steerers
+from .patch import LayerSteerer, install as install_patch, load_packed, pack_rows, steerers
 from .routing import ROUTER
 from .specs import SteeringSpec
+
+# vLLM imports this class in every worker before the worker builds its model, so the decoder layers are
+# patched here whether or not the ``vllm.general_plugins`` entry point was discovered (on the GPU host an
+# editable install's entry point was not, and every engine came up with no steerable layer).
+install_patch()
 
 
 class SteerWorkerExtension:
