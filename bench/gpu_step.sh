@@ -14,6 +14,8 @@
 #   C        tp (all logs kept) then eager parity; capture (GPU 2); update latency (GPU 3)
 #   D        tp (whole log kept) then 8B stock beside 8B ours; capture (GPU 2); update latency (GPU 3)
 #   E        app on all four (whole log kept)
+#   I        one job at a time (engines started side by side took 150-250 s each, alone ~70): tp on GPUs 0,1,
+#            update latency (GPU 2), capture (GPU 3), 8B stock then ours (GPU 0) in what is left
 #   F        tp alone on GPUs 0,1 (stacks of every engine process dumped if it is not done at 150 s); capture
 #            (GPU 2); update latency alone (GPU 3)
 set -uo pipefail
@@ -110,6 +112,13 @@ case $step in
     job capture 2 290 300 bench/gpu.py --model 0.6b --runs capture --out "$OUT/capture.json" &
     job update 3 270 280 bench/gpu.py --model 0.6b --runs update_only --out "$OUT/update.json" &
     wait; report tp capture update; exit 0 ;;
+  I)
+    job tp 0,1 150 155 bench/gpu_multi.py --part tp --out "$OUT/tp.json"; keep_log tp
+    job update 2 170 175 bench/gpu.py --model 0.6b --runs update_only --out "$OUT/update.json"
+    job capture 3 240 245 bench/gpu.py --model 0.6b --runs capture --out "$OUT/capture.json"
+    left=$((570 - (SECONDS - t0)))
+    [ "$left" -gt 200 ] && BENCH_ROUNDS=1 job b8 0 "$((left - 10))" "$left" bench/gpu.py --model 8b --runs stock,ours --out "$OUT/b8.json"
+    report tp update capture b8; exit 0 ;;
   H)  # the short version of F for the end of a budget
     ( VLLM_USE_FLASHINFER_SAMPLER=0 job tp 0,1 150 155 bench/gpu_multi.py --part tp --out "$OUT/tp.json"; keep_log tp ) &
     job capture 2 200 205 bench/gpu.py --model 0.6b --runs capture --out "$OUT/capture.json" &
