@@ -207,12 +207,11 @@ def part_app(res: dict) -> dict:
 
     async def throughput():
         await two_direct(1)  # warm-up both
-        out = {"one_replica": [], "two_replicas_direct": [], "two_replicas_app": []}
+        out = res["throughput_runs"] = {"one_replica": [], "two_replicas_direct": [], "two_replicas_app": []}
         for r in range(2):
             out["one_replica"].append(await one_replica(10 + r))
             out["two_replicas_direct"].append(await two_direct(20 + r))
             out["two_replicas_app"].append(await two_app(30 + r))
-        res["throughput_runs"] = out
         return {k: max(v) for k, v in out.items()}
 
     tps = asyncio.run(throughput())
@@ -232,15 +231,19 @@ def main() -> None:
 
     import signal
 
+    class StepTimeout(BaseException):  # not an Exception: asyncio must not swallow it in a callback
+        pass
+
     def on_term(*_):  # `timeout` ends a step with SIGTERM: write what was measured before going
-        raise TimeoutError("step timed out (SIGTERM)")
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second one must not interrupt the writing
+        raise StepTimeout("step timed out (SIGTERM)")
 
     signal.signal(signal.SIGTERM, on_term)
     t = time.perf_counter()
     res: dict = {}  # filled as each phase ends: a later failure keeps what was measured
     try:
         part_tp(res) if args.part == "tp" else part_app(res)
-    except Exception as e:
+    except (Exception, StepTimeout) as e:
         import traceback
 
         res.update(error=repr(e), trace=traceback.format_exc()[-4000:])

@@ -110,7 +110,7 @@ class CaptureStore:
             import os
             import uuid
 
-            path = os.path.join(to_dir, f"steer-capture-{os.getpid()}-{uuid.uuid4().hex}.f32")
+            path = os.path.join(to_dir, f"steer-capture-{_pid_namespace()}-{os.getpid()}-{uuid.uuid4().hex}.f32")
             try:
                 dest = _shared_array(path, shape)
             except OSError:  # shared memory full (containers often get 64 MB): keep the rows here
@@ -296,30 +296,50 @@ def _unlink(path: str) -> None:
         pass
 
 
-def sweep_orphan_files(directory: str = "/dev/shm") -> list[str]:
-    """Remove capture files whose writing process is gone (an engine that died with captures in flight):
-    tmpfs is memory, and nothing else would ever free them. Returns the paths removed."""
+def _pid_namespace() -> int:
+    """Containers sharing /dev/shm (``--ipc=host``) need not share pids: a file's pid means something only
+    in the namespace that wrote it."""
     import os
 
-    removed = []
+    try:
+        return os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        return 0
+
+
+def sweep_orphan_files(directory: str = "/dev/shm", min_age_s: float = 600.0) -> list[str]:
+    """Remove capture files whose writing process is gone (an engine that died with captures in flight):
+    tmpfs is memory, and nothing else would ever free them. Only files of this pid namespace, untouched
+    for ``min_age_s`` (a dead worker's last files may still be on their way into the object store).
+    Best effort: returns the paths removed, never raises."""
+    import os
+    import time
+
+    removed: list[str] = []
     try:
         names = os.listdir(directory)
     except OSError:
         return removed
+    ns, now = str(_pid_namespace()), time.time()
     for name in names:
-        if not (name.startswith("steer-capture-") and name.endswith(".f32")):
+        parts = name.split("-")
+        if not (name.startswith("steer-capture-") and name.endswith(".f32") and len(parts) == 5 and parts[2] == ns):
             continue
+        path = os.path.join(directory, name)
         try:
-            pid = int(name.split("-")[2])
-            os.kill(pid, 0)
+            os.kill(int(parts[3]), 0)
             continue  # its process lives: the file may be in use
         except ProcessLookupError:
             pass
-        except (ValueError, IndexError, PermissionError):
+        except (ValueError, OSError):  # not a pid, or another user's process
             continue
-        path = os.path.join(directory, name)
-        _unlink(path)
-        removed.append(path)
+        try:
+            if now - os.stat(path).st_mtime < min_age_s:
+                continue
+            os.unlink(path)
+            removed.append(path)
+        except OSError:  # gone meanwhile, or another user's file (sticky /dev/shm)
+            pass
     return removed
 
 

@@ -2,11 +2,12 @@
 
 vLLM's ``collective_rpc`` travels through the engine core's input queue, which is read between steps,
 so under load a change waits for the step in flight and often the next one (H100, 512 running
-requests: p99 52 ms). Each worker also serves its ``steer_*`` methods on a ZMQ socket from a thread.
-That thread and the model runner share one lock, held while the runner enqueues a forward; a change
-is copied (from pinned memory, asynchronously) onto the forward's CUDA stream under the lock, so it
-lands between two forwards, never inside one, and is acknowledged as soon as it is ordered before
-every later forward. Payloads are msgpack (no pickle on the network).
+requests: p99 52 ms). Each worker also serves its ``steer_*`` methods on ZMQ sockets from threads (one
+per lane). The model runner holds one lock while it enqueues a forward; a change is copied (from pinned
+memory, asynchronously) onto the forward's CUDA stream where no forward is being enqueued, by the
+channel thread when the lock is free or by the runner itself at its next forward's start
+(:func:`between_forwards`), so it lands between two forwards, never inside one, and is acknowledged as
+soon as it is ordered before every later forward. Payloads are msgpack (no pickle on the network).
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ _forward_stream: Any = None  # the CUDA stream forwards run on (seen by the runn
 
 # Two lanes per worker, each a socket and thread of its own, so that a steering change never queues
 # behind a capture's bookkeeping (registering a request's shared-memory file, taking a finished one).
+# Per-request calls share the requests lane: a new request's slot load can wait for a finished
+# request's take (which waits for that request's last rows to be copied).
 LANES = {
     "steer": frozenset({"steer_info", "steer_stage", "steer_commit", "steer_apply", "steer_abort"}),
     "requests": frozenset({"steer_slot_load", "steer_route", "steer_unroute", "steer_capture_register",
@@ -43,20 +46,21 @@ UNLOCKED = frozenset({"steer_info", "steer_stage", "steer_abort", "steer_capture
 
 
 class _Job:
-    __slots__ = ("fn", "done", "result", "error", "ran_s")
+    __slots__ = ("fn", "done", "result", "error")
 
     def __init__(self, fn):
-        self.fn, self.done, self.result, self.error, self.ran_s = fn, threading.Event(), None, None, 0.0
+        self.fn, self.done, self.result, self.error = fn, threading.Event(), None, None
 
 
+# One queue per process: vLLM runs one worker (one runner thread) per process.
 _jobs: list[_Job] = []
 _jobs_mutex = threading.Lock()
 
 
-def between_forwards(fn):
+def between_forwards(fn, timeout_s: float = 60.0):
     """Run ``fn()`` where no forward is being enqueued, and return its result (or raise its error).
 
-    Whichever comes first runs it: this thread, as soon as it holds :data:`LOCK`, or the runner's
+    Whichever comes first runs it: this thread, whenever it finds :data:`LOCK` free, or the runner's
     thread at the start of its next forward (:func:`run_pending`, called with the lock held). Under
     load the runner releases the lock and takes it again within microseconds, and a waiting thread
     must also win the GIL to get it, so waiting for the lock alone could miss several steps; the
@@ -64,12 +68,18 @@ def between_forwards(fn):
     job = _Job(fn)
     with _jobs_mutex:
         _jobs.append(job)
-    while not job.done.is_set():
-        if LOCK.acquire(timeout=0.002):  # waits without the GIL
+    deadline = time.monotonic() + timeout_s
+    while not job.done.wait(0.002):
+        if LOCK.acquire(blocking=False):  # no forward being enqueued (an idle runner never comes)
             try:
                 run_pending()
             finally:
                 LOCK.release()
+        elif time.monotonic() > deadline:
+            with _jobs_mutex:
+                if job in _jobs:  # never started: withdraw it, so it cannot land after the caller gave up
+                    _jobs.remove(job)
+                    raise RuntimeError(f"no gap between forwards in {timeout_s:.0f} s (is the runner stuck?)")
     if job.error is not None:
         raise job.error
     return job.result
@@ -82,14 +92,18 @@ def run_pending() -> None:
     with _jobs_mutex:
         jobs = _jobs[:]
         _jobs.clear()
-    for job in jobs:
-        t = time.perf_counter()
+    for i, job in enumerate(jobs):
         try:
             with on_forward_stream():
                 job.result = job.fn()
-        except BaseException as e:  # goes back to the caller's thread
+        except Exception as e:  # goes back to the caller's thread
             job.error = e
-        job.ran_s = time.perf_counter() - t
+        except BaseException:  # the runner is being stopped: the jobs not yet run wait for the next taker
+            with _jobs_mutex:
+                _jobs[:0] = jobs[i + 1:]
+            job.error = RuntimeError("the worker stopped while applying this change")
+            job.done.set()
+            raise
         job.done.set()
 
 
@@ -152,11 +166,14 @@ class WorkerChannel:
                 if method in UNLOCKED:  # no lock around the call (capture calls hold it only briefly)
                     reply = {"ok": getattr(self.worker, method)(*args)}
                 else:
-                    # steer_apply: validate and build rows outside the lock, copy between two forwards
+                    # validate and build rows here, copy between two forwards (the runner may be the one
+                    # running the copy: nothing slower than the copy belongs in the job)
                     t0 = time.perf_counter()
                     if method == "steer_apply":
                         self.worker.steer_stage(*args)
                         method, args = "steer_commit", args[:1]
+                    elif method == "steer_slot_load":
+                        method, args = "_slot_write", [args[0], self.worker._slot_build(*args)]
                     t1 = time.perf_counter()
                     call = getattr(self.worker, method)
                     ran: list[float] = []

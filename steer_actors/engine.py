@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import uuid
 from typing import Any
@@ -81,7 +82,9 @@ class SteerEngine(EngineCaptureMixin):
             pg = ray.util.get_current_placement_group()
         from .capture import sweep_orphan_files
 
-        sweep_orphan_files()  # files of an engine that died here before it handed its captures on
+        swept = sweep_orphan_files()  # files of an engine that died here before it handed its captures on
+        if swept:
+            logging.getLogger(__name__).warning("removed %d capture files of dead engines", len(swept))
         self.engine = vllm_compat.make_async_llm(vllm_compat.engine_args(**kwargs), pg)
         from .reaper import start_for_children
 

@@ -4,13 +4,19 @@ from __future__ import annotations
 
 
 def register() -> None:
-    import os
-
     from .patch import install
 
-    if os.environ.get("STEER_ACTORS_DUMP_STACKS"):  # `kill -USR1 <pid>`: every thread's stack to stderr
+    dump_stacks_on_signal()
+    install()
+
+
+def dump_stacks_on_signal() -> None:
+    """With ``STEER_ACTORS_DUMP_STACKS`` set, ``kill -USR1 <pid>`` writes every thread's stack to stderr
+    (what a hung engine process is doing, where no debugger can attach)."""
+    import os
+
+    if os.environ.get("STEER_ACTORS_DUMP_STACKS"):
         import faulthandler
         import signal
 
         faulthandler.register(signal.SIGUSR1, all_threads=True)
-    install()

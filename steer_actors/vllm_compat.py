@@ -30,6 +30,7 @@ DECODER_LAYERS: list[tuple[str, str]] = [
     ("vllm.model_executor.models.mistral", "MistralDecoderLayer"),
 ]
 
+_WARNED: set[tuple[str, str]] = set()
 _LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)$")
 
 
@@ -41,7 +42,9 @@ def decoder_layer_classes() -> Iterator[type]:
             log.debug("steer_actors: skip %s.%s: %s", mod_name, cls_name, e)
             continue
         except ImportError as e:  # never silent: that model's layers would run unsteered
-            log.warning("steer_actors: cannot patch %s.%s: %r", mod_name, cls_name, e)
+            if (mod_name, cls_name) not in _WARNED:
+                _WARNED.add((mod_name, cls_name))
+                log.warning("steer_actors: cannot patch %s.%s: %r", mod_name, cls_name, e)
             continue
         yield cls
 

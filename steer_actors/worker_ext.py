@@ -3,8 +3,8 @@
 Every TP rank runs the same calls. A change is two-phase so that it lands on every rank of every
 replica or on none: ``steer_stage`` takes the host rows of a version (built by the engine actor, or built
 here from a spec) and packs what changed (nothing visible changes); ``steer_commit`` copies them into the
-layer buffers. The engine core runs RPCs between
-model steps, so a commit never tears a forward pass.
+layer buffers between two forward launches (over the side channel, see :mod:`.channel`; through
+``collective_rpc``, between two engine steps).
 Payloads are msgpack-safe (see :mod:`steer_actors.wire`).
 """
 
@@ -15,6 +15,7 @@ from typing import Any
 from . import capture, vllm_compat
 from .ops import SlotRows, neutral_rows, ops_to_rows, rows_from_bytes
 from .patch import LayerSteerer, install as install_patch, load_packed, pack_rows, steerers
+from .plugin import dump_stacks_on_signal
 from .routing import ROUTER
 from .specs import SteeringSpec
 
@@ -22,6 +23,7 @@ from .specs import SteeringSpec
 # patched here whether or not the ``vllm.general_plugins`` entry point was discovered (on the GPU host an
 # editable install's entry point was not, and every engine came up with no steerable layer).
 install_patch()
+dump_stacks_on_signal()
 
 
 class SteerWorkerExtension:
@@ -184,16 +186,24 @@ class SteerWorkerExtension:
             capture.STORE.drop(rid)
 
     # ---- per-request steering ---------------------------------------------------------------------
-    def steer_slot_load(self, slot: int, spec_wire: dict[str, Any]) -> str:
-        """Write a request spec into table ``slot`` of every layer (slot 0 is the identity)."""
+    def _slot_build(self, slot: int, spec_wire: dict[str, Any]):
+        """Validate a request spec and build its rows (host work, no forward waits for it)."""
         layers = self._steer_layers()
         capacity = next(iter(layers.values())).request_slots if layers else 0
         if not 1 <= int(slot) <= capacity:
             raise ValueError(f"request slot {slot} out of range 1..{capacity}")
-        fp, rows = self._build_rows(spec_wire)
+        return self._build_rows(spec_wire)
+
+    def _slot_write(self, slot: int, built) -> str:
+        fp, rows = built
+        layers = self._steer_layers()
         for idx, (_, layer_rows) in rows.items():
             layers[idx].load_request_rows(int(slot), layer_rows)
         return fp
+
+    def steer_slot_load(self, slot: int, spec_wire: dict[str, Any]) -> str:
+        """Write a request spec into table ``slot`` of every layer (slot 0 is the identity)."""
+        return self._slot_write(slot, self._slot_build(slot, spec_wire))
 
     def steer_route(self, pairs: list[tuple[str, int]]) -> None:
         vllm_compat.install_step_probe(self, ROUTER)

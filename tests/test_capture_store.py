@@ -104,3 +104,32 @@ def test_a_step_whose_every_request_overflows_captures_nothing_and_says_so():
     step(store, ["a-1"], [6], list(range(6)), torch.arange(6.0)[:, None].expand(6, H).contiguous())
     with pytest.raises(ValueError, match="capture_rows_per_step=4"):
         store.take("a")
+
+
+def test_sweep_removes_only_old_files_of_dead_processes_in_this_pid_namespace(tmp_path):
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from steer_actors.capture import _pid_namespace, sweep_orphan_files
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # a pid that no longer runs
+    ns = _pid_namespace()
+    old = time.time() - 3600
+
+    def make(name, age=old):
+        p = tmp_path / name
+        p.write_bytes(b"x" * 16)
+        os.utime(p, (age, age))
+        return p
+
+    orphan = make(f"steer-capture-{ns}-{dead.pid}-aa.f32")
+    mine = make(f"steer-capture-{ns}-{os.getpid()}-bb.f32")  # a live writer
+    fresh = make(f"steer-capture-{ns}-{dead.pid}-cc.f32", age=time.time())  # may still be on its way out
+    other_ns = make(f"steer-capture-{ns + 1}-{dead.pid}-dd.f32")  # another container's pid space
+    unrelated = make("something-else.f32")
+    assert sweep_orphan_files(str(tmp_path)) == [str(orphan)]
+    assert not orphan.exists() and all(p.exists() for p in (mine, fresh, other_ns, unrelated))
+    assert sweep_orphan_files(str(tmp_path / "missing")) == []  # best effort, never raises

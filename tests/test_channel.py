@@ -187,3 +187,23 @@ def test_idle_runner_change_runs_at_once_and_errors_come_back():
     assert time.perf_counter() - t < 0.05
     with pytest.raises(ValueError, match="nope"):
         channel.between_forwards(bad)
+
+
+def test_a_change_that_finds_no_gap_is_withdrawn_not_applied_late():
+    ran, held, release = [], threading.Event(), threading.Event()
+
+    def stuck_runner():
+        with channel.LOCK:
+            held.set()
+            release.wait(5)
+
+    th = threading.Thread(target=stuck_runner, daemon=True)
+    th.start()
+    held.wait(5)
+    with pytest.raises(RuntimeError, match="no gap between forwards"):
+        channel.between_forwards(lambda: ran.append(1), timeout_s=0.1)
+    release.set()
+    th.join()
+    with channel.LOCK:
+        channel.run_pending()  # the next forward: nothing left to land
+    assert ran == []
