@@ -69,12 +69,14 @@ def between_forwards(fn, timeout_s: float = 60.0):
     with _jobs_mutex:
         _jobs.append(job)
     deadline = time.monotonic() + timeout_s
-    while not job.done.wait(0.002):
+    while not job.done.is_set():
         if LOCK.acquire(blocking=False):  # no forward being enqueued (an idle runner never comes)
             try:
                 run_pending()
             finally:
                 LOCK.release()
+        elif job.done.wait(0.002):
+            break
         elif time.monotonic() > deadline:
             with _jobs_mutex:
                 if job in _jobs:  # never started: withdraw it, so it cannot land after the caller gave up
