@@ -113,7 +113,7 @@ case $step in
     job update 3 270 280 bench/gpu.py --model 0.6b --runs update_only --out "$OUT/update.json" &
     wait; report tp capture update; exit 0 ;;
   I)
-    job tp 0,1 150 155 bench/gpu_multi.py --part tp --out "$OUT/tp.json"; keep_log tp
+    VLLM_USE_FLASHINFER_SAMPLER=0 job tp 0,1 150 155 bench/gpu_multi.py --part tp --out "$OUT/tp.json"; keep_log tp
     job update 2 170 175 bench/gpu.py --model 0.6b --runs update_only --out "$OUT/update.json"
     job capture 3 240 245 bench/gpu.py --model 0.6b --runs capture --out "$OUT/capture.json"
     left=$((570 - (SECONDS - t0)))
