@@ -16,6 +16,7 @@
 #   E        app on all four (whole log kept)
 #   I        one job at a time (engines started side by side took 150-250 s each, alone ~70): tp on GPUs 0,1,
 #            update latency (GPU 2), capture (GPU 3), 8B stock then ours (GPU 0) in what is left
+#   J        the first half of I: tp on GPUs 0,1, then update latency (GPU 2)
 #   F        tp alone on GPUs 0,1 (stacks of every engine process dumped if it is not done at 150 s); capture
 #            (GPU 2); update latency alone (GPU 3)
 set -uo pipefail
@@ -119,6 +120,11 @@ case $step in
     left=$((570 - (SECONDS - t0)))
     [ "$left" -gt 200 ] && BENCH_ROUNDS=1 job b8 0 "$((left - 10))" "$left" bench/gpu.py --model 8b --runs stock,ours --out "$OUT/b8.json"
     report tp update capture b8; exit 0 ;;
+  J)  # the first half of I (capture waits for its next version): tp on GPUs 0,1, then update latency
+    VLLM_USE_FLASHINFER_SAMPLER=0 job tp 0,1 150 155 bench/gpu_multi.py --part tp --out "$OUT/tp.json"; keep_log tp
+    job update 2 170 175 bench/gpu.py --model 0.6b --runs update_only --out "$OUT/update.json"
+    keep_log update
+    report tp update; exit 0 ;;
   H)  # the short version of F for the end of a budget
     ( VLLM_USE_FLASHINFER_SAMPLER=0 job tp 0,1 150 155 bench/gpu_multi.py --part tp --out "$OUT/tp.json"; keep_log tp ) &
     job capture 2 200 205 bench/gpu.py --model 0.6b --runs capture --out "$OUT/capture.json" &
