@@ -131,7 +131,7 @@ case $step in
     job update 3 190 195 bench/gpu.py --model 0.6b --runs update_only --out "$OUT/update.json" &
     wait; report tp capture update; exit 0 ;;
   E)
-    job app 0,1,2,3 540 560 bench/gpu_multi.py --part app --out "$OUT/app.json"
+    VLLM_USE_FLASHINFER_SAMPLER=0 job app 0,1,2,3 540 560 bench/gpu_multi.py --part app --out "$OUT/app.json"
     keep_log app
     report app; exit 0 ;;
   B)
