@@ -125,6 +125,10 @@ case $step in
     job update 2 170 175 bench/gpu.py --model 0.6b --runs update_only --out "$OUT/update.json"
     keep_log update
     report tp update; exit 0 ;;
+  K)  # tp with room for its slow first request, then capture
+    VLLM_USE_FLASHINFER_SAMPLER=0 job tp 0,1 270 280 bench/gpu_multi.py --part tp --out "$OUT/tp.json"; keep_log tp
+    job capture 2 270 275 bench/gpu.py --model 0.6b --runs capture --out "$OUT/capture.json"
+    report tp capture; exit 0 ;;
   H)  # the short version of F for the end of a budget
     ( VLLM_USE_FLASHINFER_SAMPLER=0 job tp 0,1 150 155 bench/gpu_multi.py --part tp --out "$OUT/tp.json"; keep_log tp ) &
     job capture 2 200 205 bench/gpu.py --model 0.6b --runs capture --out "$OUT/capture.json" &
