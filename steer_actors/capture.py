@@ -5,10 +5,11 @@ Graph-safe: the steering op itself writes captured rows into a buffer allocated 
 (``[num_layers, rows_per_step, hidden]`` fp32), steered by a per-token destination index and per-layer
 flags that the host fills before each forward. A CUDA graph replay runs the same kernel, so capture
 works with graphs on. After the forward, the step's rows are gathered on the device (stream-ordered,
-before the next step overwrites the buffer); a copy thread (own CUDA stream) brings them to host and
-writes each request's rows at their positions in that request's destination: a shared-memory file on the
-engine actor's host (else host memory). The copy overlaps the next step, the runner never waits for it,
-and a finished request has nothing left to assemble: only the file's path travels.
+before the next step overwrites the buffer); a copy thread (own CUDA stream, pinned host memory) brings
+them to host and writes every request's rows at their positions in that request's region of the capture
+arena (:mod:`.capture_arena`: recycled shared memory on the engine actor's host, else host memory) with
+one vectorized ``index_copy_``. The copy overlaps the next step, the runner never waits for it, and a
+finished request has nothing left to assemble: only the segment's path and the region's place travel.
 
 The flat batch is sliced per request from the model runner's own batch order and query start
 locations (never ``len(prompt)``); rows accumulate by absolute position across chunked-prefill steps,
@@ -17,13 +18,15 @@ and positions recomputed after a preemption overwrite the earlier copy. Only TP 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
 from . import wire
+from .capture_arena import DEFAULT_SEGMENT_BYTES, Arena, Region, Segment
+from .capture_arena import _pid_namespace, sweep_orphan_files  # noqa: F401 (their home was here)
 
 
 def h2d(dst: torch.Tensor, src: np.ndarray) -> None:
@@ -42,39 +45,23 @@ def to_device(src: np.ndarray, device: torch.device) -> torch.Tensor:
     return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t
 
 
-@dataclass
+@dataclass(eq=False)
 class _Pending:
-    """One capturing request: its rows land in ``dest`` by absolute position as steps complete, so
-    nothing is left to assemble when it finishes (the newest copy of a recomputed position wins)."""
+    """One capturing request: its rows land in ``region`` by absolute position as steps complete, so
+    nothing is left to assemble when it finishes (the newest copy of a recomputed position wins).
+    Layer-major: layer slot ``i``, position ``p`` is region row ``i * max_rows + p``, so each layer's rows
+    are contiguous. Which positions arrived, and their tokens, sit in the store's per-segment arrays at
+    segment row ``region.base + p`` (vectorized over a step's requests)."""
     layers: list[int]  # sorted
-    dest: np.ndarray  # [len(layers), max_rows, H] fp32: a file in shared memory, or host memory
-    path: str | None  # the file, when ``dest`` is one
-    seen: np.ndarray  # [max_rows] bool
-    tokens: np.ndarray  # [max_rows] int64
+    region: Region
+    max_rows: int
     recomputed: int = 0
-    futures: list[Any] = field(default_factory=list)  # copies still writing into ``dest``
+    last: Any = None  # the newest copy writing into ``region`` (one copy thread: earlier ones are done)
     error: str | None = None
-
-    def scatter(self, step_layers: list[int], rows: np.ndarray, pos: np.ndarray, toks: np.ndarray) -> None:
-        keep = pos < self.seen.shape[0]  # past prompt + max_tokens (rejected drafts); the engine checks
-        # that every position of the sequence arrived
-        if not keep.all():
-            rows, pos, toks = rows[:, keep], pos[keep], toks[keep]
-        if pos.size == 0:
-            return
-        self.recomputed += int(self.seen[pos].sum())
-        self.seen[pos] = True
-        self.tokens[pos] = toks
-        if step_layers != self.layers:
-            rows = rows[[step_layers.index(layer) for layer in self.layers]]
-        if pos[-1] - pos[0] == pos.size - 1 and (pos.size == 1 or bool(np.all(np.diff(pos) == 1))):
-            self.dest[:, pos[0]:pos[-1] + 1] = rows  # the usual case: consecutive positions, one slice
-        else:
-            self.dest[:, pos] = rows
 
 
 class CaptureStore:
-    def __init__(self) -> None:
+    def __init__(self, segment_bytes: int = DEFAULT_SEGMENT_BYTES) -> None:
         self.wanted: dict[str, _Pending] = {}  # external request id -> what it accumulated
         # Device buffers shared by every layer (created on the construction-time device).
         self.buf: torch.Tensor | None = None  # [num_layers, rows, H] fp32
@@ -85,6 +72,10 @@ class CaptureStore:
         self._resolved: dict[str, _Pending | None] = {}  # internal request id -> capture; reset when wanted changes
         self._step: tuple | None = None
         self._side: Any = None
+        self._segment_bytes = int(segment_bytes)
+        self.arena: Arena | None = None  # where the rows land on this host (see capture_arena)
+        # Per segment row, for the first ``max_rows`` rows of each region: position seen, its token.
+        self._meta: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
     @property
     def rows_per_step(self) -> int:
@@ -96,37 +87,36 @@ class CaptureStore:
             self.dst = torch.full((max_tokens,), -1, dtype=torch.int32)
             self.layer_on = torch.zeros(num_layers, dtype=torch.int32)
             self.any_on = torch.zeros(1, dtype=torch.int32)
+            self.arena = Arena(hidden, self._segment_bytes)
         return self.buf, self.dst, self.layer_on, self.any_on
 
     def register(self, request_id: str, layers: list[int], max_rows: int, to_dir: str | None = None) -> None:
         """``max_rows``: prompt + max_tokens (positions past it are never part of the sequence).
-        ``to_dir``: shared memory on the engine actor's host, where the rows then go straight to a file."""
+        ``to_dir``: shared memory on the engine actor's host, where the rows then go straight to a file
+        the engine maps (else, or when it is full, host memory here)."""
         if self.rows_per_step == 0:
             raise ValueError("this engine was started with capture disabled (capture_rows_per_step=0)")
         ids = sorted({int(x) for x in layers})
-        shape = (len(ids), int(max_rows), self.buf.shape[2])
-        dest, path = None, None
-        if to_dir is not None:
-            import os
-            import uuid
-
-            path = os.path.join(to_dir, f"steer-capture-{_pid_namespace()}-{os.getpid()}-{uuid.uuid4().hex}.f32")
-            try:
-                dest = _shared_array(path, shape)
-            except OSError:  # shared memory full (containers often get 64 MB): keep the rows here
-                _unlink(path)
-                dest, path = None, None
-        if dest is None:
-            dest = np.empty(shape, dtype=np.float32)
-        pend = _Pending(ids, dest, path, np.zeros(shape[1], dtype=bool), np.full(shape[1], -1, dtype=np.int64))
+        max_rows = int(max_rows)
+        region = self.arena.alloc(len(ids) * max_rows, to_dir)  # the arena's lock, never the forward's
+        seen, tokens = self._segment_meta(region.segment)
+        seen[region.base:region.base + max_rows] = False
+        tokens[region.base:region.base + max_rows] = -1
+        pend = _Pending(ids, region, max_rows)
         from .channel import LOCK
 
-        with LOCK:  # made outside the lock (a file of many MB), published under it
+        with LOCK:  # made outside the lock, published under it
             old = self.wanted.pop(request_id, None)
             self.wanted[request_id] = pend
             self._resolved.clear()
         if old is not None:
             self._discard(old)
+
+    def _segment_meta(self, seg: Segment) -> tuple[np.ndarray, np.ndarray]:
+        meta = self._meta.get(seg.index)
+        if meta is None:  # zero pages until used (calloc)
+            meta = self._meta[seg.index] = (np.zeros(seg.n_rows, dtype=bool), np.zeros(seg.n_rows, dtype=np.int64))
+        return meta
 
     def _lookup(self, internal_id: str) -> _Pending | None:
         """The capture an engine-internal request id belongs to (memoized: this runs for every request
@@ -223,23 +213,71 @@ class CaptureStore:
                 x.record_stream(stream)  # the allocator keeps them until the copy stream is done
 
         def to_dest():
-            if stream is not None:
-                with torch.cuda.stream(stream):
-                    stream.wait_event(ready)
-                    host = [x.to("cpu") for x in (snap, p, t)]
-            else:
-                host = [snap, p, t]
-            rows_np, pos_np, tok_np = (x.numpy() for x in host)
-            for pend, a, b in layout:
-                pend.scatter(layers, rows_np[:, a:b], pos_np[a:b], tok_np[a:b])
+            try:
+                if stream is not None:
+                    # pinned (the caching host allocator reuses its blocks): an async copy at full speed
+                    with torch.cuda.stream(stream):
+                        stream.wait_event(ready)
+                        host = [torch.empty(x.shape, dtype=x.dtype, pin_memory=True).copy_(x, non_blocking=True)
+                                for x in (snap, p, t)]
+                    stream.synchronize()
+                else:
+                    host = [snap, p, t]
+                self.write_step(layout, layers, host[0], host[1].numpy(), host[2].numpy())
+            except BaseException as e:
+                for pend, _, _ in layout:
+                    pend.error = pend.error or f"copying its rows to host failed: {type(e).__name__}: {e}"
+                raise
 
         fut = pool.submit(to_dest)
         for pend, _, _ in layout:
-            pend.futures.append(fut)
+            pend.last = fut
+
+    def write_step(self, layout: list, layers: list[int], rows: torch.Tensor, pos: np.ndarray,
+                   tok: np.ndarray) -> None:
+        """The host part of a step: ``rows`` [len(layers), n, H] for the requests of ``layout`` (each a
+        consecutive range of the n tokens). One ``index_copy_`` per segment touched (it runs without the
+        GIL, which the thread launching forwards needs), the bookkeeping vectorized over requests."""
+        pends = [pend for pend, _, _ in layout]
+        k, n, hidden = len(pends), pos.shape[0], rows.shape[-1]
+        req = np.repeat(np.arange(k), np.fromiter((b - a for _, a, b in layout), np.int64, k))
+        base = np.fromiter((q.region.base for q in pends), np.int64, k)[req]
+        maxr = np.fromiter((q.max_rows for q in pends), np.int64, k)[req]
+        keep = pos < maxr  # past prompt + max_tokens (rejected drafts); the engine checks that every
+        # position of the sequence arrived
+        segments = {q.region.segment.index: q.region.segment for q in pends}
+        if len(segments) > 1:
+            seg = np.fromiter((q.region.segment.index for q in pends), np.int64, k)[req]
+        # every request's layers are a subset of the step's: the same count means the same layers
+        same = all(len(q.layers) == len(layers) for q in pends)
+        if same:
+            dst = base + pos + np.arange(len(layers))[:, None] * maxr  # [layer, token]: layer-major regions
+        flat = rows.reshape(-1, hidden)  # [(layer, token), H]
+        for s, segment in segments.items():
+            cols = keep if len(segments) == 1 else keep & (seg == s)
+            if not cols.any():
+                continue
+            m = base[cols] + pos[cols]
+            seen, tokens = self._meta[s]
+            again = seen[m]
+            if again.any():  # recomputed after a preemption: this newer copy overwrites the older
+                for r, c in zip(*np.unique(req[cols][again], return_counts=True)):
+                    pends[r].recomputed += int(c)
+            seen[m] = True
+            tokens[m] = tok[cols]
+            if same and cols.all():
+                src, idx = flat, dst.reshape(-1)
+            elif same:
+                src, idx = rows[:, torch.from_numpy(cols)].reshape(-1, hidden), dst[:, cols].reshape(-1)
+            else:
+                src_idx, idx = _pieces(layout, layers, segment, cols, pos, n)
+                src = flat.index_select(0, torch.from_numpy(src_idx))
+            segment.rows.index_copy_(0, torch.from_numpy(idx), src)
 
     def take(self, request_id: str) -> dict[str, Any] | None:
         """Everything captured for ``request_id``, one row per absolute position, sorted by position;
-        msgpack-safe. Rows kept in a shared-memory file stay there (only its path travels)."""
+        msgpack-safe. Rows in a shared-memory segment stay there: the segment's path, the region's first
+        row and id travel, and the region is the engine's until it frees it (:meth:`free`)."""
         from .channel import LOCK
 
         with LOCK:  # the runner's thread reads ``wanted`` every step (and adds copies under the lock)
@@ -248,23 +286,29 @@ class CaptureStore:
         if pend is None:
             return None
         try:
-            for fut in pend.futures:
-                fut.result()
+            if pend.last is not None:
+                pend.last.result()
         except BaseException:
             self._discard(pend)
             raise
         if pend.error:
             self._discard(pend)
             raise ValueError(f"capture of request {request_id} is incomplete: {pend.error}")
-        positions = np.flatnonzero(pend.seen)
-        out = {"positions": positions.tolist(), "token_ids": pend.tokens[positions].tolist(),
+        region, maxr = pend.region, pend.max_rows
+        seen, tokens = self._meta[region.segment.index]
+        positions = np.flatnonzero(seen[region.base:region.base + maxr])
+        out = {"positions": positions.tolist(), "token_ids": tokens[region.base + positions].tolist(),
                "recomputed": pend.recomputed, "layer_ids": pend.layers}
-        if pend.path is not None:
-            pend.dest.flush()
-            out.update(file=pend.path, shape=list(pend.dest.shape))
+        if region.path is not None:
+            out.update(file=region.path, offset_rows=region.base, shape=[len(pend.layers), maxr, self.arena.hidden],
+                       region=region.id)
             return out
-        out["layers"] = {str(layer): wire.encode_tensor(torch.from_numpy(pend.dest[i, positions]))
-                         for i, layer in enumerate(pend.layers)}
+        try:
+            view, idx = region.view(), torch.from_numpy(positions)
+            out["layers"] = {str(layer): wire.encode_tensor(view[i * maxr:(i + 1) * maxr][idx])
+                             for i, layer in enumerate(pend.layers)}
+        finally:
+            self.arena.free(region.id)
         return out
 
     def drop(self, request_id: str) -> None:
@@ -276,84 +320,36 @@ class CaptureStore:
         if pend is not None:
             self._discard(pend)
 
-    @staticmethod
-    def _discard(pend: _Pending) -> None:
-        for fut in pend.futures:
+    def free(self, region_ids: list[int]) -> int:
+        """Regions :meth:`take` handed over, once their rows are copied out: the next captures reuse them."""
+        return sum(self.arena.free(r) for r in region_ids) if self.arena is not None else 0
+
+    def stats(self) -> dict[str, int]:
+        return {**(self.arena.stats() if self.arena is not None else {}), "captures_pending": len(self.wanted)}
+
+    def _discard(self, pend: _Pending) -> None:
+        if pend.last is not None:
             try:
-                fut.result()  # the file must not be written after it is gone
-            except Exception:
+                pend.last.result()  # the region must not be written after another request got it
+            except BaseException:
                 pass
-        if pend.path is not None:
-            _unlink(pend.path)
+        self.arena.free(pend.region.id)
 
 
-def _unlink(path: str) -> None:
-    import os
-
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
-
-
-def _pid_namespace() -> int:
-    """Containers sharing /dev/shm (``--ipc=host``) need not share pids: a file's pid means something only
-    in the namespace that wrote it."""
-    import os
-
-    try:
-        return os.stat("/proc/self/ns/pid").st_ino
-    except OSError:
-        return 0
-
-
-def sweep_orphan_files(directory: str = "/dev/shm", min_age_s: float = 600.0) -> list[str]:
-    """Remove capture files whose writing process is gone (an engine that died with captures in flight):
-    tmpfs is memory, and nothing else would ever free them. Only files of this pid namespace, untouched
-    for ``min_age_s`` (a dead worker's last files may still be on their way into the object store).
-    Best effort: returns the paths removed, never raises."""
-    import os
-    import time
-
-    removed: list[str] = []
-    try:
-        names = os.listdir(directory)
-    except OSError:
-        return removed
-    ns, now = str(_pid_namespace()), time.time()
-    for name in names:
-        parts = name.split("-")
-        if not (name.startswith("steer-capture-") and name.endswith(".f32") and len(parts) == 5 and parts[2] == ns):
+def _pieces(layout: list, layers: list[int], segment: Segment, cols: np.ndarray, pos: np.ndarray,
+            n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Source and destination rows where requests capture different layer sets: a small index per request."""
+    slot_of = {layer: j for j, layer in enumerate(layers)}
+    src, dst = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
+    for pend, a, b in layout:
+        if pend.region.segment is not segment:
             continue
-        path = os.path.join(directory, name)
-        try:
-            os.kill(int(parts[3]), 0)
-            continue  # its process lives: the file may be in use
-        except ProcessLookupError:
-            pass
-        except (ValueError, OSError):  # not a pid, or another user's process
-            continue
-        try:
-            if now - os.stat(path).st_mtime < min_age_s:
-                continue
-            os.unlink(path)
-            removed.append(path)
-        except OSError:  # gone meanwhile, or another user's file (sticky /dev/shm)
-            pass
-    return removed
-
-
-def _shared_array(path: str, shape: tuple[int, ...]) -> np.ndarray:
-    """A float32 array mapped on a new file, its space reserved first: a full tmpfs then raises
-    ``OSError`` here rather than SIGBUS at the first write into a page it cannot back."""
-    import os
-
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        os.posix_fallocate(fd, 0, int(np.prod(shape)) * 4)
-    finally:
-        os.close(fd)
-    return np.memmap(path, dtype=np.float32, mode="r+", shape=shape)
+        t = np.arange(a, b)[cols[a:b]]
+        if t.size:
+            j = np.fromiter((slot_of[layer] for layer in pend.layers), np.int64, len(pend.layers))
+            src.append((j[:, None] * n + t).reshape(-1))
+            dst.append((pend.region.base + np.arange(j.size)[:, None] * pend.max_rows + pos[t]).reshape(-1))
+    return np.concatenate(src), np.concatenate(dst)
 
 
 STORE = CaptureStore()

@@ -27,13 +27,14 @@ LOCK = threading.RLock()  # held by the runner while it enqueues a forward, and 
 _forward_stream: Any = None  # the CUDA stream forwards run on (seen by the runner hook)
 
 # Two lanes per worker, each a socket and thread of its own, so that a steering change never queues
-# behind a capture's bookkeeping (registering a request's shared-memory file, taking a finished one).
+# behind a capture's bookkeeping (registering a request's shared-memory region, taking a finished one).
 # Per-request calls share the requests lane: a new request's slot load can wait for a finished
 # request's take (which waits for that request's last rows to be copied).
 LANES = {
     "steer": frozenset({"steer_info", "steer_stage", "steer_commit", "steer_apply", "steer_abort"}),
     "requests": frozenset({"steer_slot_load", "steer_route", "steer_unroute", "steer_capture_register",
-                           "steer_capture_take", "steer_capture_drop"}),
+                           "steer_capture_take", "steer_capture_drop", "steer_capture_free",
+                           "steer_capture_stats"}),
 }
 ALLOWED = LANES["steer"] | LANES["requests"]
 LANE_OF = {m: lane for lane, methods in LANES.items() for m in methods}
@@ -42,7 +43,7 @@ LANE_OF = {m: lane for lane, methods in LANES.items() for m in methods}
 # Methods that only touch host state of their own (validation, building rows), or that take the lock
 # themselves for just the moment they need it (capture bookkeeping): no lock around the call.
 UNLOCKED = frozenset({"steer_info", "steer_stage", "steer_abort", "steer_capture_register", "steer_capture_take",
-                      "steer_capture_drop"})
+                      "steer_capture_drop", "steer_capture_free", "steer_capture_stats"})
 
 
 class _Job:

@@ -5,10 +5,9 @@ worker side). Mixed into :class:`steer_actors.engine.SteerEngine`, whose state i
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import os
 from typing import Any
 
+from .capture_arena import is_segment_path
 from .results import GenerationResult
 
 
@@ -38,12 +37,13 @@ class EngineCaptureMixin:
         take = asyncio.ensure_future(self._workers("steer_capture_take", ids))
         try:
             ranks = await asyncio.shield(take)
-        except asyncio.CancelledError:  # the files the take hands over still need an owner: nobody wants them
-            take.add_done_callback(_unlink_taken)
+        except asyncio.CancelledError:  # the regions the take hands over still need an owner: nobody wants them
+            take.add_done_callback(self._free_taken)
             raise
         taken = next(t for t in ranks if t is not None)
         me = _current_actor()
-        handed: set[str] = set()  # files a materialize task now owns (and removes)
+        handed: list[int] = []  # regions a materialize task now reads (freed once its copies are stored)
+        pending: list[Any] = []  # that task's returns
         eager = []
         stored: list[str] = []
         try:
@@ -67,16 +67,17 @@ class EngineCaptureMixin:
                 # and a fetch waits only for its own rows.
                 layer_ids = data["layer_ids"]
                 refs = me.materialize_capture.options(num_returns=len(layer_ids)).remote(
-                    data["file"], data["shape"], positions)
-                handed.add(data["file"])
+                    data["file"], data["offset_rows"], data["shape"], keep)
+                handed.append(data["region"])
                 refs = [refs] if len(layer_ids) == 1 else list(refs)
+                pending.extend(refs)
                 nbytes = len(layer_ids) * keep * int(data["shape"][2]) * 4
                 res.captures = self.captures.put_refs(rid, dict(zip(layer_ids, refs)), positions, tokens, nbytes)
                 stored.append(rid)
 
             def store() -> None:  # copies into the object store: off the event loop, which serves every request
                 for res, rid, data, keep in eager:
-                    layers = {layer: t[:keep] for layer, t in _capture_layers(data).items()}
+                    layers = {layer: t[:keep] for layer, t in _capture_layers(data, self._segment_maps()).items()}
                     res.captures = self.captures.put(rid, layers, data["positions"][:keep], data["token_ids"][:keep])
                     stored.append(rid)
 
@@ -86,27 +87,59 @@ class EngineCaptureMixin:
             self.captures.release(stored)  # the call fails whole: no entry of it lingers against the budget
             raise
         finally:
-            for data in taken.values():
-                if data.get("file") and data["file"] not in handed:
-                    with contextlib.suppress(FileNotFoundError):
-                        os.unlink(data["file"])
+            if pending:
+                self._background(self._free_when_stored(pending, handed))
+            rest = [data["region"] for data in taken.values() if "region" in data and data["region"] not in handed]
+            if rest:  # read here (eager), never handed on, or the call failed: the worker may reuse them
+                self._background(self._free_regions(rest))
 
-    async def materialize_capture(self, path: str, shape: list[int], positions: list[int]) -> Any:
-        """The rows of one capture file as one array per layer (this task's return values are the
-        capture's object-store entries); removes the file."""
+    async def _free_when_stored(self, refs: list[Any], regions: list[int]) -> None:
+        """A region may be reused only once the object store holds its copy: after the task's returns are."""
+        try:
+            await asyncio.gather(*refs, return_exceptions=True)
+        finally:
+            await self._free_regions(regions)
+
+    async def _free_regions(self, regions: list[int]) -> None:
+        try:
+            await self._workers("steer_capture_free", regions)
+        except Exception as e:  # the worker is gone (and its regions with it), or the channel failed
+            import logging
+
+            logging.getLogger(__name__).warning("could not free %d capture regions: %s", len(regions), e)
+
+    def _free_taken(self, take: asyncio.Future) -> None:
+        if take.cancelled() or take.exception() is not None:
+            return
+        regions = [data["region"] for rank in take.result() for data in (rank or {}).values() if "region" in data]
+        if regions:
+            self._background(self._free_regions(regions))
+
+    def _background(self, coro: Any) -> None:
+        tasks = self.__dict__.setdefault("_capture_tasks", set())  # a task nobody references may be collected
+        task = asyncio.ensure_future(coro)
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+
+    def _segment_maps(self) -> dict[str, Any]:
+        return self.__dict__.setdefault("_capture_segments", {})
+
+    async def materialize_capture(self, path: str, offset_rows: int, shape: list[int], keep: int) -> Any:
+        """The first ``keep`` rows of each layer of one region (``shape``: [layers, max_rows, H]) of a
+        capture segment, as one array per layer: this task's return values are the capture's object-store
+        entries. The engine frees the region once they are stored."""
         import numpy as np
 
-        name = os.path.basename(path)
-        if os.path.dirname(path) != "/dev/shm" or not (name.startswith("steer-capture-") and name.endswith(".f32")):
+        if not is_segment_path(path):
             raise ValueError(f"not a capture file: {path!r}")
-        try:
-            arr = np.memmap(path, dtype=np.float32, mode="r", shape=tuple(shape))
-            rows = slice(0, len(positions)) if not positions or positions[-1] == len(positions) - 1 \
-                else np.asarray(positions)
-            out = tuple(np.asarray(arr[i, rows]) for i in range(shape[0]))  # views (contiguous rows); Ray's put copies
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)  # the mapping stays valid until the arrays are stored
+        n_layers, max_rows, _ = (int(x) for x in shape)
+        arr = _segment(self._segment_maps(), path, int(shape[2]))
+        offset_rows, keep = int(offset_rows), int(keep)
+        if offset_rows < 0 or offset_rows + n_layers * max_rows > arr.shape[0] or not 0 <= keep <= max_rows:
+            raise ValueError(f"region {offset_rows}+{shape} is not inside {path!r} ({arr.shape[0]} rows)")
+        # contiguous views of the mapping (layer-major region); Ray's put copies them
+        out = tuple(np.asarray(arr[offset_rows + i * max_rows:offset_rows + i * max_rows + keep])
+                    for i in range(n_layers))
         return out if len(out) > 1 else out[0]
 
     async def get_capture(self, capture_id: str) -> dict[str, Any]:
@@ -120,31 +153,41 @@ class EngineCaptureMixin:
         # rows computed twice (preemption by recompute) and deduplicated by position
         return {**self.captures.stats(), "recomputed_rows": self._recomputed_rows}
 
+    async def capture_arena_stats(self) -> dict[str, int]:
+        """The capturing worker's arena: segments, regions in use (0 once every capture is stored and
+        nothing is running), bytes of shared memory reserved (its peak: segments are kept)."""
+        ranks = await self._workers("steer_capture_stats")
+        return next((r for r in ranks if r is not None), {})
 
-def _capture_layers(data: dict[str, Any]) -> dict[int, Any]:
-    """A worker's capture payload: inline tensors, or one shared-memory file of [layers, position, hidden]."""
+
+def _segment(maps: dict[str, Any], path: str, hidden: int) -> Any:
+    """A capture segment mapped once per engine: its pages fault once, not once per capture."""
     import numpy as np
+
+    arr = maps.get(path)
+    if arr is None:
+        arr = maps[path] = np.memmap(path, dtype=np.float32, mode="r").reshape(-1, hidden)
+    return arr
+
+
+def _capture_layers(data: dict[str, Any], maps: dict[str, Any]) -> dict[int, Any]:
+    """A worker's capture payload: inline tensors, or a region of a shared-memory segment
+    ([layer, position, hidden], layer-major)."""
+    import warnings
+
     import torch
 
     from .wire import decode_tensor
 
     if "file" in data:
         # rows by absolute position, mapped rather than read: the object store's put is the one copy here
-        arr = np.memmap(data["file"], dtype=np.float32, mode="r+", shape=tuple(data["shape"]))
-        pos = data["positions"]
-        rows = slice(0, len(pos)) if not pos or pos[-1] == len(pos) - 1 else np.asarray(pos)
-        return {int(layer): torch.from_numpy(arr[i, rows]) for i, layer in enumerate(data["layer_ids"])}
+        arr = _segment(maps, data["file"], int(data["shape"][2]))
+        off, max_rows, n = int(data["offset_rows"]), int(data["shape"][1]), len(data["positions"])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # a read-only mapping: nobody writes through these tensors
+            return {int(layer): torch.from_numpy(arr[off + i * max_rows:off + i * max_rows + n])
+                    for i, layer in enumerate(data["layer_ids"])}
     return {int(k): decode_tensor(v) for k, v in data["layers"].items()}
-
-
-def _unlink_taken(take: asyncio.Future) -> None:
-    if take.cancelled() or take.exception() is not None:
-        return
-    for rank in take.result():
-        for data in (rank or {}).values():
-            if data.get("file"):
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(data["file"])
 
 
 def _current_actor() -> Any:

@@ -156,7 +156,7 @@ class SteerWorkerExtension:
     # ---- activation capture (rank 0 only: every rank holds the same residual stream) ------------
     def steer_capture_register(self, requests: list[tuple[str, list[int], int]], host: str | None = None) -> None:
         """``requests``: (request id, layers, prompt + max_tokens). On the engine actor's host the rows
-        go straight into a shared-memory file per request as steps complete (one copy each way)."""
+        go straight into a region of a shared-memory segment the engine maps, as steps complete."""
         if vllm_compat.tp_rank(self) != 0:
             return
         import os
@@ -170,7 +170,8 @@ class SteerWorkerExtension:
             capture.STORE.register(request_id, layers, int(max_rows), to_dir)
 
     def steer_capture_take(self, request_ids: list[str]) -> dict[str, Any] | None:
-        """Captured rows of finished requests (each a file path on the engine's host, else inline)."""
+        """Captured rows of finished requests (each a segment path and region on the engine's host, which
+        the engine frees with :meth:`steer_capture_free` once it copied them out; else inline)."""
         if vllm_compat.tp_rank(self) != 0:
             return None
         out = {}
@@ -184,6 +185,17 @@ class SteerWorkerExtension:
     def steer_capture_drop(self, request_ids: list[str]) -> None:
         for rid in request_ids:
             capture.STORE.drop(rid)
+
+    def steer_capture_free(self, region_ids: list[int]) -> int:
+        """Regions handed over by :meth:`steer_capture_take`, once the engine has copied their rows."""
+        if vllm_compat.tp_rank(self) != 0:
+            return 0
+        return capture.STORE.free(region_ids)
+
+    def steer_capture_stats(self) -> dict[str, int] | None:
+        if vllm_compat.tp_rank(self) != 0:
+            return None
+        return capture.STORE.stats()
 
     # ---- per-request steering ---------------------------------------------------------------------
     def _slot_build(self, slot: int, spec_wire: dict[str, Any]):

@@ -119,17 +119,30 @@ def test_release_frees_budget_and_unknown_capture_is_clear(ray_local, capture_en
         ray_local.get(capture_engine.generate.remote(PROMPTS[:1], SAMPLING, [7]))
 
 
-def test_no_shared_memory_file_outlives_its_capture(ray_local, capture_engine):
-    """Rows travel from the worker to the object store through one /dev/shm file per request; the task
-    that copies it into the store removes it, so a fetched capture leaves nothing behind."""
+def test_no_region_outlives_its_capture(ray_local, capture_engine):
+    """Rows travel from the worker to the object store through a region of a /dev/shm segment that the
+    worker keeps for its life (warm pages); the engine frees the region once the object store holds the
+    copy, so a fetched capture leaves no region in use, and the next capture reuses the segment."""
     import glob
 
+    def settled():  # the free follows the copy into the object store, in the background
+        deadline = time.monotonic() + 30
+        while (stats := ray_local.get(capture_engine.capture_arena_stats.remote()))["regions_in_use"]:
+            assert time.monotonic() < deadline, stats
+            time.sleep(0.1)
+        return stats
+
     before = set(glob.glob("/dev/shm/steer-capture-*"))
-    results = ray_local.get(capture_engine.generate.remote(PROMPTS, SAMPLING, LAYERS))
-    handles = fetch_captures_batch([CaptureHandle.from_wire(r["captures"]) for r in results])
-    assert all(h.captures[LAYERS[0]][0]["hidden"].shape[0] == len(h.positions) > 0 for h in handles)
-    assert set(glob.glob("/dev/shm/steer-capture-*")) - before == set()
-    ray_local.get(capture_engine.release_captures.remote([h.capture_id for h in handles]))
+    files = []
+    for _ in range(2):
+        results = ray_local.get(capture_engine.generate.remote(PROMPTS, SAMPLING, LAYERS))
+        handles = fetch_captures_batch([CaptureHandle.from_wire(r["captures"]) for r in results])
+        assert all(h.captures[LAYERS[0]][0]["hidden"].shape[0] == len(h.positions) > 0 for h in handles)
+        stats = settled()
+        assert stats["file_segments"] >= 1 and stats["captures_pending"] == 0  # through shared memory
+        files.append(set(glob.glob("/dev/shm/steer-capture-*")))
+        ray_local.get(capture_engine.release_captures.remote([h.capture_id for h in handles]))
+    assert len(files[0] - before) <= 1 and files[1] == files[0]  # one segment, reused
 
 
 def test_unset_max_tokens_captures_the_whole_sequence(ray_local, capture_engine):

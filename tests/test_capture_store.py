@@ -11,14 +11,14 @@ from steer_actors.kernels import steer_residual_
 from steer_actors.ops import neutral_rows
 
 
-def layer0(store, hidden, residual):
-    """Layer 0's op with no steering: only the capture part runs."""
+def layer0(store, hidden, residual, i=0):
+    """Layer ``i``'s op with no steering: only the capture part runs."""
     H = hidden.shape[1]
     r = neutral_rows(1, H)
     buf, dst, on, any_on = store.buf, store.dst, store.layer_on, store.any_on
     off = torch.zeros(1, dtype=torch.int32)
     steer_residual_(hidden, residual, r.add, r.unit, r.lo, r.hi, r.gamma, off, r.add[None], r.unit[None], r.lo[None],
-                    r.hi[None], r.gamma[None], dst, off, buf[0], dst, on[0:1], any_on)
+                    r.hi[None], r.gamma[None], dst, off, buf[i], dst, on[i:i + 1], any_on)
 
 
 def step(store, req_ids, counts, positions, hidden, padded=0):
@@ -54,6 +54,7 @@ def test_slices_accumulates_and_dedupes():
     from steer_actors.wire import decode_tensor
 
     assert a["positions"] == [0, 1, 2, 3, 4] and a["token_ids"] == [1000, 1001, 1002, 1003, 1004]
+    assert a["recomputed"] == 2 and b["recomputed"] == 0
     assert decode_tensor(a["layers"]["0"])[:, 0].tolist() == [0, 1, 20, 30, 4]
     assert b["positions"] == [0, 1, 2, 3]
     assert decode_tensor(b["layers"]["0"])[:, 0].tolist() == [0.5, 1.5, 2.5, 3.5]
@@ -79,7 +80,7 @@ def test_capture_off_refuses_registration():
         store.register("a", [0], 8)
 
 
-def test_rows_go_to_a_file_by_position_and_drop_removes_it(tmp_path):
+def test_rows_go_to_a_shared_segment_by_position_and_regions_are_freed_and_reused(tmp_path):
     store = make_store()
     store.register("a", [0], 4, str(tmp_path))
     store.register("b", [0], 4, str(tmp_path))
@@ -89,12 +90,63 @@ def test_rows_go_to_a_file_by_position_and_drop_removes_it(tmp_path):
     step(store, ["a-1"], [2], [3, 4], torch.tensor([[7.0] * H, [8.0] * H]))
     a = store.take("a")
     assert a["positions"] == [0, 1, 2, 3] and a["recomputed"] == 0 and "layers" not in a
-    rows = np.fromfile(a["file"], dtype=np.float32).reshape(a["shape"])
-    assert a["shape"] == [1, 4, H] and rows[0, :, 0].tolist() == [0.0, 1.0, 2.0, 7.0]
-    files = sorted(p.name for p in tmp_path.iterdir())
-    assert len(files) == 2
+    assert a["shape"] == [1, 4, H] and a["file"].startswith(str(tmp_path))
+    rows = np.fromfile(a["file"], dtype=np.float32).reshape(-1, H)[a["offset_rows"]:a["offset_rows"] + 4]
+    assert rows[:, 0].tolist() == [0.0, 1.0, 2.0, 7.0]
+    assert store.stats()["regions_in_use"] == 2  # a's region is the engine's until it frees it
     store.drop("b")
+    assert store.stats()["regions_in_use"] == 1
+    assert store.free([a["region"]]) == 1 and store.free([a["region"]]) == 0  # a stale id frees nothing
+    assert store.stats()["regions_in_use"] == 0
+    # one segment file holds every region, and outlives them: the next capture reuses its warm rows
     assert [p.name for p in tmp_path.iterdir()] == [a["file"].rsplit("/", 1)[1]]
+    store.register("c", [0], 4, str(tmp_path))
+    step(store, ["c-1"], [2], [0, 1], torch.tensor([[5.0] * H, [6.0] * H]))
+    c = store.take("c")
+    assert c["file"] == a["file"] and c["offset_rows"] == a["offset_rows"]
+    assert c["positions"] == [0, 1] and c["token_ids"] == [1000, 1001]  # nothing of a's is seen again
+    store.arena.close()
+
+
+def test_requests_with_different_layer_sets_share_a_step():
+    store = make_store()
+    H = 4
+    store.register("a", [0, 1], 4)
+    store.register("b", [1], 4)
+    hidden = torch.tensor([[1.0] * H, [2.0] * H, [3.0] * H])
+    qsl = np.array([0, 2, 3])
+    pos = torch.tensor([0, 1, 0])
+    store.begin_step(["a-1", "b-2"], qsl, pos, pos + 1000, 3)
+    layer0(store, hidden, torch.zeros_like(hidden))
+    layer0(store, hidden * 10, torch.zeros_like(hidden), i=1)
+    store.end_step()
+    a, b = store.take("a"), store.take("b")
+    from steer_actors.wire import decode_tensor
+
+    assert a["layer_ids"] == [0, 1] and b["layer_ids"] == [1] and b["token_ids"] == [1000]
+    assert decode_tensor(a["layers"]["0"])[:, 0].tolist() == [1.0, 2.0]
+    assert decode_tensor(a["layers"]["1"])[:, 0].tolist() == [10.0, 20.0]
+    assert decode_tensor(b["layers"]["1"])[:, 0].tolist() == [30.0]
+    assert store.stats()["regions_in_use"] == 0  # host-memory regions are free once encoded
+
+
+def test_one_step_across_segments_and_host_fallback(tmp_path):
+    store = CaptureStore(segment_bytes=6 * 4 * 4)  # a segment holds 6 rows of H=4: one request each
+    store.buffers(num_layers=2, rows=16, hidden=4, max_tokens=32)
+    H = 4
+    for rid in "abc":
+        store.register(rid, [0], 5, str(tmp_path) if rid != "c" else None)
+    step(store, ["a-1", "b-2", "c-3"], [2, 3, 1], [0, 1, 0, 1, 2, 0],
+         torch.arange(6.0)[:, None].expand(6, H).contiguous())
+    a, b, c = store.take("a"), store.take("b"), store.take("c")
+    assert a["file"] != b["file"] and "file" not in c
+    got = lambda d: np.fromfile(d["file"], np.float32).reshape(-1, H)[d["offset_rows"]:][:len(d["positions"]), 0]  # noqa: E731
+    assert got(a).tolist() == [0.0, 1.0] and got(b).tolist() == [2.0, 3.0, 4.0]
+    from steer_actors.wire import decode_tensor
+
+    assert decode_tensor(c["layers"]["0"])[:, 0].tolist() == [5.0]
+    assert store.stats()["segments"] == 3
+    store.arena.close()
 
 
 def test_a_step_whose_every_request_overflows_captures_nothing_and_says_so():

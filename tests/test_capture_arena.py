@@ -1,0 +1,117 @@
+"""The capture arena's allocator on its own (no vLLM): first fit, coalescing, reuse of warm rows,
+new segments when full, shared-memory files vs host memory, and the fallback when shared memory is full."""
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from steer_actors.capture_arena import Arena, is_segment_path
+
+H = 4
+ROW = H * 4
+
+
+def arena(rows=100):
+    return Arena(H, segment_bytes=rows * ROW)
+
+
+def test_first_fit_free_coalesces_and_reuses_the_same_rows():
+    a = arena()
+    r1, r2, r3 = a.alloc(10), a.alloc(20), a.alloc(30)
+    assert [(r.base, r.n_rows) for r in (r1, r2, r3)] == [(0, 10), (10, 20), (30, 30)]
+    assert len({r.id for r in (r1, r2, r3)}) == 3 and len(a.segments) == 1
+    seg = a.segments[0]
+    assert a.free(r2.id) and seg.free == [[10, 20], [60, 40]]
+    assert a.free(r1.id) and seg.free == [[0, 30], [60, 40]]  # merged with the next range
+    assert a.free(r3.id) and seg.free == [[0, 100]]  # and with both neighbours
+    assert not a.free(r3.id) and not a.free(12345)  # a stale or unknown id frees nothing
+    r4 = a.alloc(25)
+    assert r4.base == 0 and r4.id not in (r1.id, r2.id, r3.id)  # same rows, new id
+    assert a.stats()["regions_in_use"] == 1 and a.stats()["rows_in_use"] == 25
+
+
+def test_first_fit_takes_the_lowest_hole_that_fits():
+    a = arena()
+    rs = [a.alloc(10) for _ in range(5)]
+    a.free(rs[1].id)
+    a.free(rs[3].id)
+    assert a.alloc(15).base == 50  # neither 10-row hole fits
+    assert a.alloc(10).base == 10
+    assert a.alloc(5).base == 30 and a.alloc(5).base == 35
+    assert a.segments[0].free == [[65, 35]]
+
+
+def test_a_full_segment_starts_another_and_a_big_region_gets_a_segment_of_its_size():
+    a = arena()
+    r1 = a.alloc(80)
+    r2 = a.alloc(30)  # 20 rows left in the first: a second segment
+    assert (r2.segment.index, r2.base) == (1, 0) and len(a.segments) == 2
+    big = a.alloc(250)
+    assert big.segment.n_rows == 250 and big.segment.index == 2
+    assert a.alloc(20).segment is r1.segment  # first fit looks at the older segments first
+    for r in list(a.regions.values()):
+        a.free(r.id)
+    assert a.stats()["regions_in_use"] == 0 and len(a.segments) == 3  # segments are kept (warm pages)
+
+
+def test_region_views_are_disjoint_and_writes_stay_in_place():
+    a = arena()
+    r1, r2 = a.alloc(3), a.alloc(2)
+    r1.view().fill_(1.0)
+    r2.view().fill_(2.0)
+    seg = a.segments[0].rows
+    assert seg[:3].eq(1).all() and seg[3:5].eq(2).all()
+    seg.index_copy_(0, torch.tensor([4, 0]), torch.tensor([[7.0] * H, [8.0] * H]))
+    assert r1.view()[0, 0] == 8 and r2.view()[1, 0] == 7
+
+
+def test_file_segments_are_sparse_reserve_as_used_and_are_removed_at_close(tmp_path):
+    a = arena()
+    r = a.alloc(10, str(tmp_path))
+    assert r.path is not None and os.path.dirname(r.path) == str(tmp_path)
+    assert os.path.basename(r.path).startswith(f"steer-capture-") and r.path.endswith(".f32")
+    assert os.path.getsize(r.path) == 100 * ROW  # the whole segment is addressable ...
+    assert a.stats()["shared_bytes"] == 10 * ROW  # ... but only what regions reached is reserved
+    r.view().copy_(torch.arange(10 * H, dtype=torch.float32).reshape(10, H))
+    on_disk = np.fromfile(r.path, dtype=np.float32).reshape(100, H)
+    assert on_disk[:10].ravel().tolist() == list(range(10 * H))  # the same pages another process maps
+    r2 = a.alloc(5, str(tmp_path))
+    assert r2.path == r.path and r2.base == 10 and a.stats()["shared_bytes"] == 15 * ROW
+    a.free(r.id)
+    assert a.alloc(10, str(tmp_path)).base == 0 and a.stats()["shared_bytes"] == 15 * ROW  # reuse: no growth
+    assert a.alloc(3).path is None  # no directory: host memory, a segment of its own kind
+    assert a.stats()["file_segments"] == 1 and a.stats()["segments"] == 2
+    a.close()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_full_shared_memory_falls_back_to_host_memory(tmp_path, monkeypatch):
+    a = arena()
+    r1 = a.alloc(10, str(tmp_path))
+
+    def full(*args):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    r2 = a.alloc(20, str(tmp_path))  # would grow the reserved part of the file: it cannot
+    assert r2.path is None and r2.view().shape == (20, H)
+    assert a.segments[0].free == [[10, 90]]  # the rows it tried are free again
+    monkeypatch.undo()
+    a.free(r1.id)
+    assert a.alloc(10, str(tmp_path)).path == r1.path  # reserved rows are reused without reserving more
+    assert a.alloc(1, str(tmp_path) + "/missing").path is None  # cannot create a file there
+    a.close()
+
+
+def test_bad_sizes_are_refused():
+    with pytest.raises(ValueError):
+        arena().alloc(0)
+
+
+def test_segment_path_check():
+    assert is_segment_path("/dev/shm/steer-capture-1-2-ab.f32")
+    assert not is_segment_path("/dev/shm/other.f32")
+    assert not is_segment_path("/tmp/steer-capture-1-2-ab.f32")
+    assert not is_segment_path("/dev/shm/../etc/steer-capture-1-2-ab.f32")
