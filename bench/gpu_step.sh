@@ -129,6 +129,9 @@ case $step in
     VLLM_USE_FLASHINFER_SAMPLER=0 job tp 0,1 270 280 bench/gpu_multi.py --part tp --out "$OUT/tp.json"; keep_log tp
     job capture 2 270 275 bench/gpu.py --model 0.6b --runs capture --out "$OUT/capture.json"
     report tp capture; exit 0 ;;
+  L)  # capture alone
+    job capture 2 330 340 bench/gpu.py --model 0.6b --runs capture --out "$OUT/capture.json"; keep_log capture
+    report capture; exit 0 ;;
   H)  # the short version of F for the end of a budget
     ( VLLM_USE_FLASHINFER_SAMPLER=0 job tp 0,1 150 155 bench/gpu_multi.py --part tp --out "$OUT/tp.json"; keep_log tp ) &
     job capture 2 200 205 bench/gpu.py --model 0.6b --runs capture --out "$OUT/capture.json" &
