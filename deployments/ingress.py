@@ -133,8 +133,7 @@ class SteerIngress:
                                                  body.get("steering_spec")))
         for r in results:  # object refs stay in the cluster; HTTP clients download by capture_id
             if r.get("captures"):
-                cap = {k: v for k, v in r["captures"].items() if k != "owner"}
-                r["captures"] = {**cap, "layers": sorted(int(k) for k in cap["layers"])}
+                r["captures"] = {k: v for k, v in r["captures"].items() if k not in ("owner", "ref")}
         return self._reply(request, {"results": results})
 
     @api.get("/v1/captures/{capture_id}")

@@ -17,7 +17,10 @@ import torch
 
 @dataclass
 class _Entry:
-    refs: dict[int, Any]
+    ref: Any  # one object per capture: [layers, >= rows, H] fp32 (one object, not one per layer: each
+    # object-store entry costs about a millisecond to create, a layer's rows far less to copy)
+    layer_ids: list[int]
+    rows: int  # the capture's rows are [:, :rows]
     positions: list[int]
     token_ids: list[int]
     nbytes: int
@@ -55,24 +58,28 @@ class CaptureRegistry:
             token_ids: list[int]) -> dict[str, Any]:
         import ray
 
-        refs = {layer: ray.put(t.numpy()) for layer, t in layers.items()}
-        nbytes = sum(t.numel() * t.element_size() for t in layers.values())
-        return self.put_refs(capture_id, refs, positions, token_ids, nbytes)
+        ids = sorted(layers)
+        rows = len(positions)
+        ref = ray.put(np.stack([layers[i][:rows].numpy() for i in ids]) if ids else np.zeros((0, rows, 0), np.float32))
+        nbytes = sum(layers[i][:rows].numel() * 4 for i in ids)
+        return self.put_ref(capture_id, ref, ids, rows, positions, token_ids, nbytes)
 
-    def put_refs(self, capture_id: str, refs: dict[int, Any], positions: list[int], token_ids: list[int],
-                 nbytes: int) -> dict[str, Any]:
-        """Register object refs made elsewhere (e.g. the returns of a task still copying them)."""
+    def put_ref(self, capture_id: str, ref: Any, layer_ids: list[int], rows: int, positions: list[int],
+                token_ids: list[int], nbytes: int) -> dict[str, Any]:
+        """Register an object made elsewhere (e.g. the return of a task still copying it):
+        ``[len(layer_ids), >= rows, H]`` fp32, the capture being its first ``rows`` rows."""
         import ray
 
         with self._lock:
-            self.entries[capture_id] = _Entry(refs, positions, token_ids, nbytes, time.monotonic())
+            self.entries[capture_id] = _Entry(ref, list(layer_ids), int(rows), positions, token_ids, nbytes,
+                                              time.monotonic())
             self.used += nbytes
         try:
             owner = ray.get_runtime_context().current_actor
         except RuntimeError:  # not inside an actor (in-process use)
             owner = None
-        return {"capture_id": capture_id, "layers": refs, "positions": positions, "token_ids": token_ids,
-                "nbytes": nbytes, "owner": owner}
+        return {"capture_id": capture_id, "ref": ref, "layers": list(layer_ids), "rows": int(rows),
+                "positions": positions, "token_ids": token_ids, "nbytes": nbytes, "owner": owner}
 
     async def get(self, capture_id: str) -> dict[str, Any]:
         """Awaited, never a blocking ``ray.get``: the refs may be the returns of a task of this same
@@ -83,9 +90,9 @@ class CaptureRegistry:
         e = self.entries.get(capture_id)
         if e is None:
             raise ValueError(f"unknown capture {capture_id!r} (released, expired, or never made here)")
-        arrays = await asyncio.gather(*e.refs.values())
+        arr = await e.ref
         return {"positions": e.positions, "token_ids": e.token_ids,
-                "layers": {layer: torch.from_numpy(np.array(a)) for layer, a in zip(e.refs, arrays)}}
+                "layers": {layer: torch.from_numpy(np.array(arr[i, :e.rows])) for i, layer in enumerate(e.layer_ids)}}
 
     def release(self, capture_ids: list[str]) -> int:
         n = 0

@@ -66,13 +66,12 @@ class EngineCaptureMixin:
                 # response does not wait for the copy (all-layer captures are tens of MB per request),
                 # and a fetch waits only for its own rows.
                 layer_ids = data["layer_ids"]
-                refs = me.materialize_capture.options(num_returns=len(layer_ids)).remote(
-                    data["file"], data["offset_rows"], data["shape"], keep)
+                rows = _stored_rows(keep, int(data["shape"][1]))
+                ref = me.materialize_capture.remote(data["file"], data["offset_rows"], data["shape"], rows)
                 handed.append(data["region"])
-                refs = [refs] if len(layer_ids) == 1 else list(refs)
-                pending.extend(refs)
-                nbytes = len(layer_ids) * keep * int(data["shape"][2]) * 4
-                res.captures = self.captures.put_refs(rid, dict(zip(layer_ids, refs)), positions, tokens, nbytes)
+                pending.append(ref)
+                nbytes = len(layer_ids) * rows * int(data["shape"][2]) * 4  # what the object store holds
+                res.captures = self.captures.put_ref(rid, ref, layer_ids, keep, positions, tokens, nbytes)
                 stored.append(rid)
 
             def store() -> None:  # copies into the object store: off the event loop, which serves every request
@@ -124,23 +123,27 @@ class EngineCaptureMixin:
     def _segment_maps(self) -> dict[str, Any]:
         return self.__dict__.setdefault("_capture_segments", {})
 
-    async def materialize_capture(self, path: str, offset_rows: int, shape: list[int], keep: int) -> Any:
-        """The first ``keep`` rows of each layer of one region (``shape``: [layers, max_rows, H]) of a
-        capture segment, as one array per layer: this task's return values are the capture's object-store
-        entries. The engine frees the region once they are stored."""
-        import numpy as np
-
+    async def materialize_capture(self, path: str, offset_rows: int, shape: list[int], rows: int) -> Any:
+        """The first ``rows`` rows of each layer of one region (``shape``: [layers, max_rows, H], layer-major)
+        of a capture segment, as one array: this task's return value is the capture's object-store entry.
+        The whole region is a contiguous view of the mapping, which Ray's put copies with its parallel copy;
+        fewer rows (see :func:`_stored_rows`) cost one more copy here. The engine frees the region once
+        it is stored."""
         if not is_segment_path(path):
             raise ValueError(f"not a capture file: {path!r}")
-        n_layers, max_rows, _ = (int(x) for x in shape)
-        arr = _segment(self._segment_maps(), path, int(shape[2]))
-        offset_rows, keep = int(offset_rows), int(keep)
-        if offset_rows < 0 or offset_rows + n_layers * max_rows > arr.shape[0] or not 0 <= keep <= max_rows:
+        n_layers, max_rows, hidden = (int(x) for x in shape)
+        arr = _segment(self._segment_maps(), path, hidden)
+        offset_rows = int(offset_rows)
+        if offset_rows < 0 or offset_rows + n_layers * max_rows > arr.shape[0]:
             raise ValueError(f"region {offset_rows}+{shape} is not inside {path!r} ({arr.shape[0]} rows)")
-        # contiguous views of the mapping (layer-major region); Ray's put copies them
-        out = tuple(np.asarray(arr[offset_rows + i * max_rows:offset_rows + i * max_rows + keep])
-                    for i in range(n_layers))
-        return out if len(out) > 1 else out[0]
+        import numpy as np
+
+        # a plain ndarray view (not the memmap subclass, which would travel as one)
+        region = np.asarray(arr[offset_rows:offset_rows + n_layers * max_rows]).reshape(n_layers, max_rows, hidden)
+        rows = int(rows)
+        if not 0 <= rows <= max_rows:
+            raise ValueError(f"rows {rows} is not within the region's {max_rows}")
+        return region if rows == max_rows else np.ascontiguousarray(region[:, :rows])
 
     async def get_capture(self, capture_id: str) -> dict[str, Any]:
         return await self.captures.get(capture_id)
@@ -158,6 +161,13 @@ class EngineCaptureMixin:
         nothing is running), bytes of shared memory reserved (its peak: segments are kept)."""
         ranks = await self._workers("steer_capture_stats")
         return next((r for r in ranks if r is not None), {})
+
+
+def _stored_rows(keep: int, max_rows: int) -> int:
+    """Rows of a region that go to the object store: all of them (a contiguous view, one copy) when the
+    request used nearly all (it ran to max_tokens), else just its own (an early stop must not pin a region
+    sized for max_tokens, e.g. the model's whole length)."""
+    return max_rows if max_rows - keep <= max_rows // 8 else keep
 
 
 def _segment(maps: dict[str, Any], path: str, hidden: int) -> Any:

@@ -19,22 +19,20 @@ class CaptureHandle:
     positions: list[int]
     token_ids: list[int]
     nbytes: int
-    refs: dict[int, Any] = field(repr=False)
+    ref: Any = field(repr=False)  # one object-store entry: [layers, >= rows, H] fp32
     owner: Any = field(default=None, repr=False)  # the engine actor that owns the tensors
     captures: dict[int, list[dict[str, Any]]] | None = None
 
     @classmethod
     def from_wire(cls, d: dict[str, Any]) -> "CaptureHandle":
-        refs = {int(k): v for k, v in d["layers"].items()}
-        return cls(d["capture_id"], sorted(refs), list(d["positions"]), list(d["token_ids"]), int(d["nbytes"]), refs,
-                   d.get("owner"))
+        return cls(d["capture_id"], [int(k) for k in d["layers"]], list(d["positions"]), list(d["token_ids"]),
+                   int(d["nbytes"]), d["ref"], d.get("owner"))
 
 
 def fetch_captures_batch(handles: list[CaptureHandle], timeout_s: float = 300.0) -> list[CaptureHandle]:
     """Resolve every handle's tensors with one batched ``ray.get``; fills ``handle.captures``."""
     import ray
 
-    flat = [(h, layer, ref) for h in handles for layer, ref in h.refs.items()]
     # A capture lives as long as its engine: a copy that happens to survive on this node after the
     # owner died is not served, so the answer never depends on where the bytes were cached.
     owners = {h.owner._actor_id: h.owner for h in handles if h.owner is not None}
@@ -43,16 +41,15 @@ def fetch_captures_batch(handles: list[CaptureHandle], timeout_s: float = 300.0)
     except ray.exceptions.RayActorError:
         raise RuntimeError("capture is gone: the engine replica that owned it died") from None
     try:
-        arrays = ray.get([ref for _, _, ref in flat], timeout=timeout_s)
+        arrays = ray.get([h.ref for h in handles], timeout=timeout_s)
     except (ray.exceptions.OwnerDiedError, ray.exceptions.ObjectLostError) as e:
         raise RuntimeError(f"capture is gone: the engine replica that owned it died ({type(e).__name__})") from None
     except ray.exceptions.GetTimeoutError:
-        raise TimeoutError(f"fetching {len(flat)} capture tensors took longer than {timeout_s}s") from None
-    for h in handles:
-        h.captures = {}
+        raise TimeoutError(f"fetching {len(handles)} captures took longer than {timeout_s}s") from None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # object-store arrays are read-only; we never write to them
-        for (h, layer, _), arr in zip(flat, arrays):
-            h.captures[layer] = [{"hidden": torch.from_numpy(arr), "positions": h.positions,
-                                  "token_ids": h.token_ids}]
+        for h, arr in zip(handles, arrays):
+            rows = len(h.positions)  # views of the object-store buffer: no copy
+            h.captures = {layer: [{"hidden": torch.from_numpy(arr[i, :rows]), "positions": h.positions,
+                                   "token_ids": h.token_ids}] for i, layer in enumerate(h.layer_indices)}
     return handles
