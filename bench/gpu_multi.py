@@ -130,7 +130,11 @@ def part_app(res: dict) -> dict:
     cfg = dict(model_name=model, dtype="bfloat16", max_model_len=1024, gpu_memory_utilization=0.85,
                tensor_parallel_size=2, distributed_executor_backend="ray", placement_strategy="STRICT_PACK",
                num_replicas=2, replica_overrides=[pin("raylet_a"), pin("raylet_b")],
-               engine_kwargs={"skip_tokenizer_init": True})
+               # vLLM 0.26 fuses all-reduce + RMSNorm through FlashInfer's "mnnvl" workspace, which needs NVSwitch
+               # multicast: off on these machines (it can take a shared host's GPUs out of service); session 5's
+               # app run made that workspace, then failed in cublasCreate. Never again.
+               engine_kwargs={"skip_tokenizer_init": True,
+                              "compilation_config": {"pass_config": {"fuse_allreduce_rms": False}}})
     app = serve.run(build_app(cfg), name="steer", route_prefix="/steer")
     res["app_start_s"] = time.perf_counter() - t
     engines = [ray.get_actor(f"steer-engine-{i}", namespace="steer_actors") for i in range(2)]

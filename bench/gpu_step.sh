@@ -23,6 +23,9 @@ set -uo pipefail
 step=$1
 cd "$(dirname "$0")/.."
 export PYTHONPATH=/tmp/site:${PYTHONPATH:-} RAY_AUTH_MODE=disabled PATH=$PATH:/tmp/site/bin
+# NVLink multicast stays off on these machines (KINDS.md); vLLM's fused all-reduce would pick FlashInfer's
+# multicast ("mnnvl") workspace by itself: name the IPC one instead (gpu_multi also turns the fusion off).
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 VLLM_FLASHINFER_ALLREDUCE_BACKEND=trtllm
 if [ ! -f /tmp/site/.done ]; then bash .gpu/install.sh >/dev/null || exit 1; fi
 python3 -c "import steer_actors" 2>/dev/null ||
   python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . >/dev/null 2>&1
@@ -138,7 +141,10 @@ case $step in
     job update 3 190 195 bench/gpu.py --model 0.6b --runs update_only --out "$OUT/update.json" &
     wait; report tp capture update; exit 0 ;;
   E)
+    ( while sleep 10; do date +%T; nvidia-smi --query-compute-apps=pid,gpu_uuid,used_memory --format=csv,noheader
+        nvidia-smi --query-gpu=index,uuid,memory.used --format=csv,noheader; done >"$OUT/gpu_apps.log" 2>&1 ) & sampler=$!
     VLLM_USE_FLASHINFER_SAMPLER=0 job app 0,1,2,3 540 560 bench/gpu_multi.py --part app --out "$OUT/app.json"
+    kill $sampler 2>/dev/null
     keep_log app
     report app; exit 0 ;;
   B)
