@@ -10,10 +10,14 @@ A segment is a file in a shared-memory directory (the engine actor maps the same
 without another copy) or anonymous host memory (no directory, or the directory is full). File segments
 are sparse: space is reserved (``posix_fallocate``) as regions first reach it, so a full tmpfs raises
 ``OSError`` at allocation, never SIGBUS at a write, and the file holds what was ever in use at once.
-Segments are never shrunk or unlinked while the worker lives (a freed region is the next one's warm
-pages): shared-memory use stays at its peak, which the engine's ``capture_budget_bytes`` bounds (it
-reserves a request's rows before registering it). Files go at process exit (atexit); those of a worker
-that was killed are reclaimed by :func:`sweep_orphan_files` when an engine next starts on the host.
+Segments are never shrunk while the worker lives (a freed region is the next one's warm pages):
+shared-memory use stays at its peak, which the engine's ``capture_budget_bytes`` bounds (it reserves a
+request's rows before registering it).
+
+A segment's name is removed as soon as it is mapped; it is reached as ``/proc/<worker pid>/fd/<fd>``
+(same host and pid namespace only: the engine checks both before it asks for shared memory). So its
+memory goes back to the system when the last of the worker's descriptor and the engine's mapping goes,
+however the worker ends: a worker killed with SIGKILL (the reaper's way) leaves nothing in /dev/shm.
 """
 
 from __future__ import annotations
@@ -125,8 +129,10 @@ class Arena:
                 mm = mmap.mmap(fd, nbytes, flags=mmap.MAP_SHARED)
             except OSError:
                 os.close(fd)
-                _unlink(path)
                 raise
+            finally:
+                _unlink(path)  # the descriptor and the mappings keep it (see the module's doc)
+            path = f"/proc/{os.getpid()}/fd/{fd}"
             if not self._exit_hook:
                 atexit.register(self.close)
                 self._exit_hook = True
@@ -157,10 +163,8 @@ class Arena:
                     "host_bytes": sum(s.n_rows for s in self.segments if s.path is None) * self.row_bytes}
 
     def close(self) -> None:
-        """Remove the segment files (at exit). Mappings stay valid for whoever still holds one."""
+        """Close the segments' descriptors (at exit). Mappings stay valid for whoever still holds one."""
         for seg in self.segments:
-            if seg.path is not None:
-                _unlink(seg.path)
             if seg.fd is not None:
                 try:
                     os.close(seg.fd)
@@ -199,8 +203,26 @@ def segment_name() -> str:
 
 
 def is_segment_path(path: str, directory: str = "/dev/shm") -> bool:
-    name = os.path.basename(path)
-    return os.path.dirname(path) == directory and name.startswith("steer-capture-") and name.endswith(".f32")
+    """``/proc/<pid>/fd/<fd>`` of a process of this host and pid namespace, open on a capture segment that
+    was made in ``directory`` (and unlinked since)."""
+    import re
+
+    if not re.fullmatch(r"/proc/[0-9]+/fd/[0-9]+", path):
+        return False
+    try:
+        target = os.readlink(path)
+    except OSError:
+        return False
+    target = target.removesuffix(" (deleted)")
+    name = os.path.basename(target)
+    return os.path.dirname(target) == directory and name.startswith("steer-capture-") and name.endswith(".f32")
+
+
+def shared_memory_key() -> str:
+    """Where shared-memory segments can be shared: the same host and pid namespace (``/proc/<pid>``)."""
+    import socket
+
+    return f"{socket.gethostname()}:{_pid_namespace()}"
 
 
 def _unlink(path: str) -> None:

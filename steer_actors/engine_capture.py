@@ -5,6 +5,7 @@ worker side). Mixed into :class:`steer_actors.engine.SteerEngine`, whose state i
 from __future__ import annotations
 
 import asyncio
+import os
 from typing import Any
 
 from .capture_arena import is_segment_path
@@ -24,10 +25,10 @@ class EngineCaptureMixin:
         need = sum(rows) * len(set(layers)) * self.hidden_size * 4
         self.captures.reserve(need)
         try:
-            import socket
+            from .capture_arena import shared_memory_key
 
             await self._workers("steer_capture_register", [(rid, sorted(set(layers)), r)
-                                                           for rid, r in zip(ids, rows)], socket.gethostname())
+                                                           for rid, r in zip(ids, rows)], shared_memory_key())
         except BaseException:
             self.captures.unreserve(need)
             raise
@@ -170,13 +171,15 @@ def _stored_rows(keep: int, max_rows: int) -> int:
     return max_rows if max_rows - keep <= max_rows // 8 else keep
 
 
-def _segment(maps: dict[str, Any], path: str, hidden: int) -> Any:
-    """A capture segment mapped once per engine: its pages fault once, not once per capture."""
+def _segment(maps: dict[Any, Any], path: str, hidden: int) -> Any:
+    """A capture segment mapped once per engine: its pages fault once, not once per capture. Keyed by the
+    file itself too: a ``/proc/<pid>/fd/<fd>`` path names another file once that worker is gone."""
     import numpy as np
 
-    arr = maps.get(path)
+    key = (path, os.stat(path).st_ino)
+    arr = maps.get(key)
     if arr is None:
-        arr = maps[path] = np.memmap(path, dtype=np.float32, mode="r").reshape(-1, hidden)
+        arr = maps[key] = np.memmap(path, dtype=np.float32, mode="r").reshape(-1, hidden)
     return arr
 
 

@@ -155,17 +155,19 @@ class SteerWorkerExtension:
 
     # ---- activation capture (rank 0 only: every rank holds the same residual stream) ------------
     def steer_capture_register(self, requests: list[tuple[str, list[int], int]], host: str | None = None) -> None:
-        """``requests``: (request id, layers, prompt + max_tokens). On the engine actor's host the rows
-        go straight into a region of a shared-memory segment the engine maps, as steps complete."""
+        """``requests``: (request id, layers, prompt + max_tokens). ``host``: the engine actor's
+        :func:`~steer_actors.capture_arena.shared_memory_key`; where it is this worker's too, the rows go
+        straight into a region of a shared-memory segment the engine maps, as steps complete."""
         if vllm_compat.tp_rank(self) != 0:
             return
         import os
-        import socket
+
+        from .capture_arena import shared_memory_key
 
         vllm_compat.install_step_probe(self, capture.STORE)
         if capture.STORE.rows_per_step == 0:
             raise ValueError("this engine was started with capture disabled (capture_rows_per_step=0)")
-        to_dir = "/dev/shm" if host == socket.gethostname() and os.access("/dev/shm", os.W_OK) else None
+        to_dir = "/dev/shm" if host == shared_memory_key() and os.access("/dev/shm", os.W_OK) else None
         for request_id, layers, max_rows in requests:
             capture.STORE.register(request_id, layers, int(max_rows), to_dir)
 

@@ -67,11 +67,14 @@ def test_region_views_are_disjoint_and_writes_stay_in_place():
     assert r1.view()[0, 0] == 8 and r2.view()[1, 0] == 7
 
 
-def test_file_segments_are_sparse_reserve_as_used_and_are_removed_at_close(tmp_path):
+def test_file_segments_are_sparse_reserve_as_used_and_leave_no_name_behind(tmp_path):
     a = arena()
     r = a.alloc(10, str(tmp_path))
-    assert r.path is not None and os.path.dirname(r.path) == str(tmp_path)
-    assert os.path.basename(r.path).startswith(f"steer-capture-") and r.path.endswith(".f32")
+    # reached through this process's descriptor: the name is gone at once, so a killed worker leaves no file
+    assert r.path == f"/proc/{os.getpid()}/fd/{a.segments[0].fd}" and list(tmp_path.iterdir()) == []
+    target = os.readlink(r.path)
+    assert target.startswith(str(tmp_path) + "/steer-capture-") and target.endswith(".f32 (deleted)")
+    assert is_segment_path(r.path, str(tmp_path))
     assert os.path.getsize(r.path) == 100 * ROW  # the whole segment is addressable ...
     assert a.stats()["shared_bytes"] == 10 * ROW  # ... but only what regions reached is reserved
     r.view().copy_(torch.arange(10 * H, dtype=torch.float32).reshape(10, H))
@@ -84,7 +87,23 @@ def test_file_segments_are_sparse_reserve_as_used_and_are_removed_at_close(tmp_p
     assert a.alloc(3).path is None  # no directory: host memory, a segment of its own kind
     assert a.stats()["file_segments"] == 1 and a.stats()["segments"] == 2
     a.close()
-    assert list(tmp_path.iterdir()) == []
+    assert not os.path.exists(r.path)
+
+
+def test_a_killed_worker_leaves_no_shared_memory_behind(tmp_path):
+    """SIGKILL runs no exit hook: the segment must not need one."""
+    import signal
+    import subprocess
+    import sys
+
+    code = ("import sys, time; from steer_actors.capture_arena import Arena; a = Arena(4); "
+            f"r = a.alloc(8, {str(tmp_path)!r}); r.view().fill_(1.0); print(r.path, flush=True); time.sleep(60)")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    path = proc.stdout.readline().strip()
+    assert np.fromfile(path, dtype=np.float32)[:32].tolist() == [1.0] * 32  # another process reads the rows
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert list(tmp_path.iterdir()) == [] and not os.path.exists(path)
 
 
 def test_full_shared_memory_falls_back_to_host_memory(tmp_path, monkeypatch):
@@ -110,8 +129,15 @@ def test_bad_sizes_are_refused():
         arena().alloc(0)
 
 
-def test_segment_path_check():
-    assert is_segment_path("/dev/shm/steer-capture-1-2-ab.f32")
-    assert not is_segment_path("/dev/shm/other.f32")
-    assert not is_segment_path("/tmp/steer-capture-1-2-ab.f32")
-    assert not is_segment_path("/dev/shm/../etc/steer-capture-1-2-ab.f32")
+def test_segment_path_check(tmp_path):
+    a = arena()
+    assert is_segment_path(a.alloc(4, str(tmp_path)).path, str(tmp_path))
+    assert not is_segment_path(a.alloc(4, str(tmp_path)).path)  # made elsewhere than /dev/shm
+    other = tmp_path / "steer-capture-1-2-ab.f32"
+    other.write_bytes(b"\0" * 64)
+    with open(other, "rb") as f:  # an open file of the right name that is not a segment of ours
+        assert not is_segment_path(f"/proc/{os.getpid()}/fd/{f.fileno()}", "/dev/shm")
+    for path in ("/dev/shm/steer-capture-1-2-ab.f32", str(other), "/proc/self/fd/0", "/proc/1/fd/../environ",
+                 f"/proc/{os.getpid()}/fd/999999"):
+        assert not is_segment_path(path, str(tmp_path))
+    a.close()
