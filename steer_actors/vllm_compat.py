@@ -105,6 +105,19 @@ def engine_args(**kwargs: Any) -> Any:
     return AsyncEngineArgs(**kwargs)
 
 
+def keep_off_multicast(env: Any = None) -> None:
+    """A host that turns NVLink multicast off (``NCCL_NVLS_ENABLE=0``; on shared GPU hosts multicast can take
+    every card out of service) must not get it through vLLM either: with TP > 1 and compilation, vLLM 0.26
+    fuses all-reduce + RMSNorm through FlashInfer and picks its multicast ("mnnvl") workspace by itself
+    (seen on an H100 host, whose engines then failed in ``cublasCreate``). Name the IPC backend unless the
+    user chose one; Ray-executor workers inherit the engine's environment."""
+    import os
+
+    env = os.environ if env is None else env
+    if env.get("NCCL_NVLS_ENABLE") == "0":
+        env.setdefault("VLLM_FLASHINFER_ALLREDUCE_BACKEND", "trtllm")
+
+
 def make_async_llm(args: Any, placement_group: Any = None) -> Any:
     """``AsyncLLM`` from engine args; with ``placement_group``, vLLM's Ray executor places its workers
     in it (the engine core runs in a subprocess that is not a Ray task, so it cannot find the group
@@ -117,6 +130,7 @@ def make_async_llm(args: Any, placement_group: Any = None) -> Any:
 
     import ray
 
+    keep_off_multicast()
     if args.distributed_executor_backend == "ray" and ray.is_initialized():
         # The engine core subprocess joins Ray as a driver of its own; without an address it takes the
         # cluster last started on this host, which need not be the one holding the placement group.
