@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from . import wire
-from .capture_arena import DEFAULT_SEGMENT_BYTES, Arena, Region, Segment
+from .capture_arena import DEFAULT_SEGMENT_BYTES, Arena, Region, Segment, stored_rows
 from .capture_arena import _pid_namespace, sweep_orphan_files  # noqa: F401 (their home was here)
 
 
@@ -300,6 +300,13 @@ class CaptureStore:
         out = {"positions": positions.tolist(), "token_ids": tokens[region.base + positions].tolist(),
                "recomputed": pend.recomputed, "layer_ids": pend.layers}
         if region.path is not None:
+            # The engine may store the whole region (see stored_rows): rows this request never wrote hold an
+            # earlier capture's activations, maybe another user's, and must not travel with it.
+            used = int(positions[-1]) + 1 if positions.size else 0
+            if stored_rows(used, maxr) == maxr and used < maxr:
+                view = region.view()
+                for i in range(len(pend.layers)):
+                    view[i * maxr + used:(i + 1) * maxr].zero_()
             out.update(file=region.path, offset_rows=region.base, shape=[len(pend.layers), maxr, self.arena.hidden],
                        region=region.id)
             return out

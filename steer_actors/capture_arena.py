@@ -197,6 +197,14 @@ def _release(free: list[list[int]], start: int, n: int) -> None:
         free.insert(i, [start, end - start])
 
 
+def stored_rows(keep: int, max_rows: int) -> int:
+    """Rows of a region (per layer) that go to the object store: all of them (a contiguous view, one copy)
+    when the request used nearly all (it ran to max_tokens), else just its own (an early stop must not pin a
+    region sized for max_tokens, e.g. the model's whole length). The worker zeroes the unused tail of a
+    region stored whole."""
+    return max_rows if max_rows - keep <= max_rows // 8 else keep
+
+
 def segment_name() -> str:
     """``steer-capture-<pid namespace>-<pid>-<uuid>.f32``: what :func:`sweep_orphan_files` recognises."""
     return f"steer-capture-{_pid_namespace()}-{os.getpid()}-{uuid.uuid4().hex}.f32"
@@ -219,10 +227,17 @@ def is_segment_path(path: str, directory: str = "/dev/shm") -> bool:
 
 
 def shared_memory_key() -> str:
-    """Where shared-memory segments can be shared: the same host and pid namespace (``/proc/<pid>``)."""
+    """Where shared-memory segments can be shared: the same running kernel (boot id: host names repeat
+    across machines) and pid namespace (``/proc/<pid>``; the initial namespace has the same number on
+    every host)."""
     import socket
 
-    return f"{socket.gethostname()}:{_pid_namespace()}"
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            boot = f.read().strip()
+    except OSError:
+        boot = "?"
+    return f"{socket.gethostname()}:{boot}:{_pid_namespace()}"
 
 
 def _unlink(path: str) -> None:

@@ -8,7 +8,7 @@ import asyncio
 import os
 from typing import Any
 
-from .capture_arena import is_segment_path
+from .capture_arena import is_segment_path, stored_rows
 from .results import GenerationResult
 
 
@@ -49,7 +49,7 @@ class EngineCaptureMixin:
         stored: list[str] = []
         try:
             for res, rid in zip(results, ids):
-                data = taken[rid]
+                data = taken.get(rid) or {"error": f"capture of request {rid} was never registered on the worker"}
                 if "error" in data:
                     raise ValueError(data["error"])
                 self._recomputed_rows += data.get("recomputed", 0)
@@ -67,7 +67,7 @@ class EngineCaptureMixin:
                 # response does not wait for the copy (all-layer captures are tens of MB per request),
                 # and a fetch waits only for its own rows.
                 layer_ids = data["layer_ids"]
-                rows = _stored_rows(keep, int(data["shape"][1]))
+                rows = stored_rows(keep, int(data["shape"][1]))
                 ref = me.materialize_capture.remote(data["file"], data["offset_rows"], data["shape"], rows)
                 handed.append(data["region"])
                 pending.append(ref)
@@ -89,7 +89,7 @@ class EngineCaptureMixin:
         finally:
             if pending:
                 self._background(self._free_when_stored(pending, handed))
-            rest = [data["region"] for data in taken.values() if "region" in data and data["region"] not in handed]
+            rest = [data["region"] for data in taken.values() if data and "region" in data and data["region"] not in handed]
             if rest:  # read here (eager), never handed on, or the call failed: the worker may reuse them
                 self._background(self._free_regions(rest))
 
@@ -111,7 +111,7 @@ class EngineCaptureMixin:
     def _free_taken(self, take: asyncio.Future) -> None:
         if take.cancelled() or take.exception() is not None:
             return
-        regions = [data["region"] for rank in take.result() for data in (rank or {}).values() if "region" in data]
+        regions = [data["region"] for rank in take.result() for data in (rank or {}).values() if data and "region" in data]
         if regions:
             self._background(self._free_regions(regions))
 
@@ -128,23 +128,24 @@ class EngineCaptureMixin:
         """The first ``rows`` rows of each layer of one region (``shape``: [layers, max_rows, H], layer-major)
         of a capture segment, as one array: this task's return value is the capture's object-store entry.
         The whole region is a contiguous view of the mapping, which Ray's put copies with its parallel copy;
-        fewer rows (see :func:`_stored_rows`) cost one more copy here. The engine frees the region once
+        fewer rows (see :func:`~steer_actors.capture_arena.stored_rows`) cost one more copy here. The engine frees the region once
         it is stored."""
         if not is_segment_path(path):
             raise ValueError(f"not a capture file: {path!r}")
-        n_layers, max_rows, hidden = (int(x) for x in shape)
-        arr = _segment(self._segment_maps(), path, hidden)
-        offset_rows = int(offset_rows)
-        if offset_rows < 0 or offset_rows + n_layers * max_rows > arr.shape[0]:
-            raise ValueError(f"region {offset_rows}+{shape} is not inside {path!r} ({arr.shape[0]} rows)")
         import numpy as np
 
+        n_layers, max_rows, hidden = (int(x) for x in shape)
+        offset_rows, rows = int(offset_rows), int(rows)
+        flat = _segment(self._segment_maps(), path)
+        start, end = offset_rows * hidden, (offset_rows + n_layers * max_rows) * hidden
+        if min(n_layers, max_rows, hidden) <= 0 or offset_rows < 0 or end > flat.shape[0] or not 0 <= rows <= max_rows:
+            raise ValueError(f"region {offset_rows}+{shape} (rows {rows}) is not inside {path!r}")
         # a plain ndarray view (not the memmap subclass, which would travel as one)
-        region = np.asarray(arr[offset_rows:offset_rows + n_layers * max_rows]).reshape(n_layers, max_rows, hidden)
-        rows = int(rows)
-        if not 0 <= rows <= max_rows:
-            raise ValueError(f"rows {rows} is not within the region's {max_rows}")
-        return region if rows == max_rows else np.ascontiguousarray(region[:, :rows])
+        region = np.asarray(flat[start:end]).reshape(n_layers, max_rows, hidden)
+        if rows == max_rows:
+            return region
+        # tens of MB: off the event loop, which serves every request (numpy copies without the GIL)
+        return await asyncio.to_thread(np.ascontiguousarray, region[:, :rows])
 
     async def get_capture(self, capture_id: str) -> dict[str, Any]:
         return await self.captures.get(capture_id)
@@ -164,22 +165,15 @@ class EngineCaptureMixin:
         return next((r for r in ranks if r is not None), {})
 
 
-def _stored_rows(keep: int, max_rows: int) -> int:
-    """Rows of a region that go to the object store: all of them (a contiguous view, one copy) when the
-    request used nearly all (it ran to max_tokens), else just its own (an early stop must not pin a region
-    sized for max_tokens, e.g. the model's whole length)."""
-    return max_rows if max_rows - keep <= max_rows // 8 else keep
-
-
-def _segment(maps: dict[Any, Any], path: str, hidden: int) -> Any:
-    """A capture segment mapped once per engine: its pages fault once, not once per capture. Keyed by the
-    file itself too: a ``/proc/<pid>/fd/<fd>`` path names another file once that worker is gone."""
+def _segment(maps: dict[Any, Any], path: str) -> Any:
+    """A capture segment mapped once per engine (flat fp32): its pages fault once, not once per capture.
+    Keyed by the file itself too: a ``/proc/<pid>/fd/<fd>`` path names another file once that worker is gone."""
     import numpy as np
 
     key = (path, os.stat(path).st_ino)
     arr = maps.get(key)
     if arr is None:
-        arr = maps[key] = np.memmap(path, dtype=np.float32, mode="r").reshape(-1, hidden)
+        arr = maps[key] = np.memmap(path, dtype=np.float32, mode="r")
     return arr
 
 
@@ -194,7 +188,7 @@ def _capture_layers(data: dict[str, Any], maps: dict[str, Any]) -> dict[int, Any
 
     if "file" in data:
         # rows by absolute position, mapped rather than read: the object store's put is the one copy here
-        arr = _segment(maps, data["file"], int(data["shape"][2]))
+        arr = _segment(maps, data["file"]).reshape(-1, int(data["shape"][2]))
         off, max_rows, n = int(data["offset_rows"]), int(data["shape"][1]), len(data["positions"])
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # a read-only mapping: nobody writes through these tensors

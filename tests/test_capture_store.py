@@ -188,3 +188,20 @@ def test_sweep_removes_only_old_files_of_dead_processes_in_this_pid_namespace(tm
     assert sweep_orphan_files(str(tmp_path)) == [str(orphan)]
     assert not orphan.exists() and all(p.exists() for p in (mine, fresh, other_ns, unrelated))
     assert sweep_orphan_files(str(tmp_path / "missing")) == []  # best effort, never raises
+
+
+def test_a_region_stored_whole_carries_nothing_of_an_earlier_capture(tmp_path):
+    """The engine stores a nearly full region whole (one contiguous copy): the rows this request never wrote
+    must not hold the previous owner's activations."""
+    store, H = make_store(), 4
+    store.register("a", [0], 8, str(tmp_path))
+    step(store, ["a-1"], [8], list(range(8)), torch.full((8, H), 9.0))
+    a = store.take("a")
+    assert store.free([a["region"]]) == 1
+    store.register("b", [0], 8, str(tmp_path))  # the same rows again
+    step(store, ["b-1"], [7], list(range(7)), torch.full((7, H), 5.0))  # stopped one row short of max_tokens
+    b = store.take("b")
+    assert (b["offset_rows"], b["file"]) == (a["offset_rows"], a["file"])
+    rows = np.fromfile(b["file"], dtype=np.float32).reshape(-1, H)[b["offset_rows"]:b["offset_rows"] + 8]
+    assert rows[:7].tolist() == [[5.0] * H] * 7 and rows[7].tolist() == [0.0] * H
+    store.arena.close()
