@@ -90,7 +90,8 @@ class CaptureStore:
             self.arena = Arena(hidden, self._segment_bytes)
         return self.buf, self.dst, self.layer_on, self.any_on
 
-    def register(self, request_id: str, layers: list[int], max_rows: int, to_dir: str | None = None) -> None:
+    def register(self, request_id: str, layers: list[int], max_rows: int, to_dir: str | None = None,
+                 shared_cap_bytes: int | None = None) -> None:
         """``max_rows``: prompt + max_tokens (positions past it are never part of the sequence).
         ``to_dir``: shared memory on the engine actor's host, where the rows then go straight to a file
         the engine maps (else, or when it is full, host memory here)."""
@@ -98,7 +99,7 @@ class CaptureStore:
             raise ValueError("this engine was started with capture disabled (capture_rows_per_step=0)")
         ids = sorted({int(x) for x in layers})
         max_rows = int(max_rows)
-        region = self.arena.alloc(len(ids) * max_rows, to_dir)  # the arena's lock, never the forward's
+        region = self.arena.alloc(len(ids) * max_rows, to_dir, shared_cap_bytes)  # the arena's lock, never the forward's
         seen, tokens = self._segment_meta(region.segment)
         seen[region.base:region.base + max_rows] = False
         tokens[region.base:region.base + max_rows] = -1

@@ -78,18 +78,22 @@ class Arena:
         self._next_id = 1  # never reused: a stale id frees nothing
         self._lock = threading.Lock()  # separate from the forward lock: registering never stalls a forward
         self._exit_hook = False
+        self._cap: int | None = None  # shared bytes this allocation may take in all (see alloc)
 
-    def alloc(self, n_rows: int, directory: str | None = None) -> Region:
+    def alloc(self, n_rows: int, directory: str | None = None, shared_cap_bytes: int | None = None) -> Region:
         """``n_rows`` rows, in a file segment of ``directory`` when there is room (a new segment if no
-        free range fits), else in host memory."""
+        free range fits) and the shared memory reserved stays within ``shared_cap_bytes``, else in host
+        memory. The cap keeps the arena from taking the room of the Ray object store, which lives in the
+        same tmpfs and only finds out at a write that it is gone."""
         n_rows = int(n_rows)
         if n_rows <= 0:
             raise ValueError(f"a region needs at least one row, not {n_rows}")
         with self._lock:
             if directory is not None:
+                self._cap = shared_cap_bytes
                 try:
                     return self._alloc(n_rows, directory)
-                except OSError:  # shared memory full (containers often get 64 MB): keep the rows here
+                except OSError:  # shared memory full (containers often get 64 MB), or the cap: rows stay here
                     pass
             return self._alloc(n_rows, None)
 
@@ -105,6 +109,11 @@ class Arena:
     def _publish(self, seg: Segment, base: int, n_rows: int) -> Region:
         end = base + n_rows
         if seg.fd is not None and end > seg.reserved:
+            shared = sum(x.reserved for x in self.segments if x.fd is not None) + end - seg.reserved
+            if self._cap is not None and shared * self.row_bytes > self._cap:
+                _release(seg.free, base, n_rows)
+                raise OSError(f"capture arena: {shared * self.row_bytes} bytes of shared memory would pass its cap "
+                              f"of {self._cap}")
             try:
                 os.posix_fallocate(seg.fd, seg.reserved * self.row_bytes, (end - seg.reserved) * self.row_bytes)
             except OSError:

@@ -28,7 +28,8 @@ class EngineCaptureMixin:
             from .capture_arena import shared_memory_key
 
             await self._workers("steer_capture_register", [(rid, sorted(set(layers)), r)
-                                                           for rid, r in zip(ids, rows)], shared_memory_key())
+                                                           for rid, r in zip(ids, rows)], shared_memory_key(),
+                                self.captures.budget)
         except BaseException:
             self.captures.unreserve(need)
             raise
@@ -94,11 +95,20 @@ class EngineCaptureMixin:
                 self._background(self._free_regions(rest))
 
     async def _free_when_stored(self, refs: list[Any], regions: list[int]) -> None:
-        """A region may be reused only once the object store holds its copy: after the task's returns are."""
-        try:
-            await asyncio.gather(*refs, return_exceptions=True)
-        finally:
-            await self._free_regions(regions)
+        """A region may be reused only once the object store holds its copy (the task's return is ready).
+        Each is freed as soon as its own copy is stored, those ready together in one call: a batch's regions
+        do not wait for its slowest copy, so the arena recycles warm rows instead of growing onto new ones."""
+
+        async def stored(ref: Any) -> None:
+            try:
+                await ref
+            except Exception:  # the copy failed: nothing reads the region any more either
+                pass
+
+        waiting = {asyncio.ensure_future(stored(ref)): region for ref, region in zip(refs, regions)}
+        while waiting:
+            done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+            await self._free_regions([waiting.pop(d) for d in done])
 
     async def _free_regions(self, regions: list[int]) -> None:
         try:

@@ -141,3 +141,16 @@ def test_segment_path_check(tmp_path):
                  f"/proc/{os.getpid()}/fd/999999"):
         assert not is_segment_path(path, str(tmp_path))
     a.close()
+
+
+def test_shared_memory_stays_within_its_cap_and_the_rest_goes_to_host_memory(tmp_path):
+    """The object store lives in the same tmpfs: the arena must not take its room."""
+    a = arena()
+    r1 = a.alloc(10, str(tmp_path), shared_cap_bytes=15 * ROW)
+    assert r1.path is not None
+    r2 = a.alloc(10, str(tmp_path), shared_cap_bytes=15 * ROW)  # 20 rows would pass the cap
+    assert r2.path is None and a.stats()["shared_bytes"] == 10 * ROW
+    assert a.segments[0].free == [[10, 90]]  # the rows it tried are free again
+    a.free(r1.id)
+    assert a.alloc(10, str(tmp_path), shared_cap_bytes=15 * ROW).path == r1.path  # reserved rows cost nothing new
+    a.close()
