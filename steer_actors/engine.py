@@ -85,10 +85,17 @@ class SteerEngine(EngineCaptureMixin):
         swept = sweep_orphan_files()  # files of an engine that died here before it handed its captures on
         if swept:
             logging.getLogger(__name__).warning("removed %d capture files of dead engines", len(swept))
-        self.engine = vllm_compat.make_async_llm(vllm_compat.engine_args(**kwargs), pg)
-        from .reaper import start_for_children
+        from . import reaper
 
-        start_for_children()
+        swept = reaper.sweep_dead_engines()
+        if swept:
+            logging.getLogger(__name__).warning("removed %d shared-memory files of dead engines", len(swept))
+        self.engine = vllm_compat.make_async_llm(vllm_compat.engine_args(**kwargs), pg)
+        reaper.start_for_children()
+        try:
+            reaper.note_shared_memory()
+        except Exception as e:  # best effort: cleanup after a crash, never a reason not to serve
+            logging.getLogger(__name__).warning("could not note the engine's shared memory: %s", e)
         mc = self.engine.vllm_config.model_config
         self.hidden_size = mc.get_hidden_size()
         self.num_layers = mc.get_num_layers(self.engine.vllm_config.parallel_config)

@@ -6,7 +6,10 @@ reboots. ``python -m steer_actors.reaper PARENT PID...`` polls PARENT and kills 
 
 Processes killed that way cannot remove their shared memory either: vLLM's message queues live in
 ``/dev/shm/psm_*`` files (tmpfs: memory) that nothing would ever free. The reaper notes the files each
-process maps just before killing it and removes those that no living process maps afterwards.
+process maps just before killing it and removes those that no living process maps afterwards. Ray 2.60
+kills a dead actor's descendants itself (the reaper with them), so each engine also leaves a note of its
+processes' files (:func:`note_shared_memory`), and the next engine on the host removes what a dead
+engine's note names and nobody maps any more (:func:`sweep_dead_engines`).
 """
 
 from __future__ import annotations
@@ -76,6 +79,80 @@ def _zombie(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] == "Z"
     except OSError:
         return True
+
+
+NOTES = "/tmp/steer-actors-engines"
+
+
+def _note_path(pid: int) -> str:
+    from .capture_arena import _pid_namespace
+
+    return os.path.join(NOTES, f"{_pid_namespace()}-{pid}.json")
+
+
+def note_shared_memory() -> str | None:
+    """Write down the shared-memory files this process's descendants map (an engine's vLLM processes,
+    once started); returns the note's path."""
+    import json
+
+    import psutil
+
+    files: set[str] = set()
+    for child in psutil.Process().children(recursive=True):
+        files |= shm_files(child.pid)
+    files = {f for f in files if not os.path.basename(f).startswith("steer-capture-")}
+    if not files:
+        return None
+    os.makedirs(NOTES, exist_ok=True)
+    path = _note_path(os.getpid())
+    with open(path + ".tmp", "w") as f:
+        json.dump(sorted(files), f)
+    os.replace(path + ".tmp", path)
+    return path
+
+
+def sweep_dead_engines() -> list[str]:
+    """Remove the files named by notes of engines (of this pid namespace) that are gone, unless a living
+    process maps them; best effort, never raises. Returns the files removed."""
+    import json
+
+    from .capture_arena import _pid_namespace
+
+    removed: list[str] = []
+    try:
+        names = os.listdir(NOTES)
+    except OSError:
+        return removed
+    ns = str(_pid_namespace())
+    mapped = None
+    for name in names:
+        stem, _, ext = name.rpartition(".")
+        owner_ns, _, pid = stem.partition("-")
+        if ext != "json" or owner_ns != ns or not pid.isdigit():
+            continue
+        if os.path.exists(f"/proc/{pid}") and not _zombie(int(pid)):
+            continue
+        note = os.path.join(NOTES, name)
+        try:
+            with open(note) as f:
+                files = [p for p in json.load(f) if isinstance(p, str) and p.startswith("/dev/shm/")
+                         and "/" not in p[len("/dev/shm/"):]]
+        except (OSError, ValueError):
+            files = []
+        mapped = _mapped_by_others() if mapped is None else mapped
+        for path in files:
+            if path in mapped:
+                continue
+            try:
+                os.unlink(path)
+                removed.append(path)
+            except OSError:
+                pass
+        try:
+            os.unlink(note)
+        except OSError:
+            pass
+    return removed
 
 
 def start_for_children() -> None:

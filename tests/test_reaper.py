@@ -47,3 +47,40 @@ def test_killed_children_leave_no_shared_memory_but_shared_files_stay():
             shared_memory.SharedMemory(name=f"{tag}-shared").unlink()
         except FileNotFoundError:
             pass
+
+
+ENGINE = ("import subprocess, sys, time; from steer_actors import reaper; reaper.NOTES = sys.argv[1]; "
+          "child = subprocess.Popen([sys.executable, '-c', sys.argv[2], sys.argv[3], '1'], stdout=subprocess.PIPE, text=True); "
+          "child.stdout.readline(); print(reaper.note_shared_memory(), child.pid, flush=True); time.sleep(120)")
+
+
+def test_the_next_engine_removes_what_a_killed_engine_left(tmp_path):
+    """Ray kills a dead actor's descendants itself (the reaper with them): the shared memory they mapped
+    is removed when the next engine starts, from the note the dead engine left."""
+    import os
+    import signal
+
+    tag = f"steer-reaper-test-{time.time_ns()}"
+    engine = subprocess.Popen([sys.executable, "-c", ENGINE, str(tmp_path), HOLD, f"{tag}-queue"],
+                              stdout=subprocess.PIPE, text=True)
+    note, child = engine.stdout.readline().split()
+    try:
+        assert os.path.dirname(note) == str(tmp_path) and f"/dev/shm/{tag}-queue" in open(note).read()
+        original, reaper.NOTES = reaper.NOTES, str(tmp_path)
+        try:
+            assert reaper.sweep_dead_engines() == []  # its engine lives: nothing is touched
+            for pid in (int(child), engine.pid):
+                os.kill(pid, signal.SIGKILL)
+            engine.wait(10)
+            time.sleep(0.5)
+            assert os.path.exists(f"/dev/shm/{tag}-queue")  # killed: nobody removed it
+            assert reaper.sweep_dead_engines() == [f"/dev/shm/{tag}-queue"]
+        finally:
+            reaper.NOTES = original
+        assert not os.path.exists(f"/dev/shm/{tag}-queue") and not os.path.exists(note)
+    finally:
+        engine.kill()
+        try:
+            shared_memory.SharedMemory(name=f"{tag}-queue").unlink()
+        except FileNotFoundError:
+            pass
