@@ -278,7 +278,8 @@ def run_capture(model: str) -> dict:
     from steer_actors.engine import engine_actor_class
     from steer_actors.handles import CaptureHandle, fetch_captures_batch
 
-    ray.init(address="local", num_cpus=8, object_store_memory=24 << 30, include_dashboard=False,
+    # 512 all-layer captures in flight are 22 GB: room for them without spilling (the host has 512 GiB)
+    ray.init(address="local", num_cpus=8, object_store_memory=64 << 30, include_dashboard=False,
              log_to_driver=False)
     eng = engine_actor_class().remote(dict(model_name=model, dtype="bfloat16", max_model_len=1024,
                                            gpu_memory_utilization=0.8, capture_budget_bytes=48 << 30,
