@@ -278,11 +278,15 @@ def run_capture(model: str) -> dict:
     from steer_actors.engine import engine_actor_class
     from steer_actors.handles import CaptureHandle, fetch_captures_batch
 
-    # 512 all-layer captures in flight are 22 GB: room for them without spilling (the host has 512 GiB)
-    ray.init(address="local", num_cpus=8, object_store_memory=64 << 30, include_dashboard=False,
+    import psutil
+
+    # 512 all-layer captures in flight are 22 GB: room for them without spilling where the host has it
+    # (a quarter of its memory each for the object store and the capture arena's cap)
+    room = min(64 << 30, psutil.virtual_memory().total // 4)
+    ray.init(address="local", num_cpus=8, object_store_memory=room, include_dashboard=False,
              log_to_driver=False)
     eng = engine_actor_class().remote(dict(model_name=model, dtype="bfloat16", max_model_len=1024,
-                                           gpu_memory_utilization=0.8, capture_budget_bytes=48 << 30,
+                                           gpu_memory_utilization=0.8, capture_budget_bytes=room,
                                            engine_kwargs={"skip_tokenizer_init": True}))
     info = ray.get(eng.info.remote())
     layers = list(range(info["num_layers"]))
