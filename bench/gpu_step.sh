@@ -12,6 +12,7 @@
 # about 70 s alone; a fresh machine's first start is slower still: cold Triton and compile caches):
 #   N        update latency (GPU 0), then capture throughput + fetch (GPU 1), one compile cache
 #   E        the app on all four (whole log kept, GPU processes sampled every 10 s)
+#   R        the 0.6B steering ratios again (stock, ours, stock; one round), R_LIMIT=<s> to fit what is left
 #   P        8B stock then ours (GPU 0)
 # Earlier sessions' composite steps (A-L) are in git history (session 5 and before).
 set -uo pipefail
@@ -66,6 +67,10 @@ case $step in
     kill $sampler 2>/dev/null
     keep_log app
     report app; exit 0 ;;
+  R)  # the steering ratios again on today's code (stock, ours, stock; one round each), in what a budget leaves
+    BENCH_ROUNDS=1 job b06 0 "${R_LIMIT:-470}" "$((${R_LIMIT:-470} + 10))" bench/gpu.py --model 0.6b --runs stock,ours,stock --out "$OUT/b06.json"
+    keep_log b06
+    report b06; exit 0 ;;
   P)
     BENCH_ROUNDS=1 job b8 0 560 570 bench/gpu.py --model 8b --runs stock,ours --out "$OUT/b8.json"
     report b8; exit 0 ;;
