@@ -54,16 +54,31 @@ report() {  # the end of every log in one file (the device returns at most 8 fil
   ray stop --force >/dev/null 2>&1
   grep -hE "Error|error" "$OUT/$step.log" | tail -8 | cut -c1-300
 }
+profile_capture() {  # 20 s of py-spy (raw stacks, per thread) once the capture child says its big batch began
+  rm -f /tmp/phase-capture; command -v py-spy >/dev/null || return 0
+  local end=$((SECONDS + 330))
+  while [ ! -f /tmp/phase-capture ] && [ $SECONDS -lt $end ]; do sleep 1; done
+  [ -f /tmp/phase-capture ] || return 0
+  sleep 4
+  local gpu eng
+  gpu=$(nvidia-smi --query-compute-apps=pid --format=csv,noheader -i 1 | head -1)
+  eng=$(pgrep -f "ray::SteerEngine" | head -1)
+  [ -n "$gpu" ] && py-spy record -p "$gpu" -d 20 -r 40 -t -n -f raw -o "$OUT/prof_worker.txt" >/dev/null 2>&1 &
+  [ -n "$eng" ] && py-spy record -p "$eng" -d 20 -r 40 -t -f raw -o "$OUT/prof_engine.txt" >/dev/null 2>&1 &
+  wait
+}
 case $step in
   N)
     export VLLM_CACHE_SHARED=/tmp/vc-06b  # the two jobs build the same 0.6B engine: the second reuses the compile
     job update 0 230 240 bench/gpu.py --model 0.6b --runs update_only --out "$OUT/update.json"; keep_log update
+    profile_capture & prof=$!  # py-spy of the worker and the engine actor while every request captures every layer
     job capture 1 330 340 bench/gpu.py --model 0.6b --runs capture --out "$OUT/capture.json"; keep_log capture
+    [ -f /tmp/phase-capture ] || kill $prof 2>/dev/null; wait
     report update capture; exit 0 ;;
   E)
     ( while sleep 10; do date +%T; nvidia-smi --query-compute-apps=pid,gpu_uuid,used_memory --format=csv,noheader
         nvidia-smi --query-gpu=index,uuid,memory.used --format=csv,noheader; done >"$OUT/gpu_apps.log" 2>&1 ) & sampler=$!
-    VLLM_USE_FLASHINFER_SAMPLER=0 job app 0,1,2,3 540 560 bench/gpu_multi.py --part app --out "$OUT/app.json"
+    VLLM_USE_FLASHINFER_SAMPLER=0 job app 0,1,2,3 "$((${E_APP_S:-560} - 20))" "${E_APP_S:-560}" bench/gpu_multi.py --part app --out "$OUT/app.json"
     kill $sampler 2>/dev/null
     keep_log app
     report app; exit 0 ;;
