@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from . import wire
-from .capture_arena import DEFAULT_SEGMENT_BYTES, Arena, Region, Segment, stored_rows
+from .capture_arena import DEFAULT_SEGMENT_BYTES, DEFAULT_SHARED_SEGMENT_BYTES, Arena, Region, Segment, stored_rows
 from .capture_arena import _pid_namespace, sweep_orphan_files  # noqa: F401 (their home was here)
 
 
@@ -61,7 +61,7 @@ class _Pending:
 
 
 class CaptureStore:
-    def __init__(self, segment_bytes: int = DEFAULT_SEGMENT_BYTES) -> None:
+    def __init__(self, segment_bytes: int = DEFAULT_SEGMENT_BYTES, shared_segment_bytes: int | None = None) -> None:
         self.wanted: dict[str, _Pending] = {}  # external request id -> what it accumulated
         # Device buffers shared by every layer (created on the construction-time device).
         self.buf: torch.Tensor | None = None  # [num_layers, rows, H] fp32
@@ -73,6 +73,9 @@ class CaptureStore:
         self._step: tuple | None = None
         self._side: Any = None
         self._segment_bytes = int(segment_bytes)
+        # tests shrink both; the default makes shared segments large (sparse: only address space)
+        self._shared_segment_bytes = shared_segment_bytes or (DEFAULT_SHARED_SEGMENT_BYTES if segment_bytes ==
+                                                              DEFAULT_SEGMENT_BYTES else segment_bytes)
         self.arena: Arena | None = None  # where the rows land on this host (see capture_arena)
         # Per segment row, for the first ``max_rows`` rows of each region: position seen, its token.
         self._meta: dict[int, tuple[np.ndarray, np.ndarray]] = {}
@@ -87,7 +90,7 @@ class CaptureStore:
             self.dst = torch.full((max_tokens,), -1, dtype=torch.int32)
             self.layer_on = torch.zeros(num_layers, dtype=torch.int32)
             self.any_on = torch.zeros(1, dtype=torch.int32)
-            self.arena = Arena(hidden, self._segment_bytes)
+            self.arena = Arena(hidden, self._segment_bytes, self._shared_segment_bytes)
         return self.buf, self.dst, self.layer_on, self.any_on
 
     def register(self, request_id: str, layers: list[int], max_rows: int, to_dir: str | None = None,
@@ -150,6 +153,9 @@ class CaptureStore:
         found = [(i, pend) for i, pend in enumerate(map(self._lookup, req_ids)) if pend is not None]
         if not found:
             return self._off()
+        # Buffer rows grouped by destination segment (stable): the host then writes each segment's rows as
+        # one run with one scatter, however many segments a step touches.
+        found.sort(key=lambda f: f[1].region.segment.index)
         idx = np.fromiter((i for i, _ in found), dtype=np.int64, count=len(found))
         starts = query_start_loc[idx].astype(np.int64)
         counts = query_start_loc[idx + 1].astype(np.int64) - starts
@@ -199,7 +205,7 @@ class CaptureStore:
         n = rows.shape[0]
         snap = self.buf[to_device(np.asarray(layers, dtype=np.int64), self.buf.device), :n]
         p = pos[rows].to(torch.int64)
-        t = input_ids[rows].to(torch.int64) if input_ids is not None else torch.full_like(p, -1)
+        pt = torch.stack([p, input_ids[rows].to(torch.int64) if input_ids is not None else torch.full_like(p, -1)])
         if self._side is None:
             from concurrent.futures import ThreadPoolExecutor
 
@@ -210,21 +216,24 @@ class CaptureStore:
         if snap.is_cuda:
             ready = torch.cuda.Event()
             ready.record()
-            for x in (snap, p, t):
+            for x in (snap, pt):
                 x.record_stream(stream)  # the allocator keeps them until the copy stream is done
 
         def to_dest():
+            # Few torch calls here: each one lets go of the GIL, and taking it back from the thread that
+            # launches forwards can take a whole switch interval (H100: a third of this thread's time).
             try:
                 if stream is not None:
                     # pinned (the caching host allocator reuses its blocks): an async copy at full speed
                     with torch.cuda.stream(stream):
                         stream.wait_event(ready)
                         host = [torch.empty(x.shape, dtype=x.dtype, pin_memory=True).copy_(x, non_blocking=True)
-                                for x in (snap, p, t)]
+                                for x in (snap, pt)]
                     stream.synchronize()
                 else:
-                    host = [snap, p, t]
-                self.write_step(layout, layers, host[0], host[1].numpy(), host[2].numpy())
+                    host = [snap, pt]
+                pos_tok = host[1].numpy()
+                self.write_step(layout, layers, host[0].numpy(), pos_tok[0], pos_tok[1])
             except BaseException as e:
                 for pend, _, _ in layout:
                     pend.error = pend.error or f"copying its rows to host failed: {type(e).__name__}: {e}"
@@ -234,46 +243,62 @@ class CaptureStore:
         for pend, _, _ in layout:
             pend.last = fut
 
-    def write_step(self, layout: list, layers: list[int], rows: torch.Tensor, pos: np.ndarray,
+    def write_step(self, layout: list, layers: list[int], rows: np.ndarray | torch.Tensor, pos: np.ndarray,
                    tok: np.ndarray) -> None:
         """The host part of a step: ``rows`` [len(layers), n, H] for the requests of ``layout`` (each a
-        consecutive range of the n tokens). One ``index_copy_`` per segment touched (it runs without the
-        GIL, which the thread launching forwards needs), the bookkeeping vectorized over requests."""
+        consecutive range of the n tokens, requests of one segment consecutive). Per segment: one numpy
+        scatter of whole rows (it copies rows with memcpy and without the GIL, which the thread launching
+        forwards needs; torch's ``index_copy_`` copies element by element), the bookkeeping vectorized."""
+        rows = rows.numpy() if isinstance(rows, torch.Tensor) else rows
         pends = [pend for pend, _, _ in layout]
-        k, n, hidden = len(pends), pos.shape[0], rows.shape[-1]
-        req = np.repeat(np.arange(k), np.fromiter((b - a for _, a, b in layout), np.int64, k))
+        k, n, n_layers = len(pends), pos.shape[0], len(layers)
+        counts = np.fromiter((b - a for _, a, b in layout), np.int64, k)
+        req = np.repeat(np.arange(k), counts)
         base = np.fromiter((q.region.base for q in pends), np.int64, k)[req]
         maxr = np.fromiter((q.max_rows for q in pends), np.int64, k)[req]
         keep = pos < maxr  # past prompt + max_tokens (rejected drafts); the engine checks that every
         # position of the sequence arrived
-        segments = {q.region.segment.index: q.region.segment for q in pends}
-        if len(segments) > 1:
-            seg = np.fromiter((q.region.segment.index for q in pends), np.int64, k)[req]
         # every request's layers are a subset of the step's: the same count means the same layers
-        same = all(len(q.layers) == len(layers) for q in pends)
-        if same:
-            dst = base + pos + np.arange(len(layers))[:, None] * maxr  # [layer, token]: layer-major regions
-        flat = rows.reshape(-1, hidden)  # [(layer, token), H]
-        for s, segment in segments.items():
-            cols = keep if len(segments) == 1 else keep & (seg == s)
-            if not cols.any():
-                continue
-            m = base[cols] + pos[cols]
-            seen, tokens = self._meta[s]
-            again = seen[m]
-            if again.any():  # recomputed after a preemption: this newer copy overwrites the older
-                for r, c in zip(*np.unique(req[cols][again], return_counts=True)):
-                    pends[r].recomputed += int(c)
-            seen[m] = True
-            tokens[m] = tok[cols]
-            if same and cols.all():
-                src, idx = flat, dst.reshape(-1)
-            elif same:
-                src, idx = rows[:, torch.from_numpy(cols)].reshape(-1, hidden), dst[:, cols].reshape(-1)
-            else:
-                src_idx, idx = _pieces(layout, layers, segment, cols, pos, n)
-                src = flat.index_select(0, torch.from_numpy(src_idx))
-            segment.rows.index_copy_(0, torch.from_numpy(idx), src)
+        same = all(len(q.layers) == n_layers for q in pends)
+        starts = np.concatenate([[0], np.cumsum(counts)])
+        q0 = 0
+        while q0 < k:  # runs of consecutive requests in one segment
+            segment = pends[q0].region.segment
+            q1 = q0 + 1
+            while q1 < k and pends[q1].region.segment is segment:
+                q1 += 1
+            a, b = int(starts[q0]), int(starts[q1])
+            self._write_run(segment, layout[q0:q1], layers, rows, pos, tok, req, base, maxr, keep, a, b, same, n)
+            q0 = q1
+
+    def _write_run(self, segment: Segment, run: list, layers: list[int], rows: np.ndarray, pos: np.ndarray,
+                   tok: np.ndarray, req: np.ndarray, base: np.ndarray, maxr: np.ndarray, keep: np.ndarray, a: int,
+                   b: int, same: bool, n: int) -> None:
+        """Tokens ``a:b`` of the step (the requests of ``run``, all in ``segment``)."""
+        cols = keep[a:b]
+        if not cols.any():
+            return
+        whole = bool(cols.all())
+        m = base[a:b] + pos[a:b]  # segment row of each token's first layer
+        seen, tokens = self._meta[segment.index]
+        mk = m if whole else m[cols]
+        again = seen[mk]
+        if again.any():  # recomputed after a preemption: this newer copy overwrites the older
+            for r, c in zip(*np.unique((req[a:b] if whole else req[a:b][cols])[again], return_counts=True)):
+                run[int(r) - int(req[a])][0].recomputed += int(c)
+        seen[mk] = True
+        tokens[mk] = tok[a:b] if whole else tok[a:b][cols]
+        dest = segment.array
+        if same:  # [layer, token]: layer-major regions
+            idx = m[None, :] + np.arange(len(layers))[:, None] * maxr[None, a:b]
+            src = rows[:, a:b]
+            if whole:
+                dest[idx] = src
+            else:  # rare: a copy of the kept columns
+                dest[idx[:, cols]] = src[:, cols]
+        else:
+            src_idx, idx = _pieces(run, layers, cols, pos, a, n)
+            dest[idx] = rows.reshape(-1, rows.shape[-1])[src_idx]
 
     def take(self, request_id: str) -> dict[str, Any] | None:
         """Everything captured for ``request_id``, one row per absolute position, sorted by position;
@@ -344,15 +369,14 @@ class CaptureStore:
         self.arena.free(pend.region.id)
 
 
-def _pieces(layout: list, layers: list[int], segment: Segment, cols: np.ndarray, pos: np.ndarray,
+def _pieces(run: list, layers: list[int], cols: np.ndarray, pos: np.ndarray, a: int,
             n: int) -> tuple[np.ndarray, np.ndarray]:
-    """Source and destination rows where requests capture different layer sets: a small index per request."""
+    """Source rows (of the step's flat [(layer, token), H]) and segment rows where requests capture
+    different layer sets: a small index per request."""
     slot_of = {layer: j for j, layer in enumerate(layers)}
     src, dst = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
-    for pend, a, b in layout:
-        if pend.region.segment is not segment:
-            continue
-        t = np.arange(a, b)[cols[a:b]]
+    for pend, lo, hi in run:
+        t = np.arange(lo, hi)[cols[lo - a:hi - a]]
         if t.size:
             j = np.fromiter((slot_of[layer] for layer in pend.layers), np.int64, len(pend.layers))
             src.append((j[:, None] * n + t).reshape(-1))

@@ -35,6 +35,10 @@ import numpy as np
 import torch
 
 DEFAULT_SEGMENT_BYTES = 1 << 30
+# Shared segments are sparse (reserved region by region), so a large one costs only address space, and a
+# step writes one run of rows per segment it touches: 512 all-layer captures of the 0.6B shape in flight
+# (22 GB) then touch two segments, not 22.
+DEFAULT_SHARED_SEGMENT_BYTES = 16 << 30
 
 
 @dataclass(eq=False)
@@ -47,6 +51,7 @@ class Segment:
     fd: int | None = None
     reserved: int = 0  # rows [0, reserved) of the file are backed (fallocated)
     _map: Any = field(default=None, repr=False)  # keeps the mapping alive as long as ``rows``
+    array: Any = field(default=None, repr=False)  # ``rows`` as numpy (the host write scatters with numpy)
 
     @property
     def n_rows(self) -> int:
@@ -69,10 +74,12 @@ class Region:
 
 
 class Arena:
-    def __init__(self, hidden: int, segment_bytes: int = DEFAULT_SEGMENT_BYTES):
+    def __init__(self, hidden: int, segment_bytes: int = DEFAULT_SEGMENT_BYTES, shared_segment_bytes: int | None = None):
+        """``segment_bytes``: a host-memory segment; ``shared_segment_bytes`` (default the same): a file one."""
         self.hidden = int(hidden)
         self.row_bytes = self.hidden * 4
         self.segment_rows = max(1, int(segment_bytes) // self.row_bytes)
+        self.shared_segment_rows = max(1, int(shared_segment_bytes or segment_bytes) // self.row_bytes)
         self.segments: list[Segment] = []
         self.regions: dict[int, Region] = {}
         self._next_id = 1  # never reused: a stale id frees nothing
@@ -103,7 +110,8 @@ class Arena:
                 base = _first_fit(seg.free, n_rows)
                 if base is not None:
                     return self._publish(seg, base, n_rows)
-        seg = self._new_segment(max(n_rows, self.segment_rows), directory)
+        seg = self._new_segment(max(n_rows, self.segment_rows if directory is None else self.shared_segment_rows),
+                                directory)
         return self._publish(seg, _first_fit(seg.free, n_rows), n_rows)
 
     def _publish(self, seg: Segment, base: int, n_rows: int) -> Region:
@@ -145,8 +153,9 @@ class Arena:
             if not self._exit_hook:
                 atexit.register(self.close)
                 self._exit_hook = True
-        rows = torch.from_numpy(np.frombuffer(mm, dtype=np.float32).reshape(n_rows, self.hidden))
-        seg = Segment(len(self.segments), directory, path, rows, [[0, n_rows]], fd, _map=mm)
+        array = np.frombuffer(mm, dtype=np.float32).reshape(n_rows, self.hidden)
+        seg = Segment(len(self.segments), directory, path, torch.from_numpy(array), [[0, n_rows]], fd, _map=mm,
+                      array=array)
         self.segments.append(seg)
         return seg
 
