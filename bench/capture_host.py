@@ -87,15 +87,6 @@ def arena_rounds(args, rows: torch.Tensor, directory: str) -> tuple[list[float],
                                   "shared_bytes": stats["shared_bytes"]}
 
 
-def busy_runner(stop):
-    """Stands in for the thread that launches forwards: Python and small torch calls, the GIL mostly held."""
-    x = torch.zeros(64)
-    while not stop.is_set():
-        for _ in range(200):
-            x.add_(1.0)
-        sum(range(2000))
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--requests", type=int, default=128)
@@ -110,9 +101,9 @@ def main() -> None:
     args = ap.parse_args()
     import threading
 
-    stop = threading.Event()
-    if args.busy:
-        threading.Thread(target=busy_runner, args=(stop,), daemon=True).start()
+    from gil_load import start
+
+    stop = start() if args.busy else threading.Event()
     rows = torch.rand(args.layers, args.requests, args.hidden)  # a step's gathered rows, on the host
     res = {"requests": args.requests, "layers": args.layers, "hidden": args.hidden, "steps": args.steps,
            "step_mb": rows.numel() * 4 / 1e6, "threads": torch.get_num_threads(),

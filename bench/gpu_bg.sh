@@ -9,7 +9,7 @@
 # steps behind those of an earlier one (one lock), so what follows can be sized to the device time left.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-root=/root/out
+root=/root/bg  # not $OUT: the device empties $OUT before every call
 case $1 in
   start)
     shift; mkdir -p $root

@@ -5,7 +5,8 @@
 
 ``tp``: tiny fp32 Qwen3, steered greedy tokens of a TP=2 replica on vLLM's Ray executor (its own placement
 group, made by steer_actors.replicas) against a TP=1 replica.
-``app``: the Serve app with two TP=2 replicas of the 0.6B shape pinned to raylets A and B: version
+``app``: the Serve app with two TP=2 replicas (8B shape by default: GPU-bound, as served; the 0.6B shape
+at TP=2 is bound by the host, which two replicas on one host share) pinned to raylets A and B: version
 atomicity under concurrent readers and writers, a capture made on B fetched by this driver (on A), and
 throughput of two replicas against one in the same run.
 """
@@ -109,7 +110,7 @@ async def _timed(calls) -> float:
     return time.perf_counter() - t
 
 
-def part_app(res: dict) -> dict:
+def part_app(res: dict, shape: str = "8b") -> dict:
     import ray
     import torch
     from ray import serve
@@ -122,8 +123,9 @@ def part_app(res: dict) -> dict:
     from steer_actors.specs import AddSpec, LayerSteeringSpec, SteeringSpec
 
     subprocess.run([sys.executable, "-c", f"import sys; sys.path.insert(0, {str(REPO / 'bench')!r}); "
-                    "import gpu; gpu.build_checkpoint('0.6b')"], check=True)
-    model = build_checkpoint("0.6b")  # built above, in a process of its own (no CUDA context here)
+                    f"import gpu; gpu.build_checkpoint({shape!r})"], check=True)
+    model = build_checkpoint(shape)  # built above, in a process of its own (no CUDA context here)
+    res["model"] = shape
     start_raylets("0,1", "2,3")
     ray.init(address=f"127.0.0.1:{PORT}", log_to_driver=True)  # a failed engine start shows its cause
     t = time.perf_counter()
@@ -188,6 +190,9 @@ def part_app(res: dict) -> dict:
         "GB_s": sum(h.nbytes for h in handles) / dt / 1e9,
         "rows_ok": all(h.captures[0][0]["hidden"].shape[0] == 128 + 64 - 1 for h in handles),
         "max_diff_vs_replica_A_layer0": (handles[0].captures[0][0]["hidden"] - ref_h.captures[0][0]["hidden"]).abs().max().item(),
+        # bf16 replicas with different batch shapes: relative to the stream's scale
+        "rel_diff_vs_replica_A_layer0": ((handles[0].captures[0][0]["hidden"] - ref_h.captures[0][0]["hidden"]).abs().max()
+                                         / ref_h.captures[0][0]["hidden"].abs().max()).item(),
     }
     ray.get([e.release_captures.remote([h.capture_id]) for e, h in [(engines[1], h) for h in handles]])
     # throughput: the same load per replica (512 prompts x 128/256 in flight, 8 per call) on one replica,
@@ -203,8 +208,12 @@ def part_app(res: dict) -> dict:
         return 512 * 256 / await _timed([engines[0].generate.remote(c, big) for c in chunks(seed, 512)])
 
     async def two_direct(seed):
-        return 1024 * 256 / await _timed([engines[i % 2].generate.remote(c, big)
-                                          for i, c in enumerate(chunks(seed, 1024))])
+        # each replica's own finish time too: a slower one shows apart from a shared bottleneck
+        cs = chunks(seed, 1024)
+        t = time.perf_counter()
+        done = await asyncio.gather(*(_timed([engines[r].generate.remote(c, big) for c in cs[r::2]]) for r in (0, 1)))
+        res.setdefault("two_direct_per_replica_s", []).append(done)
+        return 1024 * 256 / (time.perf_counter() - t)
 
     async def two_app(seed):
         return 1024 * 256 / await _timed([app.generate.remote(c, big) for c in chunks(seed, 1024)])
@@ -229,6 +238,7 @@ def part_app(res: dict) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--part", choices=["tp", "app"], required=True)
+    ap.add_argument("--model", default="8b", help="app: the checkpoint shape (bench/gpu.py)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     import torch
@@ -246,7 +256,7 @@ def main() -> None:
     t = time.perf_counter()
     res: dict = {}  # filled as each phase ends: a later failure keeps what was measured
     try:
-        part_tp(res) if args.part == "tp" else part_app(res)
+        part_tp(res) if args.part == "tp" else part_app(res, args.model)
     except (Exception, StepTimeout) as e:
         import traceback
 

@@ -11,7 +11,7 @@
 # Steps of a session on a 4-GPU machine, one job at a time (engines started side by side took 150-250 s each,
 # about 70 s alone; a fresh machine's first start is slower still: cold Triton and compile caches):
 #   N        update latency (GPU 0), then capture throughput + fetch (GPU 1), one compile cache
-#   E        the app on all four (whole log kept, GPU processes sampled every 10 s)
+#   E        the app on all four (whole log kept, GPU processes sampled every 10 s); E_MODEL=8b|0.6b
 #   R        the 0.6B steering ratios again (stock, ours, stock; one round), R_LIMIT=<s> to fit what is left
 #   P        8B stock then ours (GPU 0)
 # Earlier sessions' composite steps (A-L) are in git history (session 5 and before).
@@ -56,7 +56,7 @@ report() {  # the end of every log in one file (the device returns at most 8 fil
 }
 profile_capture() {  # 20 s of py-spy (raw stacks, per thread) once the capture child says its big batch began
   rm -f /tmp/phase-capture; command -v py-spy >/dev/null || return 0
-  local end=$((SECONDS + 330))
+  local end=$((SECONDS + 440))
   while [ ! -f /tmp/phase-capture ] && [ $SECONDS -lt $end ]; do sleep 1; done
   [ -f /tmp/phase-capture ] || return 0
   sleep 4
@@ -70,15 +70,17 @@ profile_capture() {  # 20 s of py-spy (raw stacks, per thread) once the capture 
 case $step in
   N)
     export VLLM_CACHE_SHARED=/tmp/vc-06b  # the two jobs build the same 0.6B engine: the second reuses the compile
-    job update 0 230 240 bench/gpu.py --model 0.6b --runs update_only --out "$OUT/update.json"; keep_log update
+    # a fresh machine's first engine start took 225 s (cold caches): room for it
+    job update 0 390 400 bench/gpu.py --model 0.6b --runs update_only --out "$OUT/update.json"; keep_log update
     profile_capture & prof=$!  # py-spy of the worker and the engine actor while every request captures every layer
-    job capture 1 330 340 bench/gpu.py --model 0.6b --runs capture --out "$OUT/capture.json"; keep_log capture
+    job capture 1 440 450 bench/gpu.py --model 0.6b --runs capture --out "$OUT/capture.json"; keep_log capture
     [ -f /tmp/phase-capture ] || kill $prof 2>/dev/null; wait
     report update capture; exit 0 ;;
   E)
     ( while sleep 10; do date +%T; nvidia-smi --query-compute-apps=pid,gpu_uuid,used_memory --format=csv,noheader
         nvidia-smi --query-gpu=index,uuid,memory.used --format=csv,noheader; done >"$OUT/gpu_apps.log" 2>&1 ) & sampler=$!
-    VLLM_USE_FLASHINFER_SAMPLER=0 job app 0,1,2,3 "$((${E_APP_S:-560} - 20))" "${E_APP_S:-560}" bench/gpu_multi.py --part app --out "$OUT/app.json"
+    VLLM_USE_FLASHINFER_SAMPLER=0 job app 0,1,2,3 "$((${E_APP_S:-560} - 20))" "${E_APP_S:-560}" bench/gpu_multi.py --part app \
+      --model "${E_MODEL:-8b}" --out "$OUT/app.json"
     kill $sampler 2>/dev/null
     keep_log app
     report app; exit 0 ;;

@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from steer_actors.ops import ops_to_rows, rows_to_bytes
+from steer_actors.ops import ops_to_flat
 from steer_actors.specs import AddSpec, LayerSteeringSpec, ProjectionCapSpec, SteeringSpec
 
 H, L, K = 1024, 28, 4
@@ -33,8 +33,12 @@ def pct(f, n=100) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
+    ap.add_argument("--hidden", type=int, default=1024)
+    ap.add_argument("--layers", type=int, default=28)
     ap.add_argument("--out")
     args = ap.parse_args()
+    global H, L
+    H, L = args.hidden, args.layers
     g = torch.Generator().manual_seed(0)
     spec = SteeringSpec(layers={i: LayerSteeringSpec(operations=[
         AddSpec(vector=torch.randn(H, generator=g), scale=0.5),
@@ -44,14 +48,14 @@ def main() -> None:
     def build():  # as SteerEngine._validated + _rows_payload
         s = SteeringSpec.from_wire(wire)
         s.validate_for(H, L, list(range(L)), K)
-        rows = {str(i): [ls.fingerprint(), rows_to_bytes(ops_to_rows(ls.to_ops(), K, H))] for i, ls in s.layers.items()}
+        rows = {str(i): [ls.fingerprint(), ops_to_flat(ls.to_ops(), K, H).tobytes()] for i, ls in s.layers.items()}
         return rows, s.fingerprint()
 
     s = SteeringSpec.from_wire(wire)
     ops = [s.layers[i].to_ops() for i in range(L)]
     res = {"hidden": H, "layers": L, "ops_per_layer": 2, "cpus": os.cpu_count(),
            "decode_and_validate": pct(lambda: SteeringSpec.from_wire(wire)),
-           "rows": pct(lambda: [rows_to_bytes(ops_to_rows(o, K, H)) for o in ops]),
+           "rows": pct(lambda: [ops_to_flat(o, K, H).tobytes() for o in ops]),
            "whole": pct(build)}
     print(json.dumps(res))
     if args.out:

@@ -173,13 +173,13 @@ class SteerEngine(EngineCaptureMixin):
     def _rows_payload(self, spec: SteeringSpec) -> dict[str, Any]:
         """The change as per-layer rows, built here once for every rank: workers then only copy bytes
         (their Python shares the GIL with the thread that launches forwards)."""
-        from .ops import ops_to_rows, rows_to_bytes
+        from .ops import ops_to_flat
 
         K, H = self._max_ops, self.hidden_size
         rows = {}
         for idx in self._layers:
             ls = spec.layers.get(idx)
-            rows[str(idx)] = [ls.fingerprint(), rows_to_bytes(ops_to_rows(ls.to_ops(), K, H))] if ls else ["", None]
+            rows[str(idx)] = [ls.fingerprint(), ops_to_flat(ls.to_ops(), K, H).tobytes()] if ls else ["", None]
         return {"rows": rows, "fingerprint": spec.fingerprint(), "slots": K, "hidden": H}
 
     async def stage(self, version: int, spec_wire: dict[str, Any]) -> str:

@@ -16,6 +16,7 @@ import math
 from dataclasses import dataclass
 from typing import Literal
 
+import numpy as np
 import torch
 
 OpKind = Literal["add", "cap", "ablation"]
@@ -72,50 +73,61 @@ class SlotRows:
 
 
 def neutral_rows(num_slots: int, hidden: int) -> SlotRows:
-    return SlotRows(
-        add=torch.zeros(num_slots, hidden),
-        unit=torch.zeros(num_slots, hidden),
-        lo=torch.full((num_slots,), -math.inf),
-        hi=torch.full((num_slots,), math.inf),
-        gamma=torch.ones(num_slots),
-    )
+    return rows_from_flat(ops_to_flat([], num_slots, hidden), num_slots, hidden)
+
+
+def ops_to_flat(ops: list[Op], num_slots: int, hidden: int) -> np.ndarray:
+    """One layer's rows as one float32 array: add, unit (K x H each), then lo, hi, gamma (K each). Built in
+    numpy: every torch call lets go of the GIL, and a worker's thread must win it back from the runner."""
+    K, H = num_slots, hidden
+    if len(ops) > K:
+        raise ValueError(f"{len(ops)} ops on one layer, but the engine has {K} slots per layer")
+    flat = np.zeros(2 * K * H + 3 * K, dtype=np.float32)
+    add, unit = flat[:K * H].reshape(K, H), flat[K * H:2 * K * H].reshape(K, H)
+    lo, hi, gamma = flat[2 * K * H:2 * K * H + K], flat[2 * K * H + K:2 * K * H + 2 * K], flat[2 * K * H + 2 * K:]
+    lo[:], hi[:], gamma[:] = -np.inf, np.inf, 1.0
+    for k, op in enumerate(ops):
+        v = op.vector.numpy()
+        if op.kind == "add":
+            np.multiply(v, np.float32(op.scale), out=add[k])
+        elif op.kind == "cap":
+            unit[k] = v
+            lo[k] = -np.inf if op.min is None else op.min
+            hi[k] = np.inf if op.max is None else op.max
+        else:
+            unit[k] = v
+            gamma[k] = op.scale
+    return flat
+
+
+def rows_from_flat(flat: np.ndarray, num_slots: int, hidden: int) -> SlotRows:
+    K, H = num_slots, hidden
+    t = torch.from_numpy(flat)
+    return SlotRows(add=t[:K * H].view(K, H), unit=t[K * H:2 * K * H].view(K, H), lo=t[2 * K * H:2 * K * H + K],
+                    hi=t[2 * K * H + K:2 * K * H + 2 * K], gamma=t[2 * K * H + 2 * K:])
 
 
 def ops_to_rows(ops: list[Op], num_slots: int, hidden: int) -> SlotRows:
-    if len(ops) > num_slots:
-        raise ValueError(f"{len(ops)} ops on one layer, but the engine has {num_slots} slots per layer")
-    rows = neutral_rows(num_slots, hidden)
-    for k, op in enumerate(ops):
-        if op.kind == "add":
-            rows.add[k] = op.scale * op.vector
-        elif op.kind == "cap":
-            rows.unit[k] = op.vector
-            rows.lo[k] = -math.inf if op.min is None else op.min
-            rows.hi[k] = math.inf if op.max is None else op.max
-        else:
-            rows.unit[k] = op.vector
-            rows.gamma[k] = op.scale
-    return rows
+    return rows_from_flat(ops_to_flat(ops, num_slots, hidden), num_slots, hidden)
 
 
 def rows_to_bytes(rows: SlotRows) -> bytes:
-    """One layer's rows as little-endian float32 bytes: add, unit (K x H each), then lo, hi, gamma (K each)."""
-    import numpy as np
-
+    """One layer's rows as little-endian float32 bytes (the layout of :func:`ops_to_flat`)."""
     return np.concatenate([t.reshape(-1).float().numpy() for t in (rows.add, rows.unit, rows.lo, rows.hi, rows.gamma)]
                           ).astype("<f4", copy=False).tobytes()
 
 
-def rows_from_bytes(data: bytes, num_slots: int, hidden: int) -> SlotRows:
-    import numpy as np
-
+def flat_from_bytes(data: bytes, num_slots: int, hidden: int) -> np.ndarray:
+    """Read-only float32 view of one layer's rows as :func:`ops_to_flat` lays them out."""
     K, H = num_slots, hidden
     flat = np.frombuffer(data, dtype="<f4")
     if flat.size != 2 * K * H + 3 * K:
         raise ValueError(f"steering rows of {flat.size} floats do not fit {K} slots x hidden {H}")
-    t = torch.from_numpy(flat.astype(np.float32))  # a writable copy, one per layer
-    return SlotRows(add=t[:K * H].view(K, H), unit=t[K * H:2 * K * H].view(K, H), lo=t[2 * K * H:2 * K * H + K],
-                    hi=t[2 * K * H + K:2 * K * H + 2 * K], gamma=t[2 * K * H + 2 * K:])
+    return flat
+
+
+def rows_from_bytes(data: bytes, num_slots: int, hidden: int) -> SlotRows:
+    return rows_from_flat(flat_from_bytes(data, num_slots, hidden).astype(np.float32), num_slots, hidden)
 
 
 def apply_slots(

@@ -11,12 +11,12 @@ import functools
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 
 from . import capture, vllm_compat
 from .kernels import steer_residual_
-from .ops import SlotRows
 from .routing import ROUTER
 
 _PATCHED_ATTR = "__steer_actors_patched__"
@@ -69,44 +69,42 @@ class LayerSteerer(nn.Module):
                         self.cap_buf, self.cap_dst, self.cap_on, self.cap_any)
         return delta, residual
 
-    # Stream-ordered, host-asynchronous copies: the caller has put them on the forwards' stream, so
-    # they land between two forwards without waiting for the one in flight.
-    @staticmethod
-    def _load(dst: torch.Tensor, src: torch.Tensor) -> None:
-        if dst.is_cuda:
-            dst.copy_(src.pin_memory(), non_blocking=True)
-        else:
-            dst.copy_(src)
+    _ROWS = ("add", "unit", "lo", "hi", "gamma")  # the order of ops.ops_to_flat
 
-    @torch.inference_mode()
-    def load_request_rows(self, slot: int, rows: SlotRows) -> None:
-        for name in ("add", "unit", "lo", "hi", "gamma"):
-            self._load(getattr(self, "r" + name)[slot], getattr(rows, name))
-
-    @torch.inference_mode()
-    def load_rows(self, rows: SlotRows, active: bool) -> None:
-        for name in ("add", "unit", "lo", "hi", "gamma"):
-            self._load(getattr(self, name), getattr(rows, name))
-        self.active.fill_(int(active))
+    def flat_views(self, slot: int | None = None) -> list[torch.Tensor]:
+        """1-D views of the global rows (``slot`` None) or of request table ``slot``, in the order of
+        :func:`~steer_actors.ops.ops_to_flat`; made once per table (every torch call made here lets go of
+        the GIL, which the runner's thread then holds), remade if the buffers ever moved."""
+        cache = self.__dict__.setdefault("_flat_views", {})
+        ptr = self.add.data_ptr()
+        got = cache.get(slot)
+        if got is None or got[0] != ptr:
+            names = self._ROWS if slot is None else ["r" + n for n in self._ROWS]
+            got = cache[slot] = (ptr, [(getattr(self, n) if slot is None else getattr(self, n)[slot]).view(-1)
+                                       for n in names])
+        return got[1]
 
 
 @dataclass
 class PackedRows:
-    """A change to several layers, packed on the host (outside the forward lock) for a few copies."""
+    """A change to several layer tables, packed on the host (outside the forward lock) for a few copies."""
 
-    layers: list[LayerSteerer]
-    flat: torch.Tensor  # fp32, pinned on CUDA: each layer's add, unit, lo, hi, gamma, in that order
-    flags: torch.Tensor  # int32, pinned on CUDA: each layer's active flag
+    targets: list[tuple[LayerSteerer, int | None]]  # (layer, None = its global rows, else request slot)
+    flat: torch.Tensor  # fp32, pinned on CUDA: each table's rows as ops.ops_to_flat lays them out
+    flags: torch.Tensor | None  # int32, pinned on CUDA: each layer's active flag (global rows only)
 
 
-def pack_rows(items: list[tuple[LayerSteerer, SlotRows, bool]]) -> PackedRows | None:
+def pack_rows(items: list[tuple[LayerSteerer, np.ndarray, bool]], slot: int | None = None) -> PackedRows | None:
+    """``items``: (layer, its rows as :func:`~steer_actors.ops.ops_to_flat` lays them out, active). Numpy
+    until one tensor: the thread packing shares the GIL with the thread launching forwards."""
     if not items:
         return None
-    flat = torch.cat([t.reshape(-1).float() for _, r, _ in items for t in (r.add, r.unit, r.lo, r.hi, r.gamma)])
-    flags = torch.tensor([int(active) for _, _, active in items], dtype=torch.int32)
+    flat = torch.from_numpy(np.concatenate([f for _, f, _ in items]).astype(np.float32, copy=False))
+    flags = torch.from_numpy(np.array([int(a) for _, _, a in items], dtype=np.int32)) if slot is None else None
     if items[0][0].add.is_cuda:
-        flat, flags = flat.pin_memory(), flags.pin_memory()
-    return PackedRows([layer for layer, _, _ in items], flat, flags)
+        flat = flat.pin_memory()
+        flags = flags.pin_memory() if flags is not None else None
+    return PackedRows([(layer, slot) for layer, _, _ in items], flat, flags)
 
 
 @torch.inference_mode()
@@ -116,13 +114,13 @@ def load_packed(packed: PackedRows | None) -> None:
     thread competes for the GIL (H100, 28 layers: 5.8 ms median, 16 ms p99)."""
     if packed is None:
         return
-    device = packed.layers[0].add.device
+    device = packed.targets[0][0].add.device
     flat = packed.flat.to(device, non_blocking=True)  # stream-ordered; the pinned block is kept until done
-    flags = packed.flags.to(device, non_blocking=True)
-    dsts = [b for layer in packed.layers for b in (layer.add, layer.unit, layer.lo, layer.hi, layer.gamma)]
-    srcs = [src.view_as(dst) for src, dst in zip(torch.split(flat, [d.numel() for d in dsts]), dsts)]
-    torch._foreach_copy_(dsts, srcs)
-    torch._foreach_copy_([layer.active for layer in packed.layers], list(flags.split(1)))
+    dsts = [v for layer, slot in packed.targets for v in layer.flat_views(slot)]
+    torch._foreach_copy_(dsts, list(flat.split([d.shape[0] for d in dsts])))
+    if packed.flags is not None:
+        flags = packed.flags.to(device, non_blocking=True)
+        torch._foreach_copy_([layer.active for layer, _ in packed.targets], list(flags.split(1)))
 
 
 def _wrap_init(orig_init):

@@ -10,10 +10,11 @@ Payloads are msgpack-safe (see :mod:`steer_actors.wire`).
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 from . import capture, vllm_compat
-from .ops import SlotRows, neutral_rows, ops_to_rows, rows_from_bytes
+from .ops import flat_from_bytes, ops_to_flat
 from .patch import LayerSteerer, install as install_patch, load_packed, pack_rows, steerers
 from .plugin import dump_stacks_on_signal
 from .routing import ROUTER
@@ -84,9 +85,8 @@ class SteerWorkerExtension:
         rows = {}
         for idx, layer in layers.items():
             ls = spec.layers.get(idx)
-            rows[idx] = (ls.fingerprint() if ls else "",
-                         ops_to_rows(ls.to_ops(), layer.num_slots, layer.hidden) if ls
-                         else neutral_rows(layer.num_slots, layer.hidden))
+            rows[idx] = (ls.fingerprint() if ls else "", ops_to_flat(ls.to_ops() if ls else [], layer.num_slots,
+                                                                     layer.hidden))
         return spec.fingerprint(), rows
 
     def _rows_from_engine(self, payload: dict[str, Any]):
@@ -105,17 +105,17 @@ class SteerWorkerExtension:
         return payload["fingerprint"], rows
 
     def _pack(self, rows) -> tuple[list[tuple[int, str]], Any]:
-        """Only layers whose ops differ from what is loaded are copied."""
+        """Only layers whose ops differ from what is loaded are copied. ``rows``: layer -> (key, rows as
+        ops_to_flat lays them out, or their bytes from the engine, or None = no ops)."""
         st, layers = self._steer_state(), self._steer_layers()
         changed = [(idx, key, r) for idx, (key, r) in rows.items() if st["loaded"].get(idx) != key]
 
-        def slot_rows(layer: LayerSteerer, r: Any) -> SlotRows:
-            if isinstance(r, SlotRows):
-                return r
-            return rows_from_bytes(r, layer.num_slots, layer.hidden) if r else neutral_rows(layer.num_slots,
-                                                                                            layer.hidden)
+        def flat(layer: LayerSteerer, r: Any):
+            if r is None:
+                return _neutral(layer.num_slots, layer.hidden)
+            return flat_from_bytes(r, layer.num_slots, layer.hidden) if isinstance(r, (bytes, bytearray)) else r
 
-        return [(idx, key) for idx, key, _ in changed], pack_rows([(layers[idx], slot_rows(layers[idx], r), bool(key))
+        return [(idx, key) for idx, key, _ in changed], pack_rows([(layers[idx], flat(layers[idx], r), bool(key))
                                                                    for idx, key, r in changed])
 
     def steer_stage(self, version: int, change: dict[str, Any]) -> str:
@@ -213,8 +213,7 @@ class SteerWorkerExtension:
     def _slot_write(self, slot: int, built) -> str:
         fp, rows = built
         layers = self._steer_layers()
-        for idx, (_, layer_rows) in rows.items():
-            layers[idx].load_request_rows(int(slot), layer_rows)
+        load_packed(pack_rows([(layers[idx], r, True) for idx, (_, r) in rows.items()], slot=int(slot)))
         return fp
 
     def steer_slot_load(self, slot: int, spec_wire: dict[str, Any]) -> str:
@@ -227,3 +226,10 @@ class SteerWorkerExtension:
 
     def steer_unroute(self, request_ids: list[str]) -> None:
         ROUTER.unbind(request_ids)
+
+
+@functools.lru_cache(maxsize=8)
+def _neutral(num_slots: int, hidden: int):
+    flat = ops_to_flat([], num_slots, hidden)
+    flat.flags.writeable = False  # shared by every caller
+    return flat

@@ -1,0 +1,24 @@
+"""A stand-in for vLLM's runner thread in host-side benchmarks: a thread that keeps the GIL busy with Python
+and small torch calls, as the thread launching forwards does. Work on another thread of the same process
+then pays for every time it lets go of the GIL (each torch call does)."""
+
+from __future__ import annotations
+
+import threading
+
+import torch
+
+
+def busy_runner(stop: threading.Event) -> None:
+    x = torch.zeros(64)
+    while not stop.is_set():
+        for _ in range(200):
+            x.add_(1.0)
+        sum(range(2000))
+
+
+def start() -> threading.Event:
+    """Start the thread; set the returned event to stop it."""
+    stop = threading.Event()
+    threading.Thread(target=busy_runner, args=(stop,), daemon=True, name="gil-load").start()
+    return stop
