@@ -44,7 +44,8 @@ def main() -> None:
 
     def pack(payload):
         if new_api:
-            return pack_rows([(layer, ops.flat_from_bytes(b, K, H), True) for layer, b in zip(layers, payload)])
+            return pack_rows([(layer, ops.flat_from_bytes(b, K, H), True) for layer, b in zip(layers, payload)],
+                             ("global", 1))
         return pack_rows([(layer, ops.rows_from_bytes(b, K, H), True) for layer, b in zip(layers, payload)])
 
     stop = threading.Event()
@@ -64,7 +65,7 @@ def main() -> None:
         res[key] = {"pack_ms_p50": float(np.median(tp)), "pack_ms_max": max(tp),
                     "load_ms_p50": float(np.median(tl)), "load_ms_max": max(tl)}
     stop.set()
-    assert torch.equal(layers[0].add[0], torch.from_numpy(np.frombuffer(payloads[(args.n - 1) % 2][0], "<f4")[:H].copy()))
+    assert torch.equal(layers[0].add[1][0] if new_api else layers[0].add[0], torch.from_numpy(np.frombuffer(payloads[(args.n - 1) % 2][0], "<f4")[:H].copy()))
     print(json.dumps(res))
     if args.out:
         with open(args.out, "w") as f:

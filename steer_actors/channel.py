@@ -3,11 +3,11 @@
 vLLM's ``collective_rpc`` travels through the engine core's input queue, which is read between steps,
 so under load a change waits for the step in flight and often the next one (H100, 512 running
 requests: p99 52 ms). Each worker also serves its ``steer_*`` methods on ZMQ sockets from threads (one
-per lane). The model runner holds one lock while it enqueues a forward; a change is copied (from pinned
-memory, asynchronously) onto the forward's CUDA stream where no forward is being enqueued, by the
-channel thread when the lock is free or by the runner itself at its next forward's start
-(:func:`between_forwards`), so it lands between two forwards, never inside one, and is acknowledged as
-soon as it is ordered before every later forward. Payloads are msgpack (no pickle on the network).
+per lane). A global change is written into the copy of the rows no forward reads and the runner switches
+copies at its next forward's start (:mod:`.double_buffer`): it waits for no forward. A request slot's rows
+are copied where no forward is being enqueued (the model runner holds :data:`LOCK` while it enqueues one),
+by the channel thread when the lock is free or by the runner at its next forward's start
+(:func:`between_forwards`). Payloads are msgpack (no pickle on the network).
 """
 
 from __future__ import annotations
@@ -40,10 +40,11 @@ ALLOWED = LANES["steer"] | LANES["requests"]
 LANE_OF = {m: lane for lane, methods in LANES.items() for m in methods}
 
 
-# Methods that only touch host state of their own (validation, building rows), or that take the lock
+# Methods that only touch host state of their own (validation, building rows), that write what no
+# forward reads (a global change goes into the unread copy, see double_buffer), or that take the lock
 # themselves for just the moment they need it (capture bookkeeping): no lock around the call.
-UNLOCKED = frozenset({"steer_info", "steer_stage", "steer_abort", "steer_capture_register", "steer_capture_take",
-                      "steer_capture_drop", "steer_capture_free", "steer_capture_stats"})
+UNLOCKED = frozenset({"steer_info", "steer_stage", "steer_commit", "steer_abort", "steer_capture_register",
+                      "steer_capture_take", "steer_capture_drop", "steer_capture_free", "steer_capture_stats"})
 
 
 class _Job:
@@ -166,16 +167,20 @@ class WorkerChannel:
                 method, args = msg.get("m"), msg.get("a", [])
                 if method not in self.methods:
                     raise ValueError(f"unknown steering method {method!r} on the {self.lane!r} lane")
-                if method in UNLOCKED:  # no lock around the call (capture calls hold it only briefly)
+                if method == "steer_apply":  # stage, then commit into the unread copy: no forward to wait for
+                    t0 = time.perf_counter()
+                    self.worker.steer_stage(*args)
+                    t1 = time.perf_counter()
+                    reply = {"ok": self.worker.steer_commit(args[0])}
+                    # where a change's latency goes: building rows, waiting for a forward (none), copying
+                    reply["t"] = [round((t1 - t0) * 1e3, 3), 0.0, round((time.perf_counter() - t1) * 1e3, 3)]
+                elif method in UNLOCKED:  # no lock around the call (capture calls hold it only briefly)
                     reply = {"ok": getattr(self.worker, method)(*args)}
                 else:
-                    # validate and build rows here, copy between two forwards (the runner may be the one
-                    # running the copy: nothing slower than the copy belongs in the job)
+                    # between two forwards: a request slot's rows (validated and built here: the runner may be
+                    # the one running the copy, and nothing slower than the copy belongs in the job), routes
                     t0 = time.perf_counter()
-                    if method == "steer_apply":
-                        self.worker.steer_stage(*args)
-                        method, args = "steer_commit", args[:1]
-                    elif method == "steer_slot_load":
+                    if method == "steer_slot_load":
                         method, args = "_slot_write", [args[0], self.worker._slot_build(*args)]
                     t1 = time.perf_counter()
                     call = getattr(self.worker, method)

@@ -39,12 +39,13 @@ if triton is not None:
         return s
 
     @triton.jit
-    def _steer_kernel(delta_ptr, resid_ptr, add_ptr, unit_ptr, lo_ptr, hi_ptr, gamma_ptr, active_ptr,
+    def _steer_kernel(delta_ptr, resid_ptr, add_ptr, unit_ptr, lo_ptr, hi_ptr, gamma_ptr, active_ptr, sel_ptr,
                       radd_ptr, runit_ptr, rlo_ptr, rhi_ptr, rgamma_ptr, slot_ptr, any_ptr,
                       cap_buf_ptr, cap_dst_ptr, cap_on_ptr, cap_any_ptr,
                       stride_d, stride_r, H, K: tl.constexpr, BLOCK_H: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
-        glob = tl.load(active_ptr) != 0
+        b = tl.load(sel_ptr).to(tl.int64)  # which copy of the global rows (see double_buffer)
+        glob = tl.load(active_ptr + b) != 0
         slot = tl.load(slot_ptr + row).to(tl.int64) * (tl.load(any_ptr) != 0).to(tl.int64)
         cap = (tl.load(cap_any_ptr) != 0) & (tl.load(cap_on_ptr) != 0)
         dst = tl.where(cap, tl.load(cap_dst_ptr + row), -1).to(tl.int64)
@@ -58,7 +59,8 @@ if triton is not None:
         s = d + r
         if steered:
             if glob:
-                s = _apply_k(s, add_ptr, unit_ptr, lo_ptr, hi_ptr, gamma_ptr, cols, mask, H, K)
+                s = _apply_k(s, add_ptr + b * K * H, unit_ptr + b * K * H, lo_ptr + b * K, hi_ptr + b * K,
+                             gamma_ptr + b * K, cols, mask, H, K)
             if slot != 0:
                 s = _apply_k(s, radd_ptr + slot * K * H, runit_ptr + slot * K * H, rlo_ptr + slot * K,
                              rhi_ptr + slot * K, rgamma_ptr + slot * K, cols, mask, H, K)
@@ -79,9 +81,10 @@ def _apply_rows(s, add, unit, lo, hi, gamma):
     return s
 
 
-def _torch_impl(delta, residual, add, unit, lo, hi, gamma, active, radd, runit, rlo, rhi, rgamma, slot_idx,
+def _torch_impl(delta, residual, add, unit, lo, hi, gamma, active, sel, radd, runit, rlo, rhi, rgamma, slot_idx,
                 any_bound, cap_buf, cap_dst, cap_on, cap_any) -> None:
-    glob = bool(active.reshape(-1)[0])
+    b = int(sel.reshape(-1)[0])
+    glob = bool(active[b])
     per_request = bool(any_bound.reshape(-1)[0])
     cap = bool(cap_any.reshape(-1)[0]) and bool(cap_on.reshape(-1)[0])
     if not glob and not per_request and not cap:
@@ -90,7 +93,7 @@ def _torch_impl(delta, residual, add, unit, lo, hi, gamma, active, radd, runit, 
     r = residual.float()
     s = delta.float() + r
     if glob:
-        s = apply_slots(s, add, unit, lo, hi, gamma)
+        s = apply_slots(s, add[b], unit[b], lo[b], hi[b], gamma[b])
     if per_request:
         sid = slot_idx[:T].long()
         rows = (sid != 0).nonzero().squeeze(-1)
@@ -117,15 +120,16 @@ def _use_triton(delta: torch.Tensor) -> bool:
 # to clone it every step.
 @torch.library.custom_op("steer_actors::steer_residual_", mutates_args=("delta",))
 def steer_residual_(delta: torch.Tensor, residual: torch.Tensor, add: torch.Tensor, unit: torch.Tensor,
-                    lo: torch.Tensor, hi: torch.Tensor, gamma: torch.Tensor, active: torch.Tensor,
+                    lo: torch.Tensor, hi: torch.Tensor, gamma: torch.Tensor, active: torch.Tensor, sel: torch.Tensor,
                     radd: torch.Tensor, runit: torch.Tensor, rlo: torch.Tensor, rhi: torch.Tensor,
                     rgamma: torch.Tensor, slot_idx: torch.Tensor, any_bound: torch.Tensor, cap_buf: torch.Tensor,
                     cap_dst: torch.Tensor, cap_on: torch.Tensor, cap_any: torch.Tensor) -> None:
     """Global ops, then the token's request-slot ops (slot 0 = none), on ``delta + residual``; then
-    the stream of tokens with ``cap_dst >= 0`` is copied to ``cap_buf[cap_dst]`` when ``cap_on``."""
+    the stream of tokens with ``cap_dst >= 0`` is copied to ``cap_buf[cap_dst]`` when ``cap_on``.
+    Global rows come in two copies (``add`` [2, K, H], ``active`` [2], ...): ``sel`` names the one read."""
     if delta.numel() == 0:
         return
-    args = (delta, residual, add, unit, lo, hi, gamma, active, radd, runit, rlo, rhi, rgamma, slot_idx, any_bound,
+    args = (delta, residual, add, unit, lo, hi, gamma, active, sel, radd, runit, rlo, rhi, rgamma, slot_idx, any_bound,
             cap_buf, cap_dst, cap_on, cap_any)
     if not _use_triton(delta):
         _torch_impl(*args)
@@ -133,17 +137,18 @@ def steer_residual_(delta: torch.Tensor, residual: torch.Tensor, add: torch.Tens
         _triton_impl(*args)
 
 
-def _triton_impl(delta, residual, add, unit, lo, hi, gamma, active, radd, runit, rlo, rhi, rgamma, slot_idx,
+def _triton_impl(delta, residual, add, unit, lo, hi, gamma, active, sel, radd, runit, rlo, rhi, rgamma, slot_idx,
                  any_bound, cap_buf, cap_dst, cap_on, cap_any) -> None:
     H = delta.shape[-1]
     d2, r2 = delta.view(-1, H), residual.view(-1, H)
     assert d2.stride(-1) == 1 and r2.stride(-1) == 1
-    _steer_kernel[(d2.shape[0],)](d2, r2, add, unit, lo, hi, gamma, active, radd, runit, rlo, rhi, rgamma, slot_idx,
-                                  any_bound, cap_buf, cap_dst, cap_on, cap_any, d2.stride(0), r2.stride(0), H, K=add.shape[0],
+    _steer_kernel[(d2.shape[0],)](d2, r2, add, unit, lo, hi, gamma, active, sel, radd, runit, rlo, rhi, rgamma,
+                                  slot_idx, any_bound, cap_buf, cap_dst, cap_on, cap_any, d2.stride(0), r2.stride(0), H,
+                                  K=add.shape[1],
                                   BLOCK_H=triton.next_power_of_2(H), num_warps=4 if H <= 2048 else 8)
 
 
 @steer_residual_.register_fake
-def _(delta, residual, add, unit, lo, hi, gamma, active, radd, runit, rlo, rhi, rgamma, slot_idx, any_bound,
+def _(delta, residual, add, unit, lo, hi, gamma, active, sel, radd, runit, rlo, rhi, rgamma, slot_idx, any_bound,
       cap_buf, cap_dst, cap_on, cap_any) -> None:
     return None

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from . import capture, vllm_compat
+from .double_buffer import SELECTOR
 from .kernels import steer_residual_
 from .routing import ROUTER
 
@@ -36,13 +37,16 @@ class LayerSteerer(nn.Module):
         self.hidden = hidden
         self.num_slots = num_slots
         f32 = dict(dtype=torch.float32)
-        self.register_buffer("add", torch.zeros(num_slots, hidden, **f32), persistent=False)
-        self.register_buffer("unit", torch.zeros(num_slots, hidden, **f32), persistent=False)
-        self.register_buffer("lo", torch.full((num_slots,), -math.inf, **f32), persistent=False)
-        self.register_buffer("hi", torch.full((num_slots,), math.inf, **f32), persistent=False)
-        self.register_buffer("gamma", torch.ones(num_slots, **f32), persistent=False)
-        # 0 while the layer has no ops: the op then does no work (read on the device at replay time).
-        self.register_buffer("active", torch.zeros(1, dtype=torch.int32), persistent=False)
+        # Global rows in two copies: a change is written into the one no forward reads, and the shared
+        # selector switches at a forward's start (see double_buffer).
+        self.register_buffer("add", torch.zeros(2, num_slots, hidden, **f32), persistent=False)
+        self.register_buffer("unit", torch.zeros(2, num_slots, hidden, **f32), persistent=False)
+        self.register_buffer("lo", torch.full((2, num_slots), -math.inf, **f32), persistent=False)
+        self.register_buffer("hi", torch.full((2, num_slots), math.inf, **f32), persistent=False)
+        self.register_buffer("gamma", torch.ones(2, num_slots, **f32), persistent=False)
+        # 0 while the copy has no ops: the op then does no work (read on the device at replay time).
+        self.register_buffer("active", torch.zeros(2, dtype=torch.int32), persistent=False)
+        self.register_buffer("sel", SELECTOR.buffer(), persistent=False)
         # Per-request specs: S = request_slots + 1 tables of K ops (slot 0 = identity), applied after the
         # global ops to the tokens the shared per-token slot index routes to them.
         S = request_slots + 1
@@ -64,24 +68,28 @@ class LayerSteerer(nn.Module):
         self.register_buffer("cap_any", any_on, persistent=False)
 
     def forward(self, delta: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        steer_residual_(delta, residual, self.add, self.unit, self.lo, self.hi, self.gamma, self.active,
+        steer_residual_(delta, residual, self.add, self.unit, self.lo, self.hi, self.gamma, self.active, self.sel,
                         self.radd, self.runit, self.rlo, self.rhi, self.rgamma, self.slot_idx, self.any_bound,
                         self.cap_buf, self.cap_dst, self.cap_on, self.cap_any)
         return delta, residual
 
     _ROWS = ("add", "unit", "lo", "hi", "gamma")  # the order of ops.ops_to_flat
 
-    def flat_views(self, slot: int | None = None) -> list[torch.Tensor]:
-        """1-D views of the global rows (``slot`` None) or of request table ``slot``, in the order of
-        :func:`~steer_actors.ops.ops_to_flat`; made once per table (every torch call made here lets go of
-        the GIL, which the runner's thread then holds), remade if the buffers ever moved."""
+    def flat_views(self, table: tuple[str, int]) -> list[torch.Tensor]:
+        """1-D views of a table's rows in the order of :func:`~steer_actors.ops.ops_to_flat`, and last its
+        active flag for a global copy: ``("global", copy)`` or ``("request", slot)``. Made once per table
+        (every torch call here lets go of the GIL, which the runner's thread then holds), remade if the
+        buffers ever moved."""
         cache = self.__dict__.setdefault("_flat_views", {})
         ptr = self.add.data_ptr()
-        got = cache.get(slot)
+        got = cache.get(table)
         if got is None or got[0] != ptr:
-            names = self._ROWS if slot is None else ["r" + n for n in self._ROWS]
-            got = cache[slot] = (ptr, [(getattr(self, n) if slot is None else getattr(self, n)[slot]).view(-1)
-                                       for n in names])
+            kind, i = table
+            names = self._ROWS if kind == "global" else ["r" + n for n in self._ROWS]
+            views = [getattr(self, n)[i].view(-1) for n in names]
+            if kind == "global":
+                views.append(self.active[i:i + 1])
+            got = cache[table] = (ptr, views)
         return got[1]
 
 
@@ -89,22 +97,23 @@ class LayerSteerer(nn.Module):
 class PackedRows:
     """A change to several layer tables, packed on the host (outside the forward lock) for a few copies."""
 
-    targets: list[tuple[LayerSteerer, int | None]]  # (layer, None = its global rows, else request slot)
+    targets: list[LayerSteerer]
+    table: tuple[str, int]  # ("global", copy) or ("request", slot): see LayerSteerer.flat_views
     flat: torch.Tensor  # fp32, pinned on CUDA: each table's rows as ops.ops_to_flat lays them out
-    flags: torch.Tensor | None  # int32, pinned on CUDA: each layer's active flag (global rows only)
+    flags: torch.Tensor | None  # int32, pinned on CUDA: each layer's active flag (global copies only)
 
 
-def pack_rows(items: list[tuple[LayerSteerer, np.ndarray, bool]], slot: int | None = None) -> PackedRows | None:
+def pack_rows(items: list[tuple[LayerSteerer, np.ndarray, bool]], table: tuple[str, int]) -> PackedRows | None:
     """``items``: (layer, its rows as :func:`~steer_actors.ops.ops_to_flat` lays them out, active). Numpy
     until one tensor: the thread packing shares the GIL with the thread launching forwards."""
     if not items:
         return None
     flat = torch.from_numpy(np.concatenate([f for _, f, _ in items]).astype(np.float32, copy=False))
-    flags = torch.from_numpy(np.array([int(a) for _, _, a in items], dtype=np.int32)) if slot is None else None
+    flags = torch.from_numpy(np.array([int(a) for _, _, a in items], dtype=np.int32)) if table[0] == "global" else None
     if items[0][0].add.is_cuda:
         flat = flat.pin_memory()
         flags = flags.pin_memory() if flags is not None else None
-    return PackedRows([(layer, slot) for layer, _, _ in items], flat, flags)
+    return PackedRows([layer for layer, _, _ in items], table, flat, flags)
 
 
 @torch.inference_mode()
@@ -114,13 +123,14 @@ def load_packed(packed: PackedRows | None) -> None:
     thread competes for the GIL (H100, 28 layers: 5.8 ms median, 16 ms p99)."""
     if packed is None:
         return
-    device = packed.targets[0][0].add.device
+    device = packed.targets[0].add.device
     flat = packed.flat.to(device, non_blocking=True)  # stream-ordered; the pinned block is kept until done
-    dsts = [v for layer, slot in packed.targets for v in layer.flat_views(slot)]
+    views = [layer.flat_views(packed.table) for layer in packed.targets]
+    dsts = [v for vs in views for v in vs[:5]]
     torch._foreach_copy_(dsts, list(flat.split([d.shape[0] for d in dsts])))
     if packed.flags is not None:
         flags = packed.flags.to(device, non_blocking=True)
-        torch._foreach_copy_([layer.active for layer, _ in packed.targets], list(flags.split(1)))
+        torch._foreach_copy_([vs[5] for vs in views], list(flags.split(1)))
 
 
 def _wrap_init(orig_init):

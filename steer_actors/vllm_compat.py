@@ -154,7 +154,8 @@ def make_async_llm(args: Any, placement_group: Any = None) -> Any:
 
 def install_step_probe(worker: Any, listener: Any = None) -> None:
     """Hook the model runner once: every forward is enqueued under :data:`steer_actors.channel.LOCK`
-    (so side-channel changes land between forwards), and ``listener`` learns the batch layout of each
+    (so request-slot loads land between forwards) after switching to the newest committed copy of the
+    global rows (:mod:`steer_actors.double_buffer`), and ``listener`` learns the batch layout of each
     forward: ``begin_step(req_ids, query_start_loc, positions, input_ids, num_padded)`` after the
     runner built its inputs, ``end_step()`` once the forward is enqueued.
 
@@ -186,6 +187,7 @@ def _end(listeners: list) -> None:
 
 def _probe_v1(runner: Any, listeners: list) -> None:
     from .channel import LOCK, note_forward_stream, run_pending
+    from .double_buffer import SELECTOR
 
     orig = runner._model_forward
 
@@ -193,6 +195,7 @@ def _probe_v1(runner: Any, listeners: list) -> None:
         with LOCK:
             note_forward_stream()
             run_pending()  # changes waiting for a gap between forwards land before this one
+            SELECTOR.at_forward_start()  # the newest committed copy of the global rows
             n = runner.input_batch.num_reqs
             req_ids = list(runner.input_batch.req_ids[:n])
             qsl = runner.query_start_loc.np[: n + 1]
@@ -213,6 +216,7 @@ def _probe_v2(runner: Any, listeners: list) -> None:
     the rest of ``execute_model`` (request bookkeeping, which may wait for the previous step's results
     under async scheduling) runs without it, so a change waits for a forward's launch, not for a step."""
     from .channel import LOCK, note_forward_stream, run_pending
+    from .double_buffer import SELECTOR
 
     orig_prepare, orig_execute = runner.prepare_inputs, runner.execute_model
 
@@ -222,6 +226,7 @@ def _probe_v2(runner: Any, listeners: list) -> None:
         runner._steer_locked = True
         note_forward_stream()
         run_pending()  # changes waiting for a gap between forwards land before this one
+        SELECTOR.at_forward_start()  # the newest committed copy of the global rows
         n = batch.num_reqs
         for lst in listeners:
             lst.begin_step(list(batch.req_ids[:n]), batch.query_start_loc_np[: n + 1], batch.positions,

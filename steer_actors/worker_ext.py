@@ -14,6 +14,7 @@ import functools
 from typing import Any
 
 from . import capture, vllm_compat
+from .double_buffer import SELECTOR
 from .ops import flat_from_bytes, ops_to_flat
 from .patch import LayerSteerer, install as install_patch, load_packed, pack_rows, steerers
 from .plugin import dump_stacks_on_signal
@@ -37,8 +38,9 @@ class SteerWorkerExtension:
     def _steer_state(self) -> dict[str, Any]:
         st = self.__dict__.get("_steer_state_")
         if st is None:
+            # loaded: what each copy of the global rows holds, per layer (see double_buffer)
             st = self._steer_state_ = {"staged": {}, "version": 0, "fingerprint": SteeringSpec().fingerprint(),
-                                       "loaded": {}, "commits": 0}
+                                       "loaded": ({}, {})}
         return st
 
     def _no_layers(self) -> str:
@@ -104,45 +106,47 @@ class SteerWorkerExtension:
             raise ValueError(f"rows for layers {sorted(rows)}; this worker steers {sorted(layers)}")
         return payload["fingerprint"], rows
 
-    def _pack(self, rows) -> tuple[list[tuple[int, str]], Any]:
-        """Only layers whose ops differ from what is loaded are copied. ``rows``: layer -> (key, rows as
-        ops_to_flat lays them out, or their bytes from the engine, or None = no ops)."""
-        st, layers = self._steer_state(), self._steer_layers()
-        changed = [(idx, key, r) for idx, (key, r) in rows.items() if st["loaded"].get(idx) != key]
-
-        def flat(layer: LayerSteerer, r: Any):
-            if r is None:
-                return _neutral(layer.num_slots, layer.hidden)
-            return flat_from_bytes(r, layer.num_slots, layer.hidden) if isinstance(r, (bytes, bytearray)) else r
-
-        return [(idx, key) for idx, key, _ in changed], pack_rows([(layers[idx], flat(layers[idx], r), bool(key))
-                                                                   for idx, key, r in changed])
+    def _flat(self, layer: LayerSteerer, r: Any):
+        """A layer's rows as ops_to_flat lays them out: given, from the engine's bytes, or none (None)."""
+        if r is None:
+            return _neutral(layer.num_slots, layer.hidden)
+        return flat_from_bytes(r, layer.num_slots, layer.hidden) if isinstance(r, (bytes, bytearray)) else r
 
     def steer_stage(self, version: int, change: dict[str, Any]) -> str:
         """``change``: a spec's wire form (validated and built here), or rows the engine actor built
-        (``{"rows": ..., "fingerprint": ...}``)."""
+        (``{"rows": ..., "fingerprint": ...}``). Nothing visible changes."""
         fp, rows = self._rows_from_engine(change) if "rows" in change else self._build_rows(change)
-        st = self._steer_state()
-        commits = st["commits"]  # read before packing: a commit landing meanwhile forces a repack
-        st["staged"][int(version)] = (fp, rows, self._pack(rows), commits)
+        layers = self._steer_layers()
+        self._steer_state()["staged"][int(version)] = (fp, {idx: (key, self._flat(layers[idx], r))
+                                                            for idx, (key, r) in rows.items()})
         return fp
 
     def steer_commit(self, version: int) -> str:
+        """Write the staged rows into the copy of the global rows no forward reads; every forward that starts
+        after this returns reads them (see :mod:`.double_buffer`). Never waits for a forward."""
+        from .channel import on_forward_stream
+
         st = self._steer_state()
         try:
-            fp, rows, (changed, packed), commits = st["staged"].pop(int(version))
+            fp, rows = st["staged"].pop(int(version))
         except KeyError:
             raise ValueError(f"no staged steering version {version}") from None
-        if commits != st["commits"]:  # another version landed after staging: what differs is not the same
-            changed, packed = self._pack(rows)
-        load_packed(packed)
-        for idx, key in changed:
-            st["loaded"][idx] = key
+        vllm_compat.install_step_probe(self)  # the switch happens at a forward's start
+        layers = self._steer_layers()
+
+        def write(copy: int) -> None:
+            loaded = st["loaded"][copy]  # only layers whose rows differ from what this copy holds
+            changed = [(idx, key, r) for idx, (key, r) in rows.items() if loaded.get(idx) != key]
+            load_packed(pack_rows([(layers[idx], r, bool(key)) for idx, key, r in changed], ("global", copy)))
+            for idx, key, _ in changed:
+                loaded[idx] = key
+
+        with on_forward_stream():  # the copies and the event the switch waits for, on the forwards' stream
+            SELECTOR.write(write)
         # Older staged versions can never commit after a newer one.
         for v in [v for v in st["staged"] if v < int(version)]:
             del st["staged"][v]
         st["version"], st["fingerprint"] = int(version), fp
-        st["commits"] += 1
         return fp
 
     def steer_apply(self, version: int, spec_wire: dict[str, Any]) -> str:
@@ -213,7 +217,7 @@ class SteerWorkerExtension:
     def _slot_write(self, slot: int, built) -> str:
         fp, rows = built
         layers = self._steer_layers()
-        load_packed(pack_rows([(layers[idx], r, True) for idx, (_, r) in rows.items()], slot=int(slot)))
+        load_packed(pack_rows([(layers[idx], r, True) for idx, (_, r) in rows.items()], ("request", int(slot))))
         return fp
 
     def steer_slot_load(self, slot: int, spec_wire: dict[str, Any]) -> str:

@@ -19,8 +19,9 @@ def layer0(store, hidden, residual, i=0):
     r = neutral_rows(1, H)
     buf, dst, on, any_on = store.buf, store.dst, store.layer_on, store.any_on
     off = torch.zeros(1, dtype=torch.int32)
-    steer_residual_(hidden, residual, r.add, r.unit, r.lo, r.hi, r.gamma, off, r.add[None], r.unit[None], r.lo[None],
-                    r.hi[None], r.gamma[None], dst, off, buf[i], dst, on[i:i + 1], any_on)
+    two = [torch.stack([t, t]) for t in (r.add, r.unit, r.lo, r.hi, r.gamma)]  # the two global copies
+    steer_residual_(hidden, residual, *two, torch.zeros(2, dtype=torch.int32), off, r.add[None], r.unit[None],
+                    r.lo[None], r.hi[None], r.gamma[None], dst, off, buf[i], dst, on[i:i + 1], any_on)
 
 
 def step(store, req_ids, counts, positions, hidden, padded=0):
