@@ -31,7 +31,7 @@ def _data_plane_hash() -> str:
 
     here = Path(__file__).parent
     h = hashlib.sha256()
-    for name in ("ops.py", "kernels.py", "patch.py", "vllm_compat.py", "capture.py", "routing.py"):
+    for name in ("ops.py", "kernels.py", "patch.py", "double_buffer.py", "vllm_compat.py", "capture.py", "routing.py"):
         h.update((here / name).read_bytes())
     return h.hexdigest()[:16]
 
