@@ -99,11 +99,9 @@ def main() -> None:
     ap.add_argument("--skip-files", action="store_true")
     ap.add_argument("--out")
     args = ap.parse_args()
-    import threading
-
     from gil_load import start
 
-    stop = start() if args.busy else threading.Event()
+    load = start() if args.busy else None
     rows = torch.rand(args.layers, args.requests, args.hidden)  # a step's gathered rows, on the host
     res = {"requests": args.requests, "layers": args.layers, "hidden": args.hidden, "steps": args.steps,
            "step_mb": rows.numel() * 4 / 1e6, "threads": torch.get_num_threads(),
@@ -113,7 +111,8 @@ def main() -> None:
     if not args.skip_files:
         res["files"] = ms(old_files(args, rows, args.dir))
     first, reused, extra = arena_rounds(args, rows, args.dir)
-    stop.set()
+    if load is not None:
+        load.stop()
     res["arena_first"], res["arena_reused"] = ms(first), ms(reused)
     res.update(extra)
     res["GB_s_reused"] = res["step_mb"] / res["arena_reused"]["p50"]

@@ -17,8 +17,17 @@ def busy_runner(stop: threading.Event) -> None:
         sum(range(2000))
 
 
-def start() -> threading.Event:
-    """Start the thread; set the returned event to stop it."""
-    stop = threading.Event()
-    threading.Thread(target=busy_runner, args=(stop,), daemon=True, name="gil-load").start()
-    return stop
+class Load:
+    def __init__(self) -> None:
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=busy_runner, args=(self._stop,), daemon=True, name="gil-load")
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop and join: a daemon thread still inside a torch call at exit aborts the interpreter."""
+        self._stop.set()
+        self._thread.join()
+
+
+def start() -> Load:
+    return Load()
