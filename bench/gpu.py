@@ -189,7 +189,8 @@ async def run_ours(model: str, eager: bool, measure: list[str]) -> dict:
             t = time.perf_counter()
             await eng.apply_spec((one if i % 2 == 0 else all_layers).to_wire())
             lat.append((time.perf_counter() - t) * 1000)
-            parts.append((eng._channel["steer"].last_timing or [None])[0] if eng._channel else None)
+            worker = (eng._channel["steer"].last_timing or [None])[0] if eng._channel else None
+            parts.append(None if worker is None else [*worker, *eng.last_apply_ms])
             await asyncio.sleep(0.02)
         running = not bg.done()  # the updates must all have landed while the batch was decoding
         await bg
@@ -202,6 +203,9 @@ async def run_ours(model: str, eager: bool, measure: list[str]) -> dict:
         if all(parts):  # worker side of each change: building rows, waiting for the forward lock, copying
             res["update_worker_ms"] = {k: pct([p[j] for p in parts]) for j, k in enumerate(["build", "lock_wait",
                                                                                              "copy"])}
+            # the engine's share: validating + building rows, and the whole exchange with the worker (which
+            # holds the worker's share and the wake-ups of the engine's event loop)
+            res["update_engine_ms"] = {k: pct([p[3 + j] for p in parts]) for j, k in enumerate(["build", "exchange"])}
     eng.engine.shutdown()
     return res
 
