@@ -11,7 +11,8 @@
 # Steps of a session on a 4-GPU machine, one job at a time (engines started side by side took 150-250 s each,
 # about 70 s alone; a fresh machine's first start is slower still: cold Triton and compile caches):
 #   N        update latency (GPU 0), then capture throughput + fetch (GPU 1), one compile cache
-#   E        the app on all four (whole log kept, GPU processes sampled every 10 s); E_MODEL=8b|0.6b
+#   E        the app on all four (whole log kept, GPU processes sampled every 10 s); E_MODEL=8b|0.6b. At 8B it
+#            needs more than one call's 10 minutes (E_APP_S, default 880 s): run it through bench/gpu_bg.sh
 #   R        the 0.6B steering ratios again (stock, ours, stock; one round), R_LIMIT=<s> to fit what is left
 #   P        8B stock then ours (GPU 0)
 # Earlier sessions' composite steps (A-L) are in git history (session 5 and before).
@@ -79,7 +80,7 @@ case $step in
   E)
     ( while sleep 10; do date +%T; nvidia-smi --query-compute-apps=pid,gpu_uuid,used_memory --format=csv,noheader
         nvidia-smi --query-gpu=index,uuid,memory.used --format=csv,noheader; done >"$OUT/gpu_apps.log" 2>&1 ) & sampler=$!
-    VLLM_USE_FLASHINFER_SAMPLER=0 job app 0,1,2,3 "$((${E_APP_S:-560} - 20))" "${E_APP_S:-560}" bench/gpu_multi.py --part app \
+    VLLM_USE_FLASHINFER_SAMPLER=0 job app 0,1,2,3 "$((${E_APP_S:-880} - 20))" "${E_APP_S:-880}" bench/gpu_multi.py --part app \
       --model "${E_MODEL:-8b}" --out "$OUT/app.json"
     kill $sampler 2>/dev/null
     keep_log app
