@@ -268,13 +268,13 @@ class CaptureStore:
             while q1 < k and pends[q1].region.segment is segment:
                 q1 += 1
             a, b = int(starts[q0]), int(starts[q1])
-            self._write_run(segment, layout[q0:q1], layers, rows, pos, tok, req, base, maxr, keep, a, b, same, n)
+            self._write_run(segment, layout[q0:q1], q0, layers, rows, pos, tok, req, base, maxr, keep, a, b, same, n)
             q0 = q1
 
-    def _write_run(self, segment: Segment, run: list, layers: list[int], rows: np.ndarray, pos: np.ndarray,
+    def _write_run(self, segment: Segment, run: list, q0: int, layers: list[int], rows: np.ndarray, pos: np.ndarray,
                    tok: np.ndarray, req: np.ndarray, base: np.ndarray, maxr: np.ndarray, keep: np.ndarray, a: int,
                    b: int, same: bool, n: int) -> None:
-        """Tokens ``a:b`` of the step (the requests of ``run``, all in ``segment``)."""
+        """Tokens ``a:b`` of the step (the requests of ``run``, the step's ``q0``-th on, all in ``segment``)."""
         cols = keep[a:b]
         if not cols.any():
             return
@@ -285,7 +285,7 @@ class CaptureStore:
         again = seen[mk]
         if again.any():  # recomputed after a preemption: this newer copy overwrites the older
             for r, c in zip(*np.unique((req[a:b] if whole else req[a:b][cols])[again], return_counts=True)):
-                run[int(r) - int(req[a])][0].recomputed += int(c)
+                run[int(r) - q0][0].recomputed += int(c)
         seen[mk] = True
         tokens[mk] = tok[a:b] if whole else tok[a:b][cols]
         dest = segment.array

@@ -36,6 +36,8 @@ class Selector:
         this returns read it. Call on the stream ``fn`` writes on (the switch waits for an event there)."""
         with self._mutex:
             target = 1 - self.current
+            if self._ready is not None:  # an earlier change to ``target``, maybe on another stream: after it
+                torch.cuda.current_stream().wait_event(self._ready)
             out = fn(target)
             if self.sel is not None and self.sel.is_cuda:
                 self._ready = torch.cuda.Event()

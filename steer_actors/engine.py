@@ -181,7 +181,7 @@ class SteerEngine(EngineCaptureMixin):
         rows = {}
         for idx in self._layers:
             ls = spec.layers.get(idx)
-            rows[str(idx)] = [ls.fingerprint(), ops_to_flat(ls.to_ops(), K, H).tobytes()] if ls else ["", None]
+            rows[str(idx)] = [ls.fingerprint(), ops_to_flat(ls.to_ops(), K, H).astype("<f4", copy=False).tobytes()] if ls else ["", None]
         return {"rows": rows, "fingerprint": spec.fingerprint(), "slots": K, "hidden": H}
 
     async def stage(self, version: int, spec_wire: dict[str, Any]) -> str:

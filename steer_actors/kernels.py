@@ -44,7 +44,7 @@ if triton is not None:
                       cap_buf_ptr, cap_dst_ptr, cap_on_ptr, cap_any_ptr,
                       stride_d, stride_r, H, K: tl.constexpr, BLOCK_H: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
-        b = tl.load(sel_ptr).to(tl.int64)  # which copy of the global rows (see double_buffer)
+        b = tl.load(sel_ptr).to(tl.int64) & 1  # which copy of the global rows (see double_buffer)
         glob = tl.load(active_ptr + b) != 0
         slot = tl.load(slot_ptr + row).to(tl.int64) * (tl.load(any_ptr) != 0).to(tl.int64)
         cap = (tl.load(cap_any_ptr) != 0) & (tl.load(cap_on_ptr) != 0)

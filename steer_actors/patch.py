@@ -81,10 +81,10 @@ class LayerSteerer(nn.Module):
         (every torch call here lets go of the GIL, which the runner's thread then holds), remade if the
         buffers ever moved."""
         cache = self.__dict__.setdefault("_flat_views", {})
-        ptr = self.add.data_ptr()
+        kind, i = table
+        ptr = (self.add if kind == "global" else self.radd).data_ptr()
         got = cache.get(table)
         if got is None or got[0] != ptr:
-            kind, i = table
             names = self._ROWS if kind == "global" else ["r" + n for n in self._ROWS]
             views = [getattr(self, n)[i].view(-1) for n in names]
             if kind == "global":

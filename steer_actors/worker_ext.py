@@ -133,11 +133,20 @@ class SteerWorkerExtension:
             raise ValueError(f"no staged steering version {version}") from None
         vllm_compat.install_step_probe(self)  # the switch happens at a forward's start
         layers = self._steer_layers()
+        any_layer = next(iter(layers.values()), None)
+        if any_layer is not None and SELECTOR.sel is not None and any_layer.sel.data_ptr() != SELECTOR.sel.data_ptr():
+            # the layers would read a copy of the selector that never switches: half the changes would land in
+            # the copy in use
+            raise RuntimeError("the layers' steering selector is not the one commits switch (were buffers moved?)")
 
         def write(copy: int) -> None:
             loaded = st["loaded"][copy]  # only layers whose rows differ from what this copy holds
             changed = [(idx, key, r) for idx, (key, r) in rows.items() if loaded.get(idx) != key]
-            load_packed(pack_rows([(layers[idx], r, bool(key)) for idx, key, r in changed], ("global", copy)))
+            try:
+                load_packed(pack_rows([(layers[idx], r, bool(key)) for idx, key, r in changed], ("global", copy)))
+            except BaseException:
+                loaded.clear()  # what this copy holds is unknown now: the next change rewrites every layer
+                raise
             for idx, key, _ in changed:
                 loaded[idx] = key
 
