@@ -5,12 +5,12 @@ GPU run of session 5 measured: ~1 GB/s) against one entry per capture, from a sh
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
 
 import numpy as np
 import ray
+from results_io import emit
 
 L, R, H, N = 28, 384, 1024, 32  # the 0.6B shape, all layers, 128 + 256 rows; 32 requests (1.4 GB)
 
@@ -51,10 +51,7 @@ def main() -> None:
             res[f"{name}_GB_s"].append(size / (time.perf_counter() - t) / 1e9)
             del refs, flat
     res["best"] = {k: max(res[f"{k}_GB_s"]) for k in ("per_layer", "per_capture")}
-    print(json.dumps(res))
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(res, f, indent=1)
+    emit(res, args.out)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,6 @@ latency target (p99 <= 20 ms) on any machine.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
 
@@ -17,6 +16,7 @@ import torch
 
 from steer_actors.ops import ops_to_flat
 from steer_actors.specs import AddSpec, LayerSteeringSpec, ProjectionCapSpec, SteeringSpec
+from results_io import emit
 
 H, L, K = 1024, 28, 4
 
@@ -57,10 +57,7 @@ def main() -> None:
            "decode_and_validate": pct(lambda: SteeringSpec.from_wire(wire)),
            "rows": pct(lambda: [ops_to_flat(o, K, H).tobytes() for o in ops]),
            "whole": pct(build)}
-    print(json.dumps(res))
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(res, f, indent=1)
+    emit(res, args.out)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,6 @@ thread does: unpacking the engine's rows, packing the changed layers, and the co
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
 
@@ -19,6 +18,7 @@ import torch
 
 from steer_actors import ops
 from steer_actors.patch import LayerSteerer, load_packed, pack_rows
+from results_io import emit
 
 
 def main() -> None:
@@ -67,10 +67,7 @@ def main() -> None:
     # the last change's add row of layer 0 is in place (copy 1 of the double-buffered rows; one copy before)
     last = torch.from_numpy(np.frombuffer(payloads[(args.n - 1) % 2][0], "<f4")[:H].copy())
     assert torch.equal(layers[0].add[1][0] if new_api else layers[0].add[0], last)
-    print(json.dumps(res))
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(res, f, indent=1)
+    emit(res, args.out)
 
 
 if __name__ == "__main__":
