@@ -11,6 +11,7 @@
 # Steps of a session on a 4-GPU machine, one job at a time (engines started side by side took 150-250 s each,
 # about 70 s alone; a fresh machine's first start is slower still: cold Triton and compile caches):
 #   N        update latency (GPU 0), then capture throughput + fetch (GPU 1), one compile cache
+#   C        capture throughput + fetch alone (GPU 1), py-spy profiles of the worker and the engine actor
 #   E        the app on all four (whole log kept, GPU processes sampled every 10 s); E_MODEL=8b|0.6b. At 8B it
 #            needs more than one call's 10 minutes (E_APP_S, default 880 s): run it through bench/gpu_bg.sh
 #   R        the 0.6B steering ratios again (stock, ours, stock; one round), R_LIMIT=<s> to fit what is left
@@ -77,6 +78,15 @@ case $step in
     job capture 1 440 450 bench/gpu.py --model 0.6b --runs capture --out "$OUT/capture.json"; keep_log capture
     [ -f /tmp/phase-capture ] || kill $prof 2>/dev/null; wait
     report update capture; exit 0 ;;
+  C)
+    profile_capture & prof=$!
+    job capture 1 440 450 bench/gpu.py --model 0.6b --runs capture --out "$OUT/capture.json"; keep_log capture
+    [ -f /tmp/phase-capture ] || kill $prof 2>/dev/null; wait
+    if ! grep -q capture_all_layers\" "$OUT/capture.json" 2>/dev/null; then  # the direct path failed: the host one
+      STEER_CAPTURE_DIRECT=0 job capture_host 1 440 450 bench/gpu.py --model 0.6b --runs capture --out "$OUT/capture_host.json"
+      report capture capture_host; exit 0
+    fi
+    report capture; exit 0 ;;
   E)
     ( while sleep 10; do date +%T; nvidia-smi --query-compute-apps=pid,gpu_uuid,used_memory --format=csv,noheader
         nvidia-smi --query-gpu=index,uuid,memory.used --format=csv,noheader; done >"$OUT/gpu_apps.log" 2>&1 ) & sampler=$!

@@ -5,11 +5,13 @@ Graph-safe: the steering op itself writes captured rows into a buffer allocated 
 (``[num_layers, rows_per_step, hidden]`` fp32), steered by a per-token destination index and per-layer
 flags that the host fills before each forward. A CUDA graph replay runs the same kernel, so capture
 works with graphs on. After the forward, the step's rows are gathered on the device (stream-ordered,
-before the next step overwrites the buffer); a copy thread (own CUDA stream, pinned host memory) brings
-them to host and writes every request's rows at their positions in that request's region of the capture
-arena (:mod:`.capture_arena`: recycled shared memory on the engine actor's host, else host memory) with
-one vectorized ``index_copy_``. The copy overlaps the next step, the runner never waits for it, and a
-finished request has nothing left to assemble: only the segment's path and the region's place travel.
+before the next step overwrites the buffer). On a GPU whose arena pages are registered with it
+(:mod:`.capture_direct`), a scatter on a side stream then writes every captured row straight into its
+request's region of the capture arena (:mod:`.capture_arena`: recycled shared memory on the engine actor's
+host, else host memory), and the host only records which positions arrived. Otherwise a copy thread (own
+CUDA stream, pinned host memory) brings the rows to host and scatters them there with numpy. Either way
+the copy overlaps the next step, the runner never waits for it, and a finished request has nothing left
+to assemble: only the segment's path and the region's place travel.
 
 The flat batch is sliced per request from the model runner's own batch order and query start
 locations (never ``len(prompt)``); rows accumulate by absolute position across chunked-prefill steps,
@@ -61,7 +63,11 @@ class _Pending:
 
 
 class CaptureStore:
-    def __init__(self, segment_bytes: int = DEFAULT_SEGMENT_BYTES, shared_segment_bytes: int | None = None) -> None:
+    def __init__(self, segment_bytes: int = DEFAULT_SEGMENT_BYTES, shared_segment_bytes: int | None = None,
+                 direct: bool | None = None) -> None:
+        """``direct``: the device writes rows into the arena itself (:mod:`.capture_direct`); None: where the
+        buffers are on a GPU and ``STEER_CAPTURE_DIRECT`` is not 0 (True runs the same logic on the CPU)."""
+        self._direct = direct
         self.wanted: dict[str, _Pending] = {}  # external request id -> what it accumulated
         # Device buffers shared by every layer (created on the construction-time device).
         self.buf: torch.Tensor | None = None  # [num_layers, rows, H] fp32
@@ -90,8 +96,17 @@ class CaptureStore:
             self.dst = torch.full((max_tokens,), -1, dtype=torch.int32)
             self.layer_on = torch.zeros(num_layers, dtype=torch.int32)
             self.any_on = torch.zeros(1, dtype=torch.int32)
-            self.arena = Arena(hidden, self._segment_bytes, self._shared_segment_bytes)
+            self.arena = Arena(hidden, self._segment_bytes, self._shared_segment_bytes, self._mapper(self.buf.device))
         return self.buf, self.dst, self.layer_on, self.any_on
+
+    def _mapper(self, device: torch.device):
+        from . import capture_direct
+
+        want = self._direct if self._direct is not None else (device.type == "cuda" and capture_direct.enabled())
+        if not want:
+            return None
+        mapper = capture_direct.HostMapper(device)
+        return mapper if mapper.ok else None
 
     def register(self, request_id: str, layers: list[int], max_rows: int, to_dir: str | None = None,
                  shared_cap_bytes: int | None = None) -> None:
@@ -196,8 +211,10 @@ class CaptureStore:
 
     def end_step(self) -> None:
         """After the forward is enqueued: snapshot the rows (device gather, stream-ordered before the next
-        step's writes); a thread of its own copies them to host and into each request's destination,
-        so the copy overlaps the next forward and a finished request has nothing left to assemble."""
+        step's writes). Then either the device scatters them into each request's region itself (mapped
+        arena, :mod:`.capture_direct`) on a side stream, or a thread of its own copies them to host and
+        into each request's region; either way the copy overlaps the next forward, and a finished request
+        has nothing left to assemble."""
         if self._step is None:
             return
         layout, layers, rows, pos, input_ids = self._step
@@ -206,34 +223,50 @@ class CaptureStore:
         snap = self.buf[to_device(np.asarray(layers, dtype=np.int64), self.buf.device), :n]
         p = pos[rows].to(torch.int64)
         pt = torch.stack([p, input_ids[rows].to(torch.int64) if input_ids is not None else torch.full_like(p, -1)])
+        direct = all(pend.region.segment.device_rows is not None for pend, _, _ in layout)
         if self._side is None:
             from concurrent.futures import ThreadPoolExecutor
 
             self._side = (torch.cuda.Stream() if snap.is_cuda else None,
                           ThreadPoolExecutor(1, thread_name_prefix="steer-capture-copy"))
         stream, pool = self._side
-        ready = None
+        ready = done = None
         if snap.is_cuda:
             ready = torch.cuda.Event()
             ready.record()
-            for x in (snap, pt):
+            for x in (snap, pt, p):
                 x.record_stream(stream)  # the allocator keeps them until the copy stream is done
+        if direct:  # the device writes the rows; the host only learns positions and tokens
+            if stream is not None:
+                with torch.cuda.stream(stream):
+                    stream.wait_event(ready)
+                    self._scatter(layout, layers, snap, p)
+                    pt = torch.empty(pt.shape, dtype=pt.dtype, pin_memory=True).copy_(pt, non_blocking=True)
+                    done = torch.cuda.Event()
+                    done.record(stream)
+            else:
+                self._scatter(layout, layers, snap, p)
 
         def to_dest():
             # Few torch calls here: each one lets go of the GIL, and taking it back from the thread that
             # launches forwards can take a whole switch interval (H100: a third of this thread's time).
             try:
-                if stream is not None:
-                    # pinned (the caching host allocator reuses its blocks): an async copy at full speed
-                    with torch.cuda.stream(stream):
-                        stream.wait_event(ready)
-                        host = [torch.empty(x.shape, dtype=x.dtype, pin_memory=True).copy_(x, non_blocking=True)
-                                for x in (snap, pt)]
-                    stream.synchronize()
+                if direct:
+                    if done is not None:
+                        done.synchronize()
+                    host_rows, pos_tok = None, pt.numpy()
                 else:
-                    host = [snap, pt]
-                pos_tok = host[1].numpy()
-                self.write_step(layout, layers, host[0].numpy(), pos_tok[0], pos_tok[1])
+                    if stream is not None:
+                        # pinned (the caching host allocator reuses its blocks): an async copy at full speed
+                        with torch.cuda.stream(stream):
+                            stream.wait_event(ready)
+                            host = [torch.empty(x.shape, dtype=x.dtype, pin_memory=True).copy_(x, non_blocking=True)
+                                    for x in (snap, pt)]
+                        stream.synchronize()
+                    else:
+                        host = [snap, pt]
+                    host_rows, pos_tok = host[0].numpy(), host[1].numpy()
+                self.write_step(layout, layers, host_rows, pos_tok[0], pos_tok[1])
             except BaseException as e:
                 for pend, _, _ in layout:
                     pend.error = pend.error or f"copying its rows to host failed: {type(e).__name__}: {e}"
@@ -243,10 +276,28 @@ class CaptureStore:
         for pend, _, _ in layout:
             pend.last = fut
 
-    def write_step(self, layout: list, layers: list[int], rows: np.ndarray | torch.Tensor, pos: np.ndarray,
+    def _scatter(self, layout: list, layers: list[int], snap: torch.Tensor, pos: torch.Tensor) -> None:
+        """One device scatter per run of requests in one segment (see :func:`.capture_direct.scatter_rows`)."""
+        from .capture_direct import dest_offsets, scatter_rows
+
+        same = all(len(pend.layers) == len(layers) for pend, _, _ in layout)
+        q0 = 0
+        while q0 < len(layout):
+            segment = layout[q0][0].region.segment
+            q1 = q0 + 1
+            while q1 < len(layout) and layout[q1][0].region.segment is segment:
+                q1 += 1
+            run = layout[q0:q1]
+            off, maxr = dest_offsets(run, layers, same)
+            scatter_rows(segment.device_rows, snap, pos, run[0][1], run[-1][2], to_device(off, snap.device),
+                         to_device(maxr, snap.device), 0)
+            q0 = q1
+
+    def write_step(self, layout: list, layers: list[int], rows: np.ndarray | torch.Tensor | None, pos: np.ndarray,
                    tok: np.ndarray) -> None:
         """The host part of a step: ``rows`` [len(layers), n, H] for the requests of ``layout`` (each a
-        consecutive range of the n tokens, requests of one segment consecutive). Per segment: one numpy
+        consecutive range of the n tokens, requests of one segment consecutive); None where the device
+        wrote them already, leaving only positions and tokens. Per segment: one numpy
         scatter of whole rows (it copies rows with memcpy and without the GIL, which the thread launching
         forwards needs; torch's ``index_copy_`` copies element by element), the bookkeeping vectorized."""
         rows = rows.numpy() if isinstance(rows, torch.Tensor) else rows
@@ -271,7 +322,7 @@ class CaptureStore:
             self._write_run(segment, layout[q0:q1], q0, layers, rows, pos, tok, req, base, maxr, keep, a, b, same, n)
             q0 = q1
 
-    def _write_run(self, segment: Segment, run: list, q0: int, layers: list[int], rows: np.ndarray, pos: np.ndarray,
+    def _write_run(self, segment: Segment, run: list, q0: int, layers: list[int], rows: np.ndarray | None, pos: np.ndarray,
                    tok: np.ndarray, req: np.ndarray, base: np.ndarray, maxr: np.ndarray, keep: np.ndarray, a: int,
                    b: int, same: bool, n: int) -> None:
         """Tokens ``a:b`` of the step (the requests of ``run``, the step's ``q0``-th on, all in ``segment``)."""
@@ -288,6 +339,8 @@ class CaptureStore:
                 run[int(r) - q0][0].recomputed += int(c)
         seen[mk] = True
         tokens[mk] = tok[a:b] if whole else tok[a:b][cols]
+        if rows is None:
+            return
         dest = segment.array
         if same:  # [layer, token]: layer-major regions
             idx = m[None, :] + np.arange(len(layers))[:, None] * maxr[None, a:b]

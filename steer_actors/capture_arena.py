@@ -52,6 +52,10 @@ class Segment:
     reserved: int = 0  # rows [0, reserved) of the file are backed (fallocated)
     _map: Any = field(default=None, repr=False)  # keeps the mapping alive as long as ``rows``
     array: Any = field(default=None, repr=False)  # ``rows`` as numpy (the host write scatters with numpy)
+    # Direct writes (see capture_direct): ``rows`` as a device tensor, None where the segment is not
+    # mapped; the first ``mapped`` bytes are registered. Row 0 is the scatter's trash row, never handed out.
+    device_rows: Any = field(default=None, repr=False)
+    mapped: int = 0
 
     @property
     def n_rows(self) -> int:
@@ -74,8 +78,12 @@ class Region:
 
 
 class Arena:
-    def __init__(self, hidden: int, segment_bytes: int = DEFAULT_SEGMENT_BYTES, shared_segment_bytes: int | None = None):
-        """``segment_bytes``: a host-memory segment; ``shared_segment_bytes`` (default the same): a file one."""
+    def __init__(self, hidden: int, segment_bytes: int = DEFAULT_SEGMENT_BYTES, shared_segment_bytes: int | None = None,
+                 mapper: Any = None):
+        """``segment_bytes``: a host-memory segment; ``shared_segment_bytes`` (default the same): a file one.
+        ``mapper`` (a :class:`~steer_actors.capture_direct.HostMapper`): segments are registered with its
+        device as their rows are reserved, so the device can write rows in place."""
+        self.mapper = mapper
         self.hidden = int(hidden)
         self.row_bytes = self.hidden * 4
         self.segment_rows = max(1, int(segment_bytes) // self.row_bytes)
@@ -128,6 +136,8 @@ class Arena:
                 _release(seg.free, base, n_rows)
                 raise
             seg.reserved = end
+        if seg.device_rows is not None:
+            self._map(seg, end)
         region = Region(self._next_id, seg, base, n_rows)
         self._next_id += 1
         self.regions[region.id] = region
@@ -156,8 +166,41 @@ class Arena:
         array = np.frombuffer(mm, dtype=np.float32).reshape(n_rows, self.hidden)
         seg = Segment(len(self.segments), directory, path, torch.from_numpy(array), [[0, n_rows]], fd, _map=mm,
                       array=array)
+        if self.mapper is not None and n_rows > 1:
+            self._map_new(seg)
         self.segments.append(seg)
         return seg
+
+    def _map_new(self, seg: Segment) -> None:
+        """Register row 0 (the trash row; its page backed first for a file) and make the device view."""
+        if seg.fd is not None:
+            try:
+                os.posix_fallocate(seg.fd, 0, self.row_bytes)
+            except OSError:
+                return
+            seg.reserved = 1
+        seg.free = [[1, seg.n_rows - 1]]
+        from .capture_direct import page_end
+
+        end = page_end(self.row_bytes)
+        if not self.mapper.register(seg.array.ctypes.data, end):
+            return
+        seg.mapped = end
+        rows = self.mapper.view(seg.array)
+        if not self.mapper.self_test(rows, seg.array, 0):
+            return
+        seg.device_rows = rows
+
+    def _map(self, seg: Segment, end_row: int) -> None:
+        """Registered up to row ``end_row`` (whole pages); on failure the segment leaves the direct path."""
+        from .capture_direct import page_end
+
+        end = min(page_end(end_row * self.row_bytes), seg.n_rows * self.row_bytes)
+        if end > seg.mapped:
+            if self.mapper.register(seg.array.ctypes.data + seg.mapped, end - seg.mapped):
+                seg.mapped = end
+            else:
+                seg.device_rows = None
 
     def free(self, region_id: int) -> bool:
         """Give a region's rows back (its pages stay mapped for the next one). False if it was not in use."""
@@ -175,6 +218,7 @@ class Arena:
         with self._lock:
             files = [s for s in self.segments if s.path is not None]
             return {"segments": len(self.segments), "file_segments": len(files),
+                    "mapped_segments": sum(s.device_rows is not None for s in self.segments),
                     "regions_in_use": len(self.regions),
                     "rows_in_use": sum(r.n_rows for r in self.regions.values()),
                     "shared_bytes": sum(s.reserved for s in files) * self.row_bytes,

@@ -154,3 +154,22 @@ def test_shared_memory_stays_within_its_cap_and_the_rest_goes_to_host_memory(tmp
     a.free(r1.id)
     assert a.alloc(10, str(tmp_path), shared_cap_bytes=15 * ROW).path == r1.path  # reserved rows cost nothing new
     a.close()
+
+
+def test_a_mapped_segment_keeps_row_0_for_the_scatter_and_maps_what_it_reserves(tmp_path):
+    """Direct writes (capture_direct): row 0 of every segment takes the rows a step drops, so no region
+    starts there; a file segment is registered page by page as its rows are reserved, never beyond."""
+    import mmap
+
+    from steer_actors.capture_direct import HostMapper
+
+    H = 256  # 1 KiB rows: four to a page
+    a = Arena(H, segment_bytes=100 * H * 4, mapper=HostMapper(torch.device("cpu")))
+    r = a.alloc(10, str(tmp_path))
+    seg = r.segment
+    assert r.base == 1 and seg.device_rows is not None and seg.reserved == 11
+    assert seg.mapped == -(-11 * H * 4 // mmap.PAGESIZE) * mmap.PAGESIZE  # whole pages, up to row 11
+    assert a.alloc(5).base == 1  # a host segment too
+    a.free(r.id)
+    assert seg.free == [[1, 99]]
+    a.close()

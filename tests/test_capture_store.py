@@ -3,6 +3,7 @@ patched layer would (the engine tests cover the real runner): slicing by query s
 accumulation across steps, dedupe after recompute, overflow of the per-step buffer."""
 
 import os
+import sys
 
 import numpy as np
 import pytest
@@ -11,6 +12,26 @@ import torch
 from steer_actors.capture import CaptureStore
 from steer_actors.kernels import steer_residual_
 from steer_actors.ops import neutral_rows
+
+
+@pytest.fixture(autouse=True, params=["host", "direct"])
+def path(request, monkeypatch):
+    """Every test on both write paths: the host scattering rows, and the device writing them into the
+    mapped arena (:mod:`steer_actors.capture_direct`; on the CPU the same logic over host memory)."""
+    monkeypatch.setattr(sys.modules[__name__], "DIRECT", request.param == "direct", raising=False)
+    return request.param
+
+
+DIRECT = False
+
+
+def new_store(**kw):
+    return CaptureStore(direct=DIRECT, **kw)
+
+
+def file_rows(d, n, H=4):
+    """Rows ``[0, n)`` of a taken capture's region, read from its (sparse, 16 GiB) segment file."""
+    return np.fromfile(d["file"], dtype=np.float32, count=n * H, offset=d["offset_rows"] * H * 4).reshape(n, H)
 
 
 def layer0(store, hidden, residual, i=0):
@@ -31,10 +52,11 @@ def step(store, req_ids, counts, positions, hidden, padded=0):
     store.begin_step(req_ids, qsl, pos, pos + 1000, len(pos))
     layer0(store, hidden, torch.zeros_like(hidden))
     store.end_step()
+    assert all((seg.device_rows is not None) == DIRECT for seg in store.arena.segments)  # the path under test
 
 
 def make_store(rows=16, H=4):
-    store = CaptureStore()
+    store = new_store()
     store.buffers(num_layers=2, rows=rows, hidden=H, max_tokens=32)
     return store
 
@@ -77,7 +99,7 @@ def test_step_larger_than_the_buffer_is_a_clear_error_not_a_silent_drop():
 
 
 def test_capture_off_refuses_registration():
-    store = CaptureStore()
+    store = new_store()
     store.buffers(num_layers=2, rows=0, hidden=4, max_tokens=8)
     with pytest.raises(ValueError, match="capture disabled"):
         store.register("a", [0], 8)
@@ -94,7 +116,7 @@ def test_rows_go_to_a_shared_segment_by_position_and_regions_are_freed_and_reuse
     a = store.take("a")
     assert a["positions"] == [0, 1, 2, 3] and a["recomputed"] == 0 and "layers" not in a
     assert a["shape"] == [1, 4, H] and os.readlink(a["file"]).startswith(str(tmp_path))
-    rows = np.fromfile(a["file"], dtype=np.float32).reshape(-1, H)[a["offset_rows"]:a["offset_rows"] + 4]
+    rows = file_rows(a, 4)
     assert rows[:, 0].tolist() == [0.0, 1.0, 2.0, 7.0]
     assert store.stats()["regions_in_use"] == 2  # a's region is the engine's until it frees it
     store.drop("b")
@@ -135,7 +157,7 @@ def test_requests_with_different_layer_sets_share_a_step():
 
 
 def test_one_step_across_segments_and_host_fallback(tmp_path):
-    store = CaptureStore(segment_bytes=6 * 4 * 4)  # a segment holds 6 rows of H=4: one request each
+    store = new_store(segment_bytes=6 * 4 * 4)  # a segment holds 6 rows of H=4: one request each
     store.buffers(num_layers=2, rows=16, hidden=4, max_tokens=32)
     H = 4
     for rid in "abc":
@@ -144,7 +166,7 @@ def test_one_step_across_segments_and_host_fallback(tmp_path):
          torch.arange(6.0)[:, None].expand(6, H).contiguous())
     a, b, c = store.take("a"), store.take("b"), store.take("c")
     assert a["file"] != b["file"] and "file" not in c
-    got = lambda d: np.fromfile(d["file"], np.float32).reshape(-1, H)[d["offset_rows"]:][:len(d["positions"]), 0]  # noqa: E731
+    got = lambda d: file_rows(d, len(d["positions"]))[:, 0]  # noqa: E731
     assert got(a).tolist() == [0.0, 1.0] and got(b).tolist() == [2.0, 3.0, 4.0]
     from steer_actors.wire import decode_tensor
 
@@ -203,6 +225,6 @@ def test_a_region_stored_whole_carries_nothing_of_an_earlier_capture(tmp_path):
     step(store, ["b-1"], [7], list(range(7)), torch.full((7, H), 5.0))  # stopped one row short of max_tokens
     b = store.take("b")
     assert (b["offset_rows"], b["file"]) == (a["offset_rows"], a["file"])
-    rows = np.fromfile(b["file"], dtype=np.float32).reshape(-1, H)[b["offset_rows"]:b["offset_rows"] + 8]
+    rows = file_rows(b, 8)
     assert rows[:7].tolist() == [[5.0] * H] * 7 and rows[7].tolist() == [0.0] * H
     store.arena.close()

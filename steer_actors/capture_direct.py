@@ -1,0 +1,135 @@
+"""Captured rows written by the GPU straight into the capture arena's host pages.
+
+The host path (device -> pinned staging -> a host thread scattering rows into the arena) costs the
+worker's host a copy of every captured byte, on a thread that contends for the GIL with the one that
+launches forwards: on an H100 with 512 all-layer captures in flight it ran at a tenth of stock speed.
+Here the arena's pages are registered with CUDA (pinned, mapped into the device's address space), and a
+scatter on a side stream writes each captured row from the step's device snapshot to its place in the
+request's region over PCIe. The host then only records which positions arrived.
+
+Mapped writes need the device to address host memory at the host's own addresses (unified addressing
+with ``canUseHostPointerForRegisteredMem``); a mapper that cannot check that, or whose self-test write
+does not land, reports itself unavailable and the arena stays on the host path. A row is only ever
+written where the segment is registered: registration follows the segment's reserved rows, and a step
+whose segments are not all mapped takes the host path.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import mmap
+import os
+
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+
+_PAGE = mmap.PAGESIZE
+_CAN_USE_HOST_POINTER_FOR_REGISTERED_MEM = 91  # CUdevice_attribute
+_PORTABLE_MAPPED = 0x1 | 0x2  # cudaHostRegisterPortable | cudaHostRegisterMapped
+
+
+def enabled() -> bool:
+    """``STEER_CAPTURE_DIRECT=0`` keeps captures on the host path (for comparison, or a driver that
+    misbehaves with registered shared memory)."""
+    return os.environ.get("STEER_CAPTURE_DIRECT", "1") != "0"
+
+
+class HostMapper:
+    """Registers host ranges with one device and gives device tensors over them. On a CPU device (tests)
+    the "device" tensor is the host memory itself, so the scatter logic runs unchanged."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = torch.device(device)
+        self.cuda = self.device.type == "cuda"
+        self.ok = (not self.cuda) or _host_pointers_usable(self.device)
+
+    def register(self, ptr: int, nbytes: int) -> bool:
+        """Pin and map ``[ptr, ptr + nbytes)`` (page-aligned by the caller). False if the driver refused."""
+        if not self.cuda or nbytes <= 0:
+            return True
+        with torch.cuda.device(self.device):
+            err = torch.cuda.cudart().cudaHostRegister(ptr, nbytes, _PORTABLE_MAPPED)
+        if int(err) != 0:
+            log.warning("capture arena: cudaHostRegister of %d bytes failed (%s); captures take the host path",
+                        nbytes, err)
+            return False
+        return True
+
+    def view(self, array: np.ndarray) -> torch.Tensor:
+        """A tensor on the device over ``array``'s memory (whose first page must be registered)."""
+        if not self.cuda:
+            return torch.from_numpy(array)
+        ptr = array.ctypes.data
+        iface = {"shape": tuple(array.shape), "typestr": array.dtype.str, "data": (ptr, False), "version": 3,
+                 "strides": None}
+        holder = type("MappedRows", (), {"__cuda_array_interface__": iface, "array": array})()
+        with torch.cuda.device(self.device):
+            return torch.as_tensor(holder, device=self.device)
+
+    def self_test(self, rows: torch.Tensor, array: np.ndarray, row: int) -> bool:
+        """Write a row from the device and read it on the host: the mapping works end to end."""
+        if not self.cuda:
+            return True
+        probe = torch.arange(rows.shape[1], dtype=rows.dtype, device=self.device) + 0.5
+        try:
+            rows[row].copy_(probe)
+            torch.cuda.synchronize(self.device)
+            good = bool(np.array_equal(array[row], probe.cpu().numpy()))
+        except RuntimeError as e:
+            log.warning("capture arena: device write into host memory failed (%s); captures take the host path", e)
+            return False
+        if not good:
+            log.warning("capture arena: a device write did not reach host memory; captures take the host path")
+        return good
+
+
+def _host_pointers_usable(device: torch.device) -> bool:
+    """The device addresses registered host memory at its host address (so one tensor spans every
+    registration of a segment)."""
+    try:
+        lib = ctypes.CDLL("libcuda.so.1")
+        dev, val = ctypes.c_int(), ctypes.c_int()
+        torch.cuda.init()
+        if lib.cuDeviceGet(ctypes.byref(dev), device.index or 0) != 0:
+            return False
+        rc = lib.cuDeviceGetAttribute(ctypes.byref(val), _CAN_USE_HOST_POINTER_FOR_REGISTERED_MEM, dev)
+        return rc == 0 and val.value == 1
+    except (OSError, AttributeError, RuntimeError):
+        return False
+
+
+def page_end(nbytes: int) -> int:
+    return -(-nbytes // _PAGE) * _PAGE
+
+
+def dest_offsets(run: list, layers: list[int], same: bool) -> tuple[np.ndarray, np.ndarray]:
+    """For the requests of ``run`` ((pend, first token, end token) each, tokens consecutive): the segment row
+    of position 0 of each (step layer, token), -1 where that request does not capture that layer
+    ([len(layers), tokens] int64), and each token's request's ``max_rows`` ([tokens])."""
+    counts = np.fromiter((b - a for _, a, b in run), np.int64, len(run))
+    base = np.repeat(np.fromiter((p.region.base for p, _, _ in run), np.int64, len(run)), counts)
+    maxr = np.repeat(np.fromiter((p.max_rows for p, _, _ in run), np.int64, len(run)), counts)
+    if same:  # every request captures every layer of the step: layer-major regions
+        return base[None, :] + np.arange(len(layers), dtype=np.int64)[:, None] * maxr[None, :], maxr
+    off = np.full((len(layers), int(counts.sum())), -1, dtype=np.int64)
+    slot_of = {layer: j for j, layer in enumerate(layers)}
+    t0 = run[0][1]
+    for pend, a, b in run:
+        for s, layer in enumerate(pend.layers):
+            off[slot_of[layer], a - t0:b - t0] = pend.region.base + s * pend.max_rows
+    return off, maxr
+
+
+def scatter_rows(dest: torch.Tensor, snap: torch.Tensor, pos: torch.Tensor, a: int, b: int, off: torch.Tensor,
+                 maxr: torch.Tensor, trash: int) -> None:
+    """``dest[off + pos] = snap[:, a:b]`` for the step's tokens ``a:b``; rows a request does not keep
+    (a layer it does not capture, a position past its ``max_rows``) go to the segment's ``trash`` row.
+    Everything stays on the device: no sync, nothing the host waits for."""
+    p = pos[a:b]
+    idx = off + p[None, :]
+    keep = (off >= 0) & (p < maxr)[None, :]
+    idx = torch.where(keep, idx, torch.full_like(idx, trash))
+    dest.index_copy_(0, idx.reshape(-1), snap[:, a:b].reshape(-1, snap.shape[-1]))
