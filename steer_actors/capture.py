@@ -102,7 +102,7 @@ class CaptureStore:
     def _mapper(self, device: torch.device):
         from . import capture_direct
 
-        want = self._direct if self._direct is not None else (device.type == "cuda" and capture_direct.enabled())
+        want = self._direct if self._direct is not None else capture_direct.enabled(device)
         if not want:
             return None
         mapper = capture_direct.HostMapper(device)

@@ -31,10 +31,11 @@ _CAN_USE_HOST_POINTER_FOR_REGISTERED_MEM = 91  # CUdevice_attribute
 _PORTABLE_MAPPED = 0x1 | 0x2  # cudaHostRegisterPortable | cudaHostRegisterMapped
 
 
-def enabled() -> bool:
-    """``STEER_CAPTURE_DIRECT=0`` keeps captures on the host path (for comparison, or a driver that
-    misbehaves with registered shared memory)."""
-    return os.environ.get("STEER_CAPTURE_DIRECT", "1") != "0"
+def enabled(device: torch.device) -> bool:
+    """On a GPU unless ``STEER_CAPTURE_DIRECT=0`` (the host path, for comparison or a driver that misbehaves
+    with registered shared memory); ``always`` runs the same logic on a CPU engine too (tests)."""
+    mode = os.environ.get("STEER_CAPTURE_DIRECT", "1")
+    return mode == "always" or (device.type == "cuda" and mode != "0")
 
 
 class HostMapper:
