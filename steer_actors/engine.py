@@ -336,7 +336,7 @@ class SteerEngine(EngineCaptureMixin):
             self.captures.unreserve(reserved)
             try:
                 if capture_layers:
-                    await self._workers("steer_capture_drop", ids)
+                    await self._coalesced("steer_capture_drop")(ids, ids)
             finally:
                 if routed:
                     try:

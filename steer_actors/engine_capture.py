@@ -25,18 +25,32 @@ class EngineCaptureMixin:
         need = sum(rows) * len(set(layers)) * self.hidden_size * 4
         self.captures.reserve(need)
         try:
-            from .capture_arena import shared_memory_key
-
-            await self._workers("steer_capture_register", [(rid, sorted(set(layers)), r)
-                                                           for rid, r in zip(ids, rows)], shared_memory_key(),
-                                self.captures.budget)
+            ranks = await self._coalesced("steer_capture_register")(ids, [(rid, sorted(set(layers)), r)
+                                                                          for rid, r in zip(ids, rows)])
+            failed = {rid: why for r in ranks if r for rid, why in r.items()}
+            if failed:  # the generate call's cleanup drops the others of this call
+                raise ValueError(f"capture could not start: {next(iter(failed.values()))}")
         except BaseException:
             self.captures.unreserve(need)
             raise
         return need
 
+    def _coalesced(self, method: str) -> Any:
+        """One :class:`~steer_actors.coalesce.Coalescer` per per-request worker method (see there)."""
+        from .capture_arena import shared_memory_key
+        from .coalesce import Coalescer
+
+        table = self.__dict__.setdefault("_coalescers", {})
+        if method not in table:
+            if method == "steer_capture_register":
+                send = lambda items: self._workers(method, items, shared_memory_key(), self.captures.budget)  # noqa: E731
+            else:
+                send = lambda items: self._workers(method, items)  # noqa: E731
+            table[method] = Coalescer(send)
+        return table[method]
+
     async def _finish_capture(self, results: list[GenerationResult], ids: list[str]) -> None:
-        take = asyncio.ensure_future(self._workers("steer_capture_take", ids))
+        take = asyncio.ensure_future(self._coalesced("steer_capture_take")(ids, ids))
         try:
             ranks = await asyncio.shield(take)
         except asyncio.CancelledError:  # the regions the take hands over still need an owner: nobody wants them
@@ -112,7 +126,7 @@ class EngineCaptureMixin:
 
     async def _free_regions(self, regions: list[int]) -> None:
         try:
-            await self._workers("steer_capture_free", regions)
+            await self._coalesced("steer_capture_free")([], regions)
         except Exception as e:  # the worker is gone (and its regions with it), or the channel failed
             import logging
 
@@ -166,7 +180,9 @@ class EngineCaptureMixin:
     async def capture_stats(self) -> dict[str, int]:
         self.captures.prune()
         # rows computed twice (preemption by recompute) and deduplicated by position
-        return {**self.captures.stats(), "recomputed_rows": self._recomputed_rows}
+        return {**self.captures.stats(), "recomputed_rows": self._recomputed_rows,
+                # round trips to the workers per per-request method (requests arriving together share one)
+                "worker_calls": {m: c.calls for m, c in self.__dict__.get("_coalescers", {}).items()}}
 
     async def capture_arena_stats(self) -> dict[str, int]:
         """The capturing worker's arena: segments, regions in use (0 once every capture is stored and

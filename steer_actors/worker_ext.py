@@ -168,13 +168,15 @@ class SteerWorkerExtension:
 
     # ---- activation capture (rank 0 only: every rank holds the same residual stream) ------------
     def steer_capture_register(self, requests: list[tuple[str, list[int], int]], host: str | None = None,
-                               shared_cap_bytes: int | None = None) -> None:
+                               shared_cap_bytes: int | None = None) -> dict[str, str] | None:
         """``requests``: (request id, layers, prompt + max_tokens). ``host``: the engine actor's
         :func:`~steer_actors.capture_arena.shared_memory_key`; where it is this worker's too, the rows go
         straight into a region of a shared-memory segment the engine maps, as steps complete, while the
-        segments' reserved shared memory stays within ``shared_cap_bytes`` (the engine's capture budget)."""
+        segments' reserved shared memory stays within ``shared_cap_bytes`` (the engine's capture budget).
+        Returns the requests that could not be registered, with why (the engine batches many callers'
+        requests into one call: one failure must not fail the others)."""
         if vllm_compat.tp_rank(self) != 0:
-            return
+            return None
         import os
 
         from .capture_arena import shared_memory_key
@@ -183,8 +185,13 @@ class SteerWorkerExtension:
         if capture.STORE.rows_per_step == 0:
             raise ValueError("this engine was started with capture disabled (capture_rows_per_step=0)")
         to_dir = "/dev/shm" if host == shared_memory_key() and os.access("/dev/shm", os.W_OK) else None
+        failed = {}
         for request_id, layers, max_rows in requests:
-            capture.STORE.register(request_id, layers, int(max_rows), to_dir, shared_cap_bytes)
+            try:
+                capture.STORE.register(request_id, layers, int(max_rows), to_dir, shared_cap_bytes)
+            except Exception as e:
+                failed[request_id] = str(e) if isinstance(e, ValueError) else f"{type(e).__name__}: {e}"
+        return failed
 
     def steer_capture_take(self, request_ids: list[str]) -> dict[str, Any] | None:
         """Captured rows of finished requests (each a segment path and region on the engine's host, which

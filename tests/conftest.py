@@ -51,13 +51,17 @@ def llama_path() -> str:
     return build_tiny_model("llama")
 
 
-def start_engine(ray, **config):
+def start_engine(ray, env: dict | None = None, **config):
+    """``env``: environment of the engine actor and so of its vLLM workers."""
     from steer_actors.engine import engine_actor_class
 
     config.setdefault("dtype", "float32")
     config.setdefault("enforce_eager", True)  # compiled mode has its own tests; eager starts twice as fast
     config.setdefault("max_model_len", 512)
-    actor = engine_actor_class().remote(config)
+    cls = engine_actor_class()
+    if env:
+        cls = cls.options(runtime_env={"env_vars": env})
+    actor = cls.remote(config)
     ray.get(actor.info.remote())
     return actor
 

@@ -22,9 +22,12 @@ LAYERS = [0, 2, 3]
 
 @pytest.fixture(scope="module")
 def capture_engine(ray_local, qwen3_path):
-    # 32 batched tokens force chunked prefill of the 40- and 70-token prompts
+    # 32 batched tokens force chunked prefill of the 40- and 70-token prompts. Rows take the GPU's write
+    # path (capture_direct: a device scatter into the mapped arena), here over host memory; the engines of
+    # the other suites take the host path.
     yield from engine_lifetime(ray_local, model_name=qwen3_path, max_num_batched_tokens=32,
-                               enable_prefix_caching=True, capture_budget_bytes=4 << 20)
+                               enable_prefix_caching=True, capture_budget_bytes=4 << 20,
+                               env={"STEER_CAPTURE_DIRECT": "always"})
 
 
 def capture(ray, engine, prompts=PROMPTS, layers=LAYERS, sampling=SAMPLING):
@@ -55,6 +58,7 @@ def assert_matches_hf(oracle, prompts, results, handles, spec=None):
 def test_capture_matches_hf_under_chunked_prefill(ray_local, capture_engine, oracles, qwen3_path):
     results, handles = capture(ray_local, capture_engine)
     assert_matches_hf(oracles["qwen3"], PROMPTS, results, handles)
+    assert ray_local.get(capture_engine.capture_arena_stats.remote())["mapped_segments"] >= 1  # the direct path
     # Why the bound scales with |h + r|: against the exact (fp64) computation, HF's own fp32 run is off by
     # as much as our rows are (2-3e-5 at |h + r| ~ 17), so an absolute 1e-5 is below fp32's precision here.
     # The rows are as close to exact as HF fp32 is (within 2x, measured 1.0-1.2x).
@@ -68,6 +72,42 @@ def test_capture_matches_hf_under_chunked_prefill(ray_local, capture_engine, ora
             ours = (h.captures[layer][0]["hidden"].double() - r64[layer]).abs().max().item()
             hf32 = (r32[layer].double() - r64[layer]).abs().max().item()
             assert ours <= 2 * hf32 + 1e-7, (layer, ours, hf32)
+
+
+def test_rows_in_a_batch_of_16_equal_each_request_captured_alone(ray_local, capture_engine):
+    """A row landing in another request's region (the batch's order, its segments, chunked prefill) would
+    show here: each request's rows from a 16-request batch capturing every layer equal the same request's
+    rows captured alone for two layers (fp32 CPU: the same numbers, whatever the batch)."""
+    import random
+
+    rng = random.Random(7)
+    prompts = [[rng.randrange(5, 500) for _ in range(rng.randrange(8, 40))] for _ in range(16)]
+    sp = dict(max_tokens=5, temperature=0.0, ignore_eos=True)
+    _, batch = capture(ray_local, capture_engine, prompts, [0, 1, 2, 3], sp)
+    for k in (0, 7, 15):
+        _, (alone,) = capture(ray_local, capture_engine, prompts[k:k + 1], [1, 3], sp)
+        for layer in (1, 3):
+            a, b = batch[k].captures[layer][0]["hidden"], alone.captures[layer][0]["hidden"]
+            assert torch.equal(a, b), (k, layer, (a - b).abs().max().item())
+
+
+def test_requests_arriving_together_register_and_take_in_shared_round_trips(ray_local, capture_engine):
+    """16 generate calls of one capturing request each, sent at once: their registrations (a request starts
+    only once registered) and takes share round trips to the worker instead of one each; rows stay exact."""
+    import random
+
+    rng = random.Random(3)
+    prompts = [[rng.randrange(5, 500) for _ in range(12)] for _ in range(16)]
+    sp = dict(max_tokens=3, temperature=0.0, ignore_eos=True)
+    before = ray_local.get(capture_engine.capture_stats.remote())["worker_calls"]
+    results = ray_local.get([capture_engine.generate.remote([p], sp, [1]) for p in prompts])
+    after = ray_local.get(capture_engine.capture_stats.remote())["worker_calls"]
+    calls = {m: after[m] - before.get(m, 0) for m in ("steer_capture_register", "steer_capture_take")}
+    assert all(0 < n < 16 for n in calls.values()), calls
+    handles = fetch_captures_batch([CaptureHandle.from_wire(r[0]["captures"]) for r in results])
+    _, alone = capture(ray_local, capture_engine, prompts[5:6], [1], sp)
+    assert torch.equal(handles[5].captures[1][0]["hidden"], alone[0].captures[1][0]["hidden"])
+    ray_local.get(capture_engine.release_captures.remote([h.capture_id for h in handles + alone]))
 
 
 def test_capture_sees_prompt_positions_already_in_prefix_cache(ray_local, capture_engine, oracles):
@@ -95,11 +135,14 @@ def test_capture_with_steering_equals_hf_with_hooks(ray_local, capture_engine, o
 
 
 def test_budget_overflow_is_clear_and_engine_keeps_serving(ray_local, capture_engine):
-    stats0 = ray_local.get(capture_engine.capture_stats.remote())
+    def stats():  # less the round-trip counters (the failed call's cleanup is one)
+        return {k: v for k, v in ray_local.get(capture_engine.capture_stats.remote()).items() if k != "worker_calls"}
+
+    stats0 = stats()
     big = [list(range(1, 400))] * 4
     with pytest.raises(ValueError, match="capture budget exceeded"):
         ray_local.get(capture_engine.generate.remote(big, dict(max_tokens=100), [0, 1, 2, 3]))
-    assert ray_local.get(capture_engine.capture_stats.remote()) == stats0
+    assert stats() == stats0
     out = ray_local.get(capture_engine.generate.remote(PROMPTS[:1], SAMPLING))
     assert len(out[0]["token_ids"]) == SAMPLING["max_tokens"]
 

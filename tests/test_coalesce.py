@@ -1,0 +1,48 @@
+"""The coalescer on its own (pure asyncio): calls made while one is in flight share the next round trip,
+each caller sees its own entries only, a failure reaches exactly the callers of that round trip."""
+
+import asyncio
+
+import pytest
+
+from steer_actors.coalesce import Coalescer
+
+
+def test_calls_while_one_is_in_flight_share_the_next_round_trip():
+    sent = []
+
+    async def send(items):
+        sent.append(list(items))
+        await asyncio.sleep(0.01)
+        return [{k: f"ok-{k}" for k in items}, None]  # rank 0 answers per key, rank 1 nothing
+
+    async def main():
+        c = Coalescer(send)
+        first = asyncio.ensure_future(c(["r0"], ["r0"]))
+        await asyncio.sleep(0.001)  # it is in flight
+        outs = await asyncio.gather(*(c([f"r{i}"], [f"r{i}"]) for i in range(1, 10)))
+        return c, [await first] + outs
+
+    c, outs = asyncio.run(main())
+    assert sent == [["r0"], [f"r{i}" for i in range(1, 10)]]  # no timer: the first went out alone
+    assert c.calls == 2
+    assert outs[3] == [{"r3": "ok-r3"}, None]  # only its own entry
+
+
+def test_a_failure_reaches_the_callers_of_its_round_trip_only_and_counts_pass_through():
+    async def send(items):
+        await asyncio.sleep(0.01)
+        if "bad" in items:
+            raise ValueError("no room")
+        return [len(items)]
+
+    async def main():
+        c = Coalescer(send)
+        first = asyncio.ensure_future(c([], ["bad"]))
+        await asyncio.sleep(0)
+        later = [asyncio.ensure_future(c([], [i])) for i in range(3)]
+        with pytest.raises(ValueError, match="no room"):
+            await first
+        return await asyncio.gather(*later)
+
+    assert asyncio.run(main()) == [[3], [3], [3]]  # one round trip of three; a count reaches everyone
