@@ -11,7 +11,8 @@
 # Steps of a session on a 4-GPU machine, one job at a time (engines started side by side took 150-250 s each,
 # about 70 s alone; a fresh machine's first start is slower still: cold Triton and compile caches):
 #   N        update latency (GPU 0), then capture throughput + fetch (GPU 1), one compile cache
-#   C        capture throughput + fetch alone (GPU 1), py-spy profiles of the worker and the engine actor
+#   C        capture throughput + fetch alone (GPU 1), py-spy profiles of the worker and the engine actor; then
+#            the same with STEER_CAPTURE_SCATTER=torch (the unbounded index_copy_ scatter) for comparison
 #   E        the app on all four (whole log kept, GPU processes sampled every 10 s); E_MODEL=8b|0.6b. At 8B it
 #            needs more than one call's 10 minutes (E_APP_S, default 880 s): run it through bench/gpu_bg.sh
 #   R        the 0.6B steering ratios again (stock, ours, stock; one round), R_LIMIT=<s> to fit what is left
@@ -56,17 +57,20 @@ report() {  # the end of every log in one file (the device returns at most 8 fil
   ray stop --force >/dev/null 2>&1
   grep -hE "Error|error" "$OUT/$step.log" | tail -8 | cut -c1-300
 }
-profile_capture() {  # 20 s of py-spy (raw stacks, per thread) once the capture child says its big batch began
+profile_capture() {  # 8 s of py-spy (raw stacks, per thread) once the capture child says its big batch began
   rm -f /tmp/phase-capture; command -v py-spy >/dev/null || return 0
   local end=$((SECONDS + 440))
   while [ ! -f /tmp/phase-capture ] && [ $SECONDS -lt $end ]; do sleep 1; done
   [ -f /tmp/phase-capture ] || return 0
-  sleep 4
-  local gpu eng
-  gpu=$(nvidia-smi --query-compute-apps=pid --format=csv,noheader -i 1 | head -1)
+  sleep 1  # the batch takes ~7 s now
+  local gpu="" eng p
+  # the vLLM worker: the GPU's process that is not the benchmark's driver (session 7 sampled the driver)
+  for p in $(nvidia-smi --query-compute-apps=pid --format=csv,noheader -i 1); do
+    tr '\0' ' ' </proc/$p/cmdline 2>/dev/null | grep -q "gpu.py" || { gpu=$p; break; }
+  done
   eng=$(pgrep -f "ray::SteerEngine" | head -1)
-  [ -n "$gpu" ] && py-spy record -p "$gpu" -d 20 -r 40 -t -n -f raw -o "$OUT/prof_worker.txt" >/dev/null 2>&1 &
-  [ -n "$eng" ] && py-spy record -p "$eng" -d 20 -r 40 -t -f raw -o "$OUT/prof_engine.txt" >/dev/null 2>&1 &
+  [ -n "$gpu" ] && py-spy record -p "$gpu" -d 8 -r 100 -t -n -f raw -o "$OUT/prof_worker.txt" >/dev/null 2>&1 &
+  [ -n "$eng" ] && py-spy record -p "$eng" -d 8 -r 100 -t -f raw -o "$OUT/prof_engine.txt" >/dev/null 2>&1 &
   wait
 }
 case $step in
@@ -86,7 +90,9 @@ case $step in
       STEER_CAPTURE_DIRECT=0 job capture_host 1 440 450 bench/gpu.py --model 0.6b --runs capture --out "$OUT/capture_host.json"
       report capture capture_host; exit 0
     fi
-    report capture; exit 0 ;;
+    # the same with the unbounded torch scatter (index_copy_, a program per element) for comparison
+    STEER_CAPTURE_SCATTER=torch job capture_torch 1 440 450 bench/gpu.py --model 0.6b --runs capture --out "$OUT/capture_torch.json"
+    report capture capture_torch; exit 0 ;;
   E)
     ( while sleep 10; do date +%T; nvidia-smi --query-compute-apps=pid,gpu_uuid,used_memory --format=csv,noheader
         nvidia-smi --query-gpu=index,uuid,memory.used --format=csv,noheader; done >"$OUT/gpu_apps.log" 2>&1 ) & sampler=$!

@@ -24,6 +24,12 @@ import os
 import numpy as np
 import torch
 
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs
+    triton = None
+
 log = logging.getLogger(__name__)
 
 _PAGE = mmap.PAGESIZE
@@ -127,10 +133,53 @@ def dest_offsets(run: list, layers: list[int], same: bool) -> tuple[np.ndarray, 
 def scatter_rows(dest: torch.Tensor, snap: torch.Tensor, pos: torch.Tensor, a: int, b: int, off: torch.Tensor,
                  maxr: torch.Tensor, trash: int) -> None:
     """``dest[off + pos] = snap[:, a:b]`` for the step's tokens ``a:b``; rows a request does not keep
-    (a layer it does not capture, a position past its ``max_rows``) go to the segment's ``trash`` row.
-    Everything stays on the device: no sync, nothing the host waits for."""
+    (a layer it does not capture, a position past its ``max_rows``) are not written (the torch form sends
+    them to the segment's ``trash`` row). Everything stays on the device: no sync, nothing the host waits
+    for."""
+    if _use_triton(snap):
+        n_items = off.numel()
+        if n_items:
+            grid = (min(n_items, _programs()),)
+            _scatter_kernel[grid](snap, pos, off, maxr, dest, a, off.shape[1], snap.shape[1], n_items, snap.shape[2],
+                                  BLOCK_H=triton.next_power_of_2(snap.shape[2]), num_warps=4)
+        return
     p = pos[a:b]
     idx = off + p[None, :]
     keep = (off >= 0) & (p < maxr)[None, :]
     idx = torch.where(keep, idx, torch.full_like(idx, trash))
     dest.index_copy_(0, idx.reshape(-1), snap[:, a:b].reshape(-1, snap.shape[-1]))
+
+
+def _use_triton(snap: torch.Tensor) -> bool:
+    """The bounded kernel below on a GPU (``STEER_CAPTURE_SCATTER=torch``: ``index_copy_``, for comparison);
+    on a CPU only under Triton's interpreter (tests)."""
+    if triton is None or os.environ.get("STEER_CAPTURE_SCATTER", "triton") == "torch":
+        return False
+    return snap.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _programs() -> int:
+    """Programs of the scatter: few. Its stores go over PCIe and stall when the link is full; a kernel
+    with a program per row would hold every SM while it waits, and the next forward with it. A few dozen
+    programs keep enough stores in flight to fill the link and leave the other SMs to the forward."""
+    return max(1, int(os.environ.get("STEER_CAPTURE_SCATTER_PROGRAMS", "32")))
+
+
+if triton is not None:
+
+    @triton.jit
+    def _scatter_kernel(snap_ptr, pos_ptr, off_ptr, maxr_ptr, dest_ptr, a, n_run, n_step, n_items, H,
+                        BLOCK_H: tl.constexpr):
+        """Item ``i`` = (step layer ``i // n_run``, run token ``i % n_run``): its row of the snapshot
+        ([layers, n_step, H]) to segment row ``off + pos`` when kept."""
+        cols = tl.arange(0, BLOCK_H)
+        mask = cols < H
+        for i in range(tl.program_id(0), n_items, tl.num_programs(0)):
+            j = i // n_run
+            t = i - j * n_run
+            o = tl.load(off_ptr + i)
+            p = tl.load(pos_ptr + a + t)
+            if (o >= 0) & (p < tl.load(maxr_ptr + t)):
+                src = (j.to(tl.int64) * n_step + a + t) * H
+                row = tl.load(snap_ptr + src + cols, mask=mask)
+                tl.store(dest_ptr + (o + p) * H + cols, row, mask=mask)

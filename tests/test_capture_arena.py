@@ -173,3 +173,43 @@ def test_a_mapped_segment_keeps_row_0_for_the_scatter_and_maps_what_it_reserves(
     a.free(r.id)
     assert seg.free == [[1, 99]]
     a.close()
+
+
+@pytest.mark.parametrize("interpret", ["0", "1"])
+def test_the_bounded_scatter_kernel_writes_what_index_copy_writes(interpret):
+    """The device scatter of captured rows (capture_direct): the Triton kernel (few programs, each looping
+    over rows; here under Triton's interpreter) and the torch form give the same segment, skipped rows
+    (a layer the request does not capture, a position past its max_rows) untouched by the kernel."""
+    import subprocess
+    import sys
+
+    code = """
+import numpy as np, torch
+from steer_actors import capture_direct as cd
+torch.manual_seed(0)
+L, n, H = 3, 7, 40
+snap = torch.randn(L, n, H)
+pos = torch.tensor([0, 1, 2, 5, 6, 3, 9], dtype=torch.int64)
+a = 2  # the run: tokens 2..6
+off = torch.tensor([[10, 10, 30, 30, -1], [20, 20, 40, 40, 50], [-1, -1, 60, 60, 70]], dtype=torch.int64)
+maxr = torch.tensor([8, 8, 6, 6, 8], dtype=torch.int64)  # step token 5 (pos 3 < 6) kept, 4 (pos 6) and 6 (pos 9) not
+outs = []
+for mode in ("triton", "torch"):
+    import os
+    os.environ["STEER_CAPTURE_SCATTER"] = mode
+    dest = torch.full((100, H), -7.0)
+    cd.scatter_rows(dest, snap, pos, a, a + 5, off, maxr, 0)
+    outs.append(dest)
+os.environ["STEER_CAPTURE_SCATTER"] = "triton"
+if os.environ.get("TRITON_INTERPRET") == "1":
+    assert cd._use_triton(snap)
+    dest = outs[0]
+    assert torch.equal(dest[1:], outs[1][1:]) and (dest[0] == -7.0).all()  # no trash write
+    assert torch.equal(dest[10 + 2], snap[0, 2]) and torch.equal(dest[60 + 3], snap[2, 5])
+else:
+    assert torch.equal(outs[0], outs[1])  # both the torch form on a CPU without the interpreter
+print("ok")
+"""
+    env = {**os.environ, "TRITON_INTERPRET": interpret, "PYTHONPATH": os.getcwd()}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert out.stdout.strip().endswith("ok"), out.stderr[-2000:]
