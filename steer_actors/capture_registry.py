@@ -84,8 +84,6 @@ class CaptureRegistry:
     async def get(self, capture_id: str) -> dict[str, Any]:
         """Awaited, never a blocking ``ray.get``: the refs may be the returns of a task of this same
         actor, which needs the event loop to run."""
-        import asyncio
-
         self.prune()
         e = self.entries.get(capture_id)
         if e is None:

@@ -12,7 +12,6 @@ Two forms of the same ops:
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Literal
 

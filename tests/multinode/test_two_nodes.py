@@ -216,7 +216,6 @@ def test_coordinator_killed_comes_back_with_spec_stack_and_version(cluster, app,
 def test_redeploy_with_another_engine_config_replaces_engines_and_keeps_the_spec(cluster, app, oracles):
     """Serve replaces the coordinator; engines found by name but started with another config are
     replaced, the spec and version survive (the app was never deleted), and the new engines run it."""
-    import ray
     from ray import serve
 
     from deployments.app import build_app
