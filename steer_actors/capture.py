@@ -238,15 +238,20 @@ class CaptureStore:
             for x in (snap, pt, p):
                 x.record_stream(stream)  # the allocator keeps them until the copy stream is done
         if direct:  # the device writes the rows; the host only learns positions and tokens
-            if stream is not None:
-                with torch.cuda.stream(stream):
-                    stream.wait_event(ready)
+            try:
+                if stream is not None:
+                    with torch.cuda.stream(stream):
+                        stream.wait_event(ready)
+                        self._scatter(layout, layers, snap, p)
+                        pt = torch.empty(pt.shape, dtype=pt.dtype, pin_memory=True).copy_(pt, non_blocking=True)
+                        done = torch.cuda.Event()
+                        done.record(stream)
+                else:
                     self._scatter(layout, layers, snap, p)
-                    pt = torch.empty(pt.shape, dtype=pt.dtype, pin_memory=True).copy_(pt, non_blocking=True)
-                    done = torch.cuda.Event()
-                    done.record(stream)
-            else:
-                self._scatter(layout, layers, snap, p)
+            except Exception as e:  # this step's captures fail, clearly; the forward (everyone's) goes on
+                for pend, _, _ in layout:
+                    pend.error = pend.error or f"writing its rows failed: {type(e).__name__}: {e}"
+                return
 
         def to_dest():
             # Few torch calls here: each one lets go of the GIL, and taking it back from the thread that

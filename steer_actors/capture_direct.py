@@ -136,18 +136,26 @@ def scatter_rows(dest: torch.Tensor, snap: torch.Tensor, pos: torch.Tensor, a: i
     (a layer it does not capture, a position past its ``max_rows``) are not written (the torch form sends
     them to the segment's ``trash`` row). Everything stays on the device: no sync, nothing the host waits
     for."""
-    if _use_triton(snap):
+    global _TRITON_FAILED
+    if _use_triton(snap) and not _TRITON_FAILED:
         n_items = off.numel()
-        if n_items:
-            grid = (min(n_items, _programs()),)
-            _scatter_kernel[grid](snap, pos, off, maxr, dest, a, off.shape[1], snap.shape[1], n_items, snap.shape[2],
-                                  BLOCK_H=triton.next_power_of_2(snap.shape[2]), num_warps=4)
-        return
+        try:
+            if n_items:
+                grid = (min(n_items, _programs()),)
+                _scatter_kernel[grid](snap, pos, off, maxr, dest, a, off.shape[1], snap.shape[1], n_items,
+                                      snap.shape[2], BLOCK_H=triton.next_power_of_2(snap.shape[2]), num_warps=4)
+            return
+        except Exception as e:  # a launch that fails (compile, pointer checks) must not take the forward with it
+            _TRITON_FAILED = True
+            log.warning("capture scatter: the Triton kernel failed (%s); using index_copy_ from now on", e)
     p = pos[a:b]
     idx = off + p[None, :]
     keep = (off >= 0) & (p < maxr)[None, :]
     idx = torch.where(keep, idx, torch.full_like(idx, trash))
     dest.index_copy_(0, idx.reshape(-1), snap[:, a:b].reshape(-1, snap.shape[-1]))
+
+
+_TRITON_FAILED = False
 
 
 def _use_triton(snap: torch.Tensor) -> bool:
