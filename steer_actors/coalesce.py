@@ -30,10 +30,14 @@ class Coalescer:
     send: Callable[[list[Any]], Awaitable[list[Any]]]
     _queue: list[_Pending] = field(default_factory=list)
     _running: bool = False
+    _loop: Any = None
     calls: int = 0  # round trips made (tests, stats)
 
     async def __call__(self, keys: list[str], items: list[Any]) -> list[dict[str, Any] | None]:
-        done = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        if self._loop is not loop:  # an engine used from successive event loops: nothing of a closed one waits
+            self._loop, self._queue, self._running = loop, [], False
+        done = loop.create_future()
         self._queue.append(_Pending(list(keys), list(items), done))
         if not self._running:
             self._running = True
