@@ -224,7 +224,10 @@ class CaptureStore:
         snap = self.buf[to_device(np.asarray(layers, dtype=np.int64), self.buf.device), :n]
         p = pos[rows].to(torch.int64)
         pt = torch.stack([p, input_ids[rows].to(torch.int64) if input_ids is not None else torch.full_like(p, -1)])
-        direct = all(pend.region.segment.device_rows is not None for pend, _, _ in layout)
+        # each segment's device view, read once: the channel thread may take a segment off the direct path
+        # (a failed registration) meanwhile; the rows of this step's regions were registered before them
+        views = {id(pend.region.segment): pend.region.segment.device_rows for pend, _, _ in layout}
+        direct = all(v is not None for v in views.values())
         if self._side is None:
             from concurrent.futures import ThreadPoolExecutor
 
@@ -242,15 +245,21 @@ class CaptureStore:
                 if stream is not None:
                     with torch.cuda.stream(stream):
                         stream.wait_event(ready)
-                        self._scatter(layout, layers, snap, p)
+                        self._scatter(layout, layers, snap, p, views)
                         pt = torch.empty(pt.shape, dtype=pt.dtype, pin_memory=True).copy_(pt, non_blocking=True)
                         done = torch.cuda.Event()
                         done.record(stream)
                 else:
-                    self._scatter(layout, layers, snap, p)
+                    self._scatter(layout, layers, snap, p, views)
             except Exception as e:  # this step's captures fail, clearly; the forward (everyone's) goes on
                 for pend, _, _ in layout:
                     pend.error = pend.error or f"writing its rows failed: {type(e).__name__}: {e}"
+                if stream is not None:  # runs launched before the failure: nobody frees a region they write
+                    launched = torch.cuda.Event()
+                    launched.record(stream)
+                    fut = pool.submit(launched.synchronize)
+                    for pend, _, _ in layout:
+                        pend.last = fut
                 return
 
         def to_dest():
@@ -282,7 +291,7 @@ class CaptureStore:
         for pend, _, _ in layout:
             pend.last = fut
 
-    def _scatter(self, layout: list, layers: list[int], snap: torch.Tensor, pos: torch.Tensor) -> None:
+    def _scatter(self, layout: list, layers: list[int], snap: torch.Tensor, pos: torch.Tensor, views: dict) -> None:
         """One device scatter per run of requests in one segment (see :func:`.capture_direct.scatter_rows`)."""
         from .capture_direct import dest_offsets, scatter_rows
 
@@ -295,7 +304,7 @@ class CaptureStore:
                 q1 += 1
             run = layout[q0:q1]
             off, maxr = dest_offsets(run, layers, same)
-            scatter_rows(segment.device_rows, snap, pos, run[0][1], run[-1][2], to_device(off, snap.device),
+            scatter_rows(views[id(segment)], snap, pos, run[0][1], run[-1][2], to_device(off, snap.device),
                          to_device(maxr, snap.device), 0)
             q0 = q1
 

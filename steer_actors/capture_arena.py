@@ -118,9 +118,13 @@ class Arena:
                 base = _first_fit(seg.free, n_rows)
                 if base is not None:
                     return self._publish(seg, base, n_rows)
-        seg = self._new_segment(max(n_rows, self.segment_rows if directory is None else self.shared_segment_rows),
+        # a mapped segment keeps row 0 for the scatter (see _map_new): room for it too
+        need = n_rows + (1 if self.mapper is not None else 0)
+        seg = self._new_segment(max(need, self.segment_rows if directory is None else self.shared_segment_rows),
                                 directory)
-        return self._publish(seg, _first_fit(seg.free, n_rows), n_rows)
+        base = _first_fit(seg.free, n_rows)
+        assert base is not None, (n_rows, seg.free)
+        return self._publish(seg, base, n_rows)
 
     def _publish(self, seg: Segment, base: int, n_rows: int) -> Region:
         end = base + n_rows
@@ -148,6 +152,8 @@ class Arena:
         fd = path = None
         if directory is None:
             mm = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+            if self.mapper is not None and hasattr(mmap, "MADV_DONTFORK"):
+                mm.madvise(mmap.MADV_DONTFORK)  # pinned private pages must not turn copy-on-write in a child
         else:
             path = os.path.join(directory, segment_name())
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)

@@ -175,7 +175,9 @@ def _programs() -> int:
 
 if triton is not None:
 
-    @triton.jit
+    # the step's sizes change every step: specializing on them (==1, divisible by 16) would compile up to 81
+    # variants, each on the runner's thread mid-serving
+    @triton.jit(do_not_specialize=["a", "n_run", "n_step", "n_items"])
     def _scatter_kernel(snap_ptr, pos_ptr, off_ptr, maxr_ptr, dest_ptr, a, n_run, n_step, n_items, H,
                         BLOCK_H: tl.constexpr):
         """Item ``i`` = (step layer ``i // n_run``, run token ``i % n_run``): its row of the snapshot

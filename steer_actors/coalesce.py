@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable
 
 
-@dataclass
+@dataclass(eq=False)
 class _Pending:
     keys: list[str]
     items: list[Any]
@@ -31,6 +31,7 @@ class Coalescer:
     _queue: list[_Pending] = field(default_factory=list)
     _running: bool = False
     _loop: Any = None
+    _task: Any = None
     calls: int = 0  # round trips made (tests, stats)
 
     async def __call__(self, keys: list[str], items: list[Any]) -> list[dict[str, Any] | None]:
@@ -38,11 +39,23 @@ class Coalescer:
         if self._loop is not loop:  # an engine used from successive event loops: nothing of a closed one waits
             self._loop, self._queue, self._running = loop, [], False
         done = loop.create_future()
-        self._queue.append(_Pending(list(keys), list(items), done))
-        if not self._running:
+        pending = _Pending(list(keys), list(items), done)
+        self._queue.append(pending)
+        self._start()
+        try:
+            return await done
+        except asyncio.CancelledError:
+            # Not yet sent: it never will be. (A queued register must not reach the worker after the
+            # caller's cleanup dropped it, or its region would be the worker's forever.) Once sent, the
+            # caller's later calls queue behind it anyway.
+            if pending in self._queue:
+                self._queue.remove(pending)
+            raise
+
+    def _start(self) -> None:
+        if not self._running and self._queue:
             self._running = True
-            asyncio.ensure_future(self._drain())
-        return await done
+            self._task = asyncio.ensure_future(self._drain())  # referenced: a pending task may be collected
 
     async def _drain(self) -> None:
         try:
@@ -64,3 +77,4 @@ class Coalescer:
                                            for r in ranks])
         finally:
             self._running = False
+            self._start()  # a drain cancelled mid-call leaves later callers queued: the next one takes them

@@ -213,3 +213,16 @@ print("ok")
     env = {**os.environ, "TRITON_INTERPRET": interpret, "PYTHONPATH": os.getcwd()}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert out.stdout.strip().endswith("ok"), out.stderr[-2000:]
+
+
+def test_a_mapped_arena_fits_a_region_as_large_as_a_segment(tmp_path):
+    """Row 0 of a mapped segment is the scatter's: a region of a whole segment's rows (or more) still gets a
+    segment of its own, in shared memory and in host memory, and no failed attempt leaves a segment behind."""
+    from steer_actors.capture_direct import HostMapper
+
+    a = Arena(H, segment_bytes=32 * ROW, mapper=HostMapper(torch.device("cpu")))
+    for rows, where in ((32, None), (40, None), (32, str(tmp_path))):
+        r = a.alloc(rows, where)
+        assert r.base == 1 and r.n_rows == rows and r.segment.n_rows == rows + 1 and (r.path is None) == (where is None)
+    assert len(a.segments) == 3
+    a.close()

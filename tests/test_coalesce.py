@@ -46,3 +46,26 @@ def test_a_failure_reaches_the_callers_of_its_round_trip_only_and_counts_pass_th
         return await asyncio.gather(*later)
 
     assert asyncio.run(main()) == [[3], [3], [3]]  # one round trip of three; a count reaches everyone
+
+
+def test_a_caller_cancelled_while_queued_is_never_sent():
+    """Its cleanup (a drop) may already be on its way: a register sent after it would outlive it."""
+    sent = []
+
+    async def send(items):
+        sent.append(list(items))
+        await asyncio.sleep(0.02)
+        return [{k: "ok" for k in items}]
+
+    async def main():
+        c = Coalescer(send)
+        first = asyncio.ensure_future(c(["a"], ["a"]))
+        await asyncio.sleep(0.001)  # in flight
+        queued = asyncio.ensure_future(c(["b"], ["b"]))
+        other = asyncio.ensure_future(c(["c"], ["c"]))
+        await asyncio.sleep(0.001)
+        queued.cancel()
+        return await first, await other
+
+    assert asyncio.run(main()) == ([{"a": "ok"}], [{"c": "ok"}])
+    assert sent == [["a"], ["c"]]
