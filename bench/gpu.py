@@ -328,24 +328,30 @@ def run_capture(model: str) -> dict:
         await eng.release_captures.remote([h.capture_id for h in handles])
         report()
 
+    quick = os.environ.get("BENCH_CAPTURE_QUICK") == "1"  # a second variant in the same session: 512 only
+
     async def main():
-        await fetch("fetch")  # a fresh object store: its pages fault as the copies first touch them
+        if not quick:
+            await fetch("fetch")  # a fresh object store: its pages fault as the copies first touch them
         await _throughput(await generate(False), reps=1)  # warm-up
         res["no_capture"] = await _throughput(await generate(False), reps=1)
         report()
-        # a quarter of the batch first, so a slow capture path still leaves a same-size ratio behind
-        res["no_capture_128"] = await _throughput(await generate(False), n=128, reps=1)
+        if not quick:  # a quarter of the batch first, so a slow capture path still leaves a same-size ratio
+            res["no_capture_128"] = await _throughput(await generate(False), n=128, reps=1)
         # warm-up at the largest size measured: the capture arena grows onto new shared-memory pages once,
         # then recycles them (a serving engine's steady state)
         await _throughput(await generate(True), reps=1)
-        res["capture_all_layers_128"] = await _throughput(await generate(True), n=128, reps=1)
+        if not quick:
+            res["capture_all_layers_128"] = await _throughput(await generate(True), n=128, reps=1)
         report()
         Path("/tmp/phase-capture").touch()  # gpu_step.sh profiles the engine from here on
         res["capture_all_layers"] = await _throughput(await generate(True), reps=1)
         report()
         res["no_capture_again"] = await _throughput(await generate(False), reps=1)
         res["arena"] = await eng.capture_arena_stats.remote()  # mapped_segments > 0: the GPU wrote the rows
-        await fetch("fetch_warm")  # the object store's pages recycled (a serving engine's steady state)
+        res["worker_calls"] = (await eng.capture_stats.remote()).get("worker_calls")  # round trips (coalesced)
+        if not quick:
+            await fetch("fetch_warm")  # the object store's pages recycled (a serving engine's steady state)
 
     asyncio.run(main())
     ray.kill(eng)

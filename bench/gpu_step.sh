@@ -91,7 +91,7 @@ case $step in
       report capture capture_host; exit 0
     fi
     # the same with the unbounded torch scatter (index_copy_, a program per element) for comparison
-    STEER_CAPTURE_SCATTER=torch job capture_torch 1 440 450 bench/gpu.py --model 0.6b --runs capture --out "$OUT/capture_torch.json"
+    STEER_CAPTURE_SCATTER=torch BENCH_CAPTURE_QUICK=1 job capture_torch 1 440 450 bench/gpu.py --model 0.6b --runs capture --out "$OUT/capture_torch.json"
     report capture capture_torch; exit 0 ;;
   E)
     ( while sleep 10; do date +%T; nvidia-smi --query-compute-apps=pid,gpu_uuid,used_memory --format=csv,noheader
