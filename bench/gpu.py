@@ -268,6 +268,7 @@ async def run_parity(eager: bool) -> dict:
                 got = h.captures[layer][0]["hidden"]
                 worst = max(worst, (got - ref[layer]).abs().max().item() / max(1.0, ref[layer].abs().max().item()))
         out["capture_err"][name] = worst
+    out["arena"] = await eng.capture_arena_stats()  # mapped_segments > 0: rows written by the GPU (capture_direct)
     out["hf"] = {name: [oracle.greedy(p, 16, spec if not spec.is_empty() else None).token_ids for p in prompts]
                  for name, spec in specs.items()}
     eng.engine.shutdown()
