@@ -40,7 +40,7 @@ class _Pend:  # what dest_offsets reads of a capture
 def setup(n_req: int, max_rows: int, dev: torch.device = torch.device("cuda", 0)):
     mapper = cd.HostMapper(dev)
     assert mapper.ok, "device cannot use host pointers for registered memory"
-    arena = Arena(H, mapper=mapper)
+    arena = Arena(H, shared_segment_bytes=16 << 30, mapper=mapper)  # as the worker's CaptureStore
     pends = [_Pend(arena.alloc(L * max_rows, "/dev/shm"), max_rows) for _ in range(n_req)]
     seg = pends[0].region.segment
     assert all(p.region.segment is seg for p in pends) and seg.device_rows is not None
