@@ -299,16 +299,27 @@ def run_capture(model: str) -> dict:
     sp = dict(max_tokens=GEN_LEN, temperature=0.0, ignore_eos=True, detokenize=False)
     res: dict = {}
 
+    marks: dict = {}  # the last run's times: its start, each response, each release
+
     async def one(p, capture):
         out = (await eng.generate.remote([p], sp, layers if capture else None))[0]
+        marks["responses"].append(time.perf_counter())
         if capture:
             await eng.release_captures.remote([out["captures"]["capture_id"]])
         return out["token_ids"]
 
     async def generate(capture):
         async def gen(prompts, _sp):
+            marks.update(start=time.perf_counter(), responses=[])
             return await asyncio.gather(*(one(p, capture) for p in prompts))
         return gen
+
+    def timeline() -> dict:
+        """Where the last run's wall went: the first and last response (the tail is the captures' take and
+        response path) after its start, seconds."""
+        r = sorted(marks["responses"])
+        return {"first_response_s": r[0] - marks["start"], "median_response_s": r[len(r) // 2] - marks["start"],
+                "last_response_s": r[-1] - marks["start"], "end_s": time.perf_counter() - marks["start"]}
 
     def report():  # partial results survive a timeout (the parent keeps the last line)
         print("RESULT=" + json.dumps(res), flush=True)
@@ -336,6 +347,7 @@ def run_capture(model: str) -> dict:
             await fetch("fetch")  # a fresh object store: its pages fault as the copies first touch them
         await _throughput(await generate(False), reps=1)  # warm-up
         res["no_capture"] = await _throughput(await generate(False), reps=1)
+        res["timeline_no_capture"] = timeline()
         report()
         if not quick:  # a quarter of the batch first, so a slow capture path still leaves a same-size ratio
             res["no_capture_128"] = await _throughput(await generate(False), n=128, reps=1)
@@ -346,7 +358,15 @@ def run_capture(model: str) -> dict:
             res["capture_all_layers_128"] = await _throughput(await generate(True), n=128, reps=1)
         report()
         Path("/tmp/phase-capture").touch()  # gpu_step.sh profiles the engine from here on
+        before = await eng.capture_arena_stats.remote()
         res["capture_all_layers"] = await _throughput(await generate(True), reps=1)
+        res["timeline_capture"] = timeline()
+        after = await eng.capture_arena_stats.remote()
+        # the worker's host time per capturing forward in this run alone (runner thread, copy thread)
+        steps = after.get("capture_steps", 0) - before.get("capture_steps", 0)
+        res["worker_host_us_per_step"] = {"steps": steps, **{
+            k: round((after[k] * after["capture_steps"] - before[k] * before["capture_steps"]) / max(1, steps), 1)
+            for k in ("runner_us_per_step", "copy_thread_us_per_step") if k in after}}
         report()
         res["no_capture_again"] = await _throughput(await generate(False), reps=1)
         res["arena"] = await eng.capture_arena_stats.remote()  # mapped_segments > 0: the GPU wrote the rows

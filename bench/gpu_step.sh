@@ -12,7 +12,7 @@
 # about 70 s alone; a fresh machine's first start is slower still: cold Triton and compile caches):
 #   N        update latency (GPU 0), then capture throughput + fetch (GPU 1), one compile cache
 #   C        capture throughput + fetch alone (GPU 1), py-spy profiles of the worker and the engine actor; then
-#            the same with STEER_CAPTURE_SCATTER=torch (the unbounded index_copy_ scatter) for comparison
+#            the same without the device's row writes (C_SECOND=skip), or with C_SECOND=torch|<scatter programs>
 #   E        the app on all four (whole log kept, GPU processes sampled every 10 s); E_MODEL=8b|0.6b. At 8B it
 #            needs more than one call's 10 minutes (E_APP_S, default 880 s): run it through bench/gpu_bg.sh
 #   R        the 0.6B steering ratios again (stock, ours, stock; one round), R_LIMIT=<s> to fit what is left
@@ -70,7 +70,7 @@ profile_capture() {  # 8 s of py-spy (raw stacks, per thread) once the capture c
   done
   eng=$(pgrep -f "ray::SteerEngine" | head -1)
   [ -n "$gpu" ] && py-spy record -p "$gpu" -d 8 -r 100 -t -n -f raw -o "$OUT/prof_worker.txt" >/dev/null 2>&1 &
-  [ -n "$eng" ] && py-spy record -p "$eng" -d 8 -r 100 -t -f raw -o "$OUT/prof_engine.txt" >/dev/null 2>&1 &
+  [ -n "$eng" ] && py-spy record -p "$eng" -d 8 -r 100 -t -n -f raw -o "$OUT/prof_engine.txt" >/dev/null 2>&1 &
   wait
 }
 case $step in
@@ -90,9 +90,16 @@ case $step in
       STEER_CAPTURE_DIRECT=0 job capture_host 1 440 450 bench/gpu.py --model 0.6b --runs capture --out "$OUT/capture_host.json"
       report capture capture_host; exit 0
     fi
-    # the same with the unbounded torch scatter (index_copy_, a program per element) for comparison
-    STEER_CAPTURE_SCATTER=torch BENCH_CAPTURE_QUICK=1 job capture_torch 1 440 450 bench/gpu.py --model 0.6b --runs capture --out "$OUT/capture_torch.json"
-    report capture capture_torch; exit 0 ;;
+    # the same without the device's writes (rows not written: benchmark only), to tell their cost from the
+    # host's; C_SECOND=torch|<programs> runs that scatter instead
+    case ${C_SECOND:-skip} in
+      skip|torch) second="STEER_CAPTURE_SCATTER=${C_SECOND:-skip}" ;;
+      *) second="STEER_CAPTURE_SCATTER_PROGRAMS=$C_SECOND" ;;
+    esac
+    echo "capture_2: $second"
+    ( export $second BENCH_CAPTURE_QUICK=1 VLLM_CACHE_SHARED=/tmp/vc-capture  # the first job's compile cache
+      job capture_2 1 440 450 bench/gpu.py --model 0.6b --runs capture --out "$OUT/capture_2.json" )
+    report capture capture_2; exit 0 ;;
   E)
     ( while sleep 10; do date +%T; nvidia-smi --query-compute-apps=pid,gpu_uuid,used_memory --format=csv,noheader
         nvidia-smi --query-gpu=index,uuid,memory.used --format=csv,noheader; done >"$OUT/gpu_apps.log" 2>&1 ) & sampler=$!

@@ -23,6 +23,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import time
+
 import numpy as np
 import torch
 
@@ -30,22 +32,7 @@ from . import wire
 from .capture_arena import DEFAULT_SEGMENT_BYTES, DEFAULT_SHARED_SEGMENT_BYTES, Arena, Region, Segment, stored_rows
 from .capture_arena import _pid_namespace, sweep_orphan_files  # noqa: F401 (their home was here)
 from .capture_write import write_step
-
-
-def h2d(dst: torch.Tensor, src: np.ndarray) -> None:
-    """Host array into a device buffer without stalling the host: a pinned copy, whose block the
-    caching host allocator keeps until the async copy has run."""
-    t = torch.from_numpy(src)
-    if dst.is_cuda:
-        dst.copy_(t.pin_memory(), non_blocking=True)
-    else:
-        dst.copy_(t)
-
-
-def to_device(src: np.ndarray, device: torch.device) -> torch.Tensor:
-    """A new device tensor from a host array, without waiting for the stream (see :func:`h2d`)."""
-    t = torch.from_numpy(src)
-    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t
+from .transfer import h2d, to_device  # noqa: F401 (h2d's home was here)
 
 
 @dataclass(eq=False)
@@ -86,6 +73,9 @@ class CaptureStore:
         self.arena: Arena | None = None  # where the rows land on this host (see capture_arena)
         # Per segment row, for the first ``max_rows`` rows of each region: position seen, its token.
         self._meta: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        # Host time capture costs per forward, by thread (ns): the runner's (begin_step + end_step, which
+        # delay the next launch) and the copy thread's (bookkeeping; GIL it takes from the runner).
+        self._cost = {"steps": 0, "runner_ns": 0, "copy_thread_ns": 0}
 
     @property
     def rows_per_step(self) -> int:
@@ -164,6 +154,16 @@ class CaptureStore:
                    input_ids: torch.Tensor | None, num_padded: int | None = None) -> None:
         """Route this forward's tokens: which rows of the flat batch go to which buffer row."""
         self._step = None
+        if not self.wanted:
+            return self._off()
+        t0 = time.perf_counter_ns()
+        try:
+            self._begin(req_ids, query_start_loc, positions, input_ids, num_padded)
+        finally:
+            self._cost["runner_ns"] += time.perf_counter_ns() - t0
+
+    def _begin(self, req_ids: list[str], query_start_loc: np.ndarray, positions: torch.Tensor | None,
+               input_ids: torch.Tensor | None, num_padded: int | None) -> None:
         if not self.wanted or positions is None or self.buf is None:
             return self._off()
         found = [(i, pend) for i, pend in enumerate(map(self._lookup, req_ids)) if pend is not None]
@@ -218,6 +218,14 @@ class CaptureStore:
         has nothing left to assemble."""
         if self._step is None:
             return
+        t0 = time.perf_counter_ns()
+        try:
+            self._end()
+        finally:
+            self._cost["steps"] += 1
+            self._cost["runner_ns"] += time.perf_counter_ns() - t0
+
+    def _end(self) -> None:
         layout, layers, rows, pos, input_ids = self._step
         self._step = None
         n = rows.shape[0]
@@ -281,7 +289,9 @@ class CaptureStore:
                     else:
                         host = [snap, pt]
                     host_rows, pos_tok = host[0].numpy(), host[1].numpy()
+                t0 = time.perf_counter_ns()
                 self.write_step(layout, layers, host_rows, pos_tok[0], pos_tok[1])
+                self._cost["copy_thread_ns"] += time.perf_counter_ns() - t0
             except BaseException as e:
                 for pend, _, _ in layout:
                     pend.error = pend.error or f"copying its rows to host failed: {type(e).__name__}: {e}"
@@ -371,7 +381,10 @@ class CaptureStore:
         return sum(self.arena.free(r) for r in region_ids) if self.arena is not None else 0
 
     def stats(self) -> dict[str, int]:
-        return {**(self.arena.stats() if self.arena is not None else {}), "captures_pending": len(self.wanted)}
+        c = self._cost
+        per_step = {k[:-3] + "_us_per_step": round(c[k] / 1e3 / max(1, c["steps"]), 1) for k in ("runner_ns", "copy_thread_ns")}
+        return {**(self.arena.stats() if self.arena is not None else {}), "captures_pending": len(self.wanted),
+                "capture_steps": c["steps"], **per_step}
 
     def _discard(self, pend: _Pending) -> None:
         if pend.last is not None:

@@ -137,6 +137,8 @@ def scatter_rows(dest: torch.Tensor, snap: torch.Tensor, pos: torch.Tensor, a: i
     them to the segment's ``trash`` row). Everything stays on the device: no sync, nothing the host waits
     for."""
     global _TRITON_FAILED
+    if os.environ.get("STEER_CAPTURE_SCATTER") == "skip":  # benchmarks only: what capture costs without the writes
+        return
     if _use_triton(snap) and not _TRITON_FAILED:
         n_items = off.numel()
         try:
@@ -159,7 +161,8 @@ _TRITON_FAILED = False
 
 
 def _use_triton(snap: torch.Tensor) -> bool:
-    """The bounded kernel below on a GPU (``STEER_CAPTURE_SCATTER=torch``: ``index_copy_``, for comparison);
+    """The bounded kernel below on a GPU (``STEER_CAPTURE_SCATTER=torch``: ``index_copy_``, for comparison;
+    ``skip``: no rows written at all, a benchmark's way to tell the writes' cost from the rest);
     on a CPU only under Triton's interpreter (tests)."""
     if triton is None or os.environ.get("STEER_CAPTURE_SCATTER", "triton") == "torch":
         return False

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .capture import h2d
+from .transfer import h2d
 
 
 class Router:
