@@ -50,7 +50,7 @@ def setup(n_req: int, max_rows: int, dev: torch.device = torch.device("cuda", 0)
 def step_args(dev, pends, tokens_per_req: int, pos0: int):
     run = [(p, i * tokens_per_req, (i + 1) * tokens_per_req) for i, p in enumerate(pends)]
     n = len(pends) * tokens_per_req
-    off, maxr = cd.dest_offsets(run, list(range(L)), True)
+    off, maxr, _ = cd.dest_offsets(run, list(range(L)), True)
     pos = torch.tensor(np.tile(np.arange(pos0, pos0 + tokens_per_req), len(pends)), dtype=torch.int64, device=dev)
     snap = torch.randn(L, n, H, device=dev)
     return snap, pos, torch.from_numpy(off).to(dev), torch.from_numpy(maxr).to(dev), n

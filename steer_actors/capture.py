@@ -23,6 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import contextlib
 import time
 
 import numpy as np
@@ -40,14 +41,27 @@ class _Pending:
     """One capturing request: its rows land in ``region`` by absolute position as steps complete, so
     nothing is left to assemble when it finishes (the newest copy of a recomputed position wins).
     Layer-major: layer slot ``i``, position ``p`` is region row ``i * max_rows + p``, so each layer's rows
-    are contiguous. Which positions arrived, and their tokens, sit in the store's per-segment arrays at
-    segment row ``region.base + p`` (vectorized over a step's requests)."""
+    are contiguous. How many times each position arrived, and its token, sit in the segment's ``counts`` and
+    ``tokens`` at segment row ``region.base + p``."""
     layers: list[int]  # sorted
     region: Region
     max_rows: int
-    recomputed: int = 0
-    last: Any = None  # the newest copy writing into ``region`` (one copy thread: earlier ones are done)
+    last: Any = None  # the newest write into ``region`` (one copy thread / one side stream: earlier ones are done)
     error: str | None = None
+
+
+class _Landed:
+    """A direct step's writes, as :meth:`take` waits for them (a future's ``result``); ``prior``: host-path
+    copies of the same requests still running (a segment that left the direct path)."""
+
+    def __init__(self, event: Any, prior: list) -> None:
+        self.event, self.prior = event, prior
+
+    def result(self) -> None:
+        for fut in self.prior:
+            fut.result()
+        if self.event is not None:
+            self.event.synchronize()
 
 
 class CaptureStore:
@@ -71,8 +85,8 @@ class CaptureStore:
         self._shared_segment_bytes = shared_segment_bytes or (DEFAULT_SHARED_SEGMENT_BYTES if segment_bytes ==
                                                               DEFAULT_SEGMENT_BYTES else segment_bytes)
         self.arena: Arena | None = None  # where the rows land on this host (see capture_arena)
-        # Per segment row, for the first ``max_rows`` rows of each region: position seen, its token.
-        self._meta: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self._ctl: torch.Tensor | None = None  # layer_on, any_on and dst in one buffer: one copy per step
+        self._layer_index: dict[tuple, torch.Tensor | None] = {}  # step layers -> their index on the device
         # Host time capture costs per forward, by thread (ns): the runner's (begin_step + end_step, which
         # delay the next launch) and the copy thread's (bookkeeping; GIL it takes from the runner).
         self._cost = {"steps": 0, "runner_ns": 0, "copy_thread_ns": 0}
@@ -84,9 +98,10 @@ class CaptureStore:
     def buffers(self, num_layers: int, rows: int, hidden: int, max_tokens: int):
         if self.buf is None:
             self.buf = torch.zeros(num_layers, rows, hidden, dtype=torch.float32)
-            self.dst = torch.full((max_tokens,), -1, dtype=torch.int32)
-            self.layer_on = torch.zeros(num_layers, dtype=torch.int32)
-            self.any_on = torch.zeros(1, dtype=torch.int32)
+            self._ctl = torch.zeros(num_layers + 1 + max_tokens, dtype=torch.int32)
+            self.layer_on, self.any_on = self._ctl[:num_layers], self._ctl[num_layers:num_layers + 1]
+            self.dst = self._ctl[num_layers + 1:]
+            self.dst.fill_(-1)
             self.arena = Arena(hidden, self._segment_bytes, self._shared_segment_bytes, self._mapper(self.buf.device))
         return self.buf, self.dst, self.layer_on, self.any_on
 
@@ -109,9 +124,9 @@ class CaptureStore:
         ids = sorted({int(x) for x in layers})
         max_rows = int(max_rows)
         region = self.arena.alloc(len(ids) * max_rows, to_dir, shared_cap_bytes)  # the arena's lock, never the forward's
-        seen, tokens = self._segment_meta(region.segment)
-        seen[region.base:region.base + max_rows] = False
-        tokens[region.base:region.base + max_rows] = -1
+        seg = region.segment  # the region's rows were last written before it was freed (take/discard wait)
+        seg.counts[region.base:region.base + max_rows] = 0
+        seg.tokens[region.base:region.base + max_rows] = -1
         pend = _Pending(ids, region, max_rows)
         from .channel import LOCK
 
@@ -121,12 +136,6 @@ class CaptureStore:
             self._resolved.clear()
         if old is not None:
             self._discard(old)
-
-    def _segment_meta(self, seg: Segment) -> tuple[np.ndarray, np.ndarray]:
-        meta = self._meta.get(seg.index)
-        if meta is None:  # zero pages until used (calloc)
-            meta = self._meta[seg.index] = (np.zeros(seg.n_rows, dtype=bool), np.zeros(seg.n_rows, dtype=np.int64))
-        return meta
 
     def _lookup(self, internal_id: str) -> _Pending | None:
         """The capture an engine-internal request id belongs to (memoized: this runs for every request
@@ -198,17 +207,16 @@ class CaptureStore:
         rows = picked
         pos = positions.reshape(-1, positions.shape[-1])[-1] if positions.dim() > 1 else positions
         total = int(num_padded if num_padded is not None else pos.shape[0])
-        dst = np.full(total, -1, dtype=np.int32)
-        dst[rows] = np.arange(n, dtype=np.int32)
-        h2d(self.dst[:total], dst)
+        n_layers = self.layer_on.shape[0]
+        ctl = np.full(n_layers + 1 + total, -1, dtype=np.int32)  # layer_on, any_on, dst[:total]
         layers = sorted(set().union(*(pend.layers for pend, _, _ in layout)))
-        on = np.zeros(self.layer_on.shape[0], dtype=np.int32)
-        on[layers] = 1
-        h2d(self.layer_on, on)
-        if not self._last_on:
-            self.any_on.fill_(1)
-            self._last_on = True
-        self._step = (layout, layers, to_device(rows, pos.device), pos, input_ids)
+        ctl[:n_layers + 1] = 0
+        ctl[layers] = 1
+        ctl[n_layers] = 1
+        ctl[n_layers + 1 + rows] = np.arange(n, dtype=np.int32)
+        h2d(self._ctl[:ctl.shape[0]], ctl)
+        self._last_on = True
+        self._step = (layout, layers, rows, pos, input_ids)
 
     def end_step(self) -> None:
         """After the forward is enqueued: snapshot the rows (device gather, stream-ordered before the next
@@ -228,69 +236,124 @@ class CaptureStore:
     def _end(self) -> None:
         layout, layers, rows, pos, input_ids = self._step
         self._step = None
-        n = rows.shape[0]
-        snap = self.buf[to_device(np.asarray(layers, dtype=np.int64), self.buf.device), :n]
-        p = pos[rows].to(torch.int64)
-        pt = torch.stack([p, input_ids[rows].to(torch.int64) if input_ids is not None else torch.full_like(p, -1)])
-        # each segment's device view, read once: the channel thread may take a segment off the direct path
+        # each segment's device views, read once: the channel thread may take a segment off the direct path
         # (a failed registration) meanwhile; the rows of this step's regions were registered before them
-        views = {id(pend.region.segment): pend.region.segment.device_rows for pend, _, _ in layout}
-        direct = all(v is not None for v in views.values())
+        maps = {}
+        for pend, _, _ in layout:
+            seg = pend.region.segment
+            if id(seg) not in maps:
+                maps[id(seg)] = (seg.device_rows, seg.device_counts, seg.device_tokens)
+        snap = self._snapshot(layers, rows.shape[0])
+        if all(m[0] is not None for m in maps.values()):
+            self._end_direct(layout, layers, rows, pos, input_ids, snap, maps)
+        else:
+            self._end_host(layout, layers, rows, pos, input_ids, snap)
+
+    def _snapshot(self, layers: list[int], n: int) -> torch.Tensor:
+        """The step's captured rows ([len(layers), n, H]), copied on the forward's stream before the next step
+        overwrites the buffer."""
+        key = tuple(layers)
+        if key not in self._layer_index:
+            if len(self._layer_index) > 64:
+                self._layer_index.clear()
+            self._layer_index[key] = (None if len(layers) == self.buf.shape[0] else
+                                      to_device(np.asarray(layers, dtype=np.int64), self.buf.device))
+        idx = self._layer_index[key]
+        return self.buf[:, :n].clone() if idx is None else self.buf[idx, :n]
+
+    def _stream(self) -> Any:
         if self._side is None:
             from concurrent.futures import ThreadPoolExecutor
 
-            self._side = (torch.cuda.Stream() if snap.is_cuda else None,
+            self._side = (torch.cuda.Stream() if self.buf.is_cuda else None,
                           ThreadPoolExecutor(1, thread_name_prefix="steer-capture-copy"))
-        stream, pool = self._side
-        ready = done = None
-        if snap.is_cuda:
+        return self._side
+
+    def _end_direct(self, layout: list, layers: list[int], rows: np.ndarray, pos: torch.Tensor, input_ids: Any,
+                    snap: torch.Tensor, maps: dict) -> None:
+        """The device writes the rows, and which positions arrived with their tokens, into the mapped segment
+        (see :mod:`.capture_direct`): the host keeps no books per step, so no thread of ours competes with
+        the runner's for the GIL. Per step: one host-to-device copy of the step's targets, a few launches."""
+        from .capture_direct import dest_offsets, mark_rows, scatter_rows
+
+        same = all(len(pend.layers) == len(layers) for pend, _, _ in layout)
+        runs, parts, q0 = [], [rows.astype(np.int64)], 0
+        while q0 < len(layout):  # runs of consecutive requests in one segment
+            segment = layout[q0][0].region.segment
+            q1 = q0 + 1
+            while q1 < len(layout) and layout[q1][0].region.segment is segment:
+                q1 += 1
+            off, maxr, base = dest_offsets(layout[q0:q1], layers, same)
+            runs.append((segment, layout[q0][1], layout[q1 - 1][2], off.shape))
+            parts += [off.reshape(-1), maxr, base]
+            q0 = q1
+        staged = to_device(np.concatenate(parts), snap.device)
+        n = rows.shape[0]
+        rows_d = staged[:n]
+        p = pos[rows_d].to(torch.int64)
+        tok = (input_ids[rows_d].to(torch.int32) if input_ids is not None else
+               torch.full((n,), -1, dtype=torch.int32, device=snap.device))
+        stream, _ = self._stream()
+        prior = [pend.last for pend, _, _ in layout if pend.last is not None and not isinstance(pend.last, _Landed)]
+        event = None
+        try:
+            if stream is not None:
+                ready = torch.cuda.Event()
+                ready.record()
+                for x in (snap, p, tok, staged):
+                    x.record_stream(stream)  # the allocator keeps them until the side stream is done
+            with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+                if stream is not None:
+                    stream.wait_event(ready)
+                at = n
+                for segment, a, b, (k, nr) in runs:
+                    dest, counts, tokens = maps[id(segment)]
+                    off = staged[at:at + k * nr].view(k, nr)
+                    maxr, base = staged[at + k * nr:at + k * nr + nr], staged[at + k * nr + nr:at + k * nr + 2 * nr]
+                    at += k * nr + 2 * nr
+                    scatter_rows(dest, snap, p, a, b, off, maxr, 0)
+                    mark_rows(counts, tokens, base, p, maxr, tok, a, b)
+        except Exception as e:  # this step's captures fail, clearly; the forward (everyone's) goes on
+            for pend, _, _ in layout:
+                pend.error = pend.error or f"writing its rows failed: {type(e).__name__}: {e}"
+        if stream is not None:  # also after a failure: nobody frees a region that launched writes still write
+            event = torch.cuda.Event()
+            event.record(stream)
+        landed = _Landed(event, prior)
+        for pend, _, _ in layout:
+            pend.last = landed
+
+    def _end_host(self, layout: list, layers: list[int], rows: np.ndarray, pos: torch.Tensor, input_ids: Any,
+                  snap: torch.Tensor) -> None:
+        """A thread of its own copies the rows to host (own CUDA stream, pinned memory) and into each request's
+        region, with the positions and tokens; the copy overlaps the next forward."""
+        rows_d = to_device(rows, snap.device)
+        p = pos[rows_d].to(torch.int64)
+        pt = torch.stack([p, input_ids[rows_d].to(torch.int64) if input_ids is not None else torch.full_like(p, -1)])
+        stream, pool = self._stream()
+        ready = None
+        if stream is not None:
             ready = torch.cuda.Event()
             ready.record()
-            for x in (snap, pt, p):
-                x.record_stream(stream)  # the allocator keeps them until the copy stream is done
-        if direct:  # the device writes the rows; the host only learns positions and tokens
-            try:
-                if stream is not None:
-                    with torch.cuda.stream(stream):
-                        stream.wait_event(ready)
-                        self._scatter(layout, layers, snap, p, views)
-                        pt = torch.empty(pt.shape, dtype=pt.dtype, pin_memory=True).copy_(pt, non_blocking=True)
-                        done = torch.cuda.Event()
-                        done.record(stream)
-                else:
-                    self._scatter(layout, layers, snap, p, views)
-            except Exception as e:  # this step's captures fail, clearly; the forward (everyone's) goes on
-                for pend, _, _ in layout:
-                    pend.error = pend.error or f"writing its rows failed: {type(e).__name__}: {e}"
-                if stream is not None:  # runs launched before the failure: nobody frees a region they write
-                    launched = torch.cuda.Event()
-                    launched.record(stream)
-                    fut = pool.submit(launched.synchronize)
-                    for pend, _, _ in layout:
-                        pend.last = fut
-                return
+            for x in (snap, pt):
+                x.record_stream(stream)
 
         def to_dest():
             # Few torch calls here: each one lets go of the GIL, and taking it back from the thread that
             # launches forwards can take a whole switch interval (H100: a third of this thread's time).
             try:
-                if direct:
-                    if done is not None:
-                        done.synchronize()
-                    host_rows, pos_tok = None, pt.numpy()
+                if stream is not None:
+                    # pinned (the caching host allocator reuses its blocks): an async copy at full speed
+                    with torch.cuda.stream(stream):
+                        stream.wait_event(ready)
+                        host = [torch.empty(x.shape, dtype=x.dtype, pin_memory=True).copy_(x, non_blocking=True)
+                                for x in (snap, pt)]
+                    stream.synchronize()
                 else:
-                    if stream is not None:
-                        # pinned (the caching host allocator reuses its blocks): an async copy at full speed
-                        with torch.cuda.stream(stream):
-                            stream.wait_event(ready)
-                            host = [torch.empty(x.shape, dtype=x.dtype, pin_memory=True).copy_(x, non_blocking=True)
-                                    for x in (snap, pt)]
-                        stream.synchronize()
-                    else:
-                        host = [snap, pt]
-                    host_rows, pos_tok = host[0].numpy(), host[1].numpy()
+                    host = [snap, pt]
                 t0 = time.perf_counter_ns()
-                self.write_step(layout, layers, host_rows, pos_tok[0], pos_tok[1])
+                pos_tok = host[1].numpy()
+                self.write_step(layout, layers, host[0].numpy(), pos_tok[0], pos_tok[1].astype(np.int32))
                 self._cost["copy_thread_ns"] += time.perf_counter_ns() - t0
             except BaseException as e:
                 for pend, _, _ in layout:
@@ -301,27 +364,10 @@ class CaptureStore:
         for pend, _, _ in layout:
             pend.last = fut
 
-    def _scatter(self, layout: list, layers: list[int], snap: torch.Tensor, pos: torch.Tensor, views: dict) -> None:
-        """One device scatter per run of requests in one segment (see :func:`.capture_direct.scatter_rows`)."""
-        from .capture_direct import dest_offsets, scatter_rows
-
-        same = all(len(pend.layers) == len(layers) for pend, _, _ in layout)
-        q0 = 0
-        while q0 < len(layout):
-            segment = layout[q0][0].region.segment
-            q1 = q0 + 1
-            while q1 < len(layout) and layout[q1][0].region.segment is segment:
-                q1 += 1
-            run = layout[q0:q1]
-            off, maxr = dest_offsets(run, layers, same)
-            scatter_rows(views[id(segment)], snap, pos, run[0][1], run[-1][2], to_device(off, snap.device),
-                         to_device(maxr, snap.device), 0)
-            q0 = q1
-
     def write_step(self, layout: list, layers: list[int], rows: np.ndarray | torch.Tensor | None, pos: np.ndarray,
                    tok: np.ndarray) -> None:
         """The host part of a step (see :func:`.capture_write.write_step`)."""
-        write_step(self._meta, layout, layers, rows, pos, tok)
+        write_step(layout, layers, rows, pos, tok)
 
     def take(self, request_id: str) -> dict[str, Any] | None:
         """Everything captured for ``request_id``, one row per absolute position, sorted by position;
@@ -344,10 +390,11 @@ class CaptureStore:
             self._discard(pend)
             raise ValueError(f"capture of request {request_id} is incomplete: {pend.error}")
         region, maxr = pend.region, pend.max_rows
-        seen, tokens = self._meta[region.segment.index]
-        positions = np.flatnonzero(seen[region.base:region.base + maxr])
-        out = {"positions": positions.tolist(), "token_ids": tokens[region.base + positions].tolist(),
-               "recomputed": pend.recomputed, "layer_ids": pend.layers}
+        seg = region.segment
+        counts = seg.counts[region.base:region.base + maxr]
+        positions = np.flatnonzero(counts)
+        out = {"positions": positions.tolist(), "token_ids": seg.tokens[region.base + positions].tolist(),
+               "recomputed": int(counts[positions].sum()) - positions.size, "layer_ids": pend.layers}
         if region.path is not None:
             # The engine may store the whole region (see stored_rows): rows this request never wrote hold an
             # earlier capture's activations, maybe another user's, and must not travel with it.

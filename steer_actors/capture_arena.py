@@ -56,6 +56,14 @@ class Segment:
     # mapped; the first ``mapped`` bytes are registered. Row 0 is the scatter's trash row, never handed out.
     device_rows: Any = field(default=None, repr=False)
     mapped: int = 0
+    # Per segment row (only the first ``max_rows`` rows of a region are used): how many times that position
+    # landed (more than once: recomputed after a preemption) and its input token. On a mapped segment the
+    # device writes them beside the rows (``device_counts``/``device_tokens``: views of the same pages).
+    counts: Any = field(default=None, repr=False)
+    tokens: Any = field(default=None, repr=False)
+    device_counts: Any = field(default=None, repr=False)
+    device_tokens: Any = field(default=None, repr=False)
+    _meta: Any = field(default=None, repr=False)  # [2, n_rows] int32 (counts, tokens) of a mapped segment
 
     @property
     def n_rows(self) -> int:
@@ -172,6 +180,14 @@ class Arena:
         array = np.frombuffer(mm, dtype=np.float32).reshape(n_rows, self.hidden)
         seg = Segment(len(self.segments), directory, path, torch.from_numpy(array), [[0, n_rows]], fd, _map=mm,
                       array=array)
+        if self.mapper is None:  # zero pages until used (calloc)
+            seg.counts, seg.tokens = np.zeros(n_rows, dtype=np.int32), np.zeros(n_rows, dtype=np.int32)
+        else:  # page-aligned, for the device to write (registered in _map_new)
+            meta = mmap.mmap(-1, 8 * n_rows, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+            if hasattr(mmap, "MADV_DONTFORK"):
+                meta.madvise(mmap.MADV_DONTFORK)
+            seg._meta = np.frombuffer(meta, dtype=np.int32).reshape(2, n_rows)
+            seg.counts, seg.tokens = seg._meta[0], seg._meta[1]
         if self.mapper is not None and n_rows > 1:
             self._map_new(seg)
         self.segments.append(seg)
@@ -195,6 +211,10 @@ class Arena:
         rows = self.mapper.view(seg.array)
         if not self.mapper.self_test(rows, seg.array, 0):
             return
+        if not self.mapper.register(seg._meta.ctypes.data, seg._meta.nbytes):
+            return
+        meta = self.mapper.view(seg._meta)
+        seg.device_counts, seg.device_tokens = meta[0], meta[1]
         seg.device_rows = rows
 
     def _map(self, seg: Segment, end_row: int) -> None:

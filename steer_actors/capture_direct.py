@@ -112,22 +112,22 @@ def page_end(nbytes: int) -> int:
     return -(-nbytes // _PAGE) * _PAGE
 
 
-def dest_offsets(run: list, layers: list[int], same: bool) -> tuple[np.ndarray, np.ndarray]:
+def dest_offsets(run: list, layers: list[int], same: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """For the requests of ``run`` ((pend, first token, end token) each, tokens consecutive): the segment row
     of position 0 of each (step layer, token), -1 where that request does not capture that layer
-    ([len(layers), tokens] int64), and each token's request's ``max_rows`` ([tokens])."""
+    ([len(layers), tokens] int64), and each token's request's ``max_rows`` and region base ([tokens])."""
     counts = np.fromiter((b - a for _, a, b in run), np.int64, len(run))
     base = np.repeat(np.fromiter((p.region.base for p, _, _ in run), np.int64, len(run)), counts)
     maxr = np.repeat(np.fromiter((p.max_rows for p, _, _ in run), np.int64, len(run)), counts)
     if same:  # every request captures every layer of the step: layer-major regions
-        return base[None, :] + np.arange(len(layers), dtype=np.int64)[:, None] * maxr[None, :], maxr
+        return base[None, :] + np.arange(len(layers), dtype=np.int64)[:, None] * maxr[None, :], maxr, base
     off = np.full((len(layers), int(counts.sum())), -1, dtype=np.int64)
     slot_of = {layer: j for j, layer in enumerate(layers)}
     t0 = run[0][1]
     for pend, a, b in run:
         for s, layer in enumerate(pend.layers):
             off[slot_of[layer], a - t0:b - t0] = pend.region.base + s * pend.max_rows
-    return off, maxr
+    return off, maxr, base
 
 
 def scatter_rows(dest: torch.Tensor, snap: torch.Tensor, pos: torch.Tensor, a: int, b: int, off: torch.Tensor,
@@ -153,18 +153,35 @@ def scatter_rows(dest: torch.Tensor, snap: torch.Tensor, pos: torch.Tensor, a: i
     p = pos[a:b]
     idx = off + p[None, :]
     keep = (off >= 0) & (p < maxr)[None, :]
-    idx = torch.where(keep, idx, torch.full_like(idx, trash))
+    idx = torch.where(keep, idx, trash)
     dest.index_copy_(0, idx.reshape(-1), snap[:, a:b].reshape(-1, snap.shape[-1]))
 
 
 _TRITON_FAILED = False
 
 
+def mark_rows(counts: torch.Tensor, tokens: torch.Tensor, base: torch.Tensor, pos: torch.Tensor, maxr: torch.Tensor,
+              tok: torch.Tensor, a: int, b: int) -> None:
+    """Beside the rows, on the device: each kept token's position (segment row ``base + pos``) landed once more,
+    with its input token (int32 both). Each (request, position) is in a step once, so the read-add-write needs
+    no atomics (mapped host memory has none to offer); the tokens a request does not keep go to row 0."""
+    p = pos[a:b]
+    m = torch.where(p < maxr, base + p, 0)
+    counts.index_copy_(0, m, counts.index_select(0, m) + 1)
+    tokens.index_copy_(0, m, tok[a:b])
+
+
 def _use_triton(snap: torch.Tensor) -> bool:
-    """The bounded kernel below on a GPU (``STEER_CAPTURE_SCATTER=torch``: ``index_copy_``, for comparison;
-    ``skip``: no rows written at all, a benchmark's way to tell the writes' cost from the rest);
-    on a CPU only under Triton's interpreter (tests)."""
-    if triton is None or os.environ.get("STEER_CAPTURE_SCATTER", "triton") == "torch":
+    """``STEER_CAPTURE_SCATTER=triton``: the bounded kernel below (on a CPU only under Triton's interpreter,
+    for tests); else torch's ``index_copy_`` (``skip``: no rows written at all, a benchmark's way to tell
+    the writes' cost from the rest).
+
+    ``index_copy_`` is the default from what the engine showed on an H100 (0.6B, 512 all-layer captures,
+    ``bench/results/gpu-h100-2026-11-27-session8.json``): with the 8-program kernel a capture run took 20 s
+    where one without the writes took 6.9 s (its side stream fell behind and the runner's launches
+    blocked), while ``index_copy_`` (session 7) cost about 5% more than no writes. The micro-benchmark that
+    had favoured the kernel (``bench/gpu_scatter.py``) timed it against a matmul, not a serving engine."""
+    if triton is None or os.environ.get("STEER_CAPTURE_SCATTER", "torch") != "triton":
         return False
     return snap.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
 

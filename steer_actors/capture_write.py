@@ -2,8 +2,8 @@
 the host write path, the rows themselves into each request's region (see :mod:`.capture`; on the direct
 path the device wrote the rows already).
 
-``meta`` is the store's per-segment (seen, token) arrays, one entry per segment row of a region's first
-``max_rows`` rows."""
+Which positions arrived and their tokens go to each segment's ``counts``/``tokens`` (one entry per segment
+row of a region's first ``max_rows`` rows; see :class:`~steer_actors.capture_arena.Segment`)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import torch
 from .capture_arena import Segment
 
 
-def write_step(meta: dict, layout: list, layers: list[int], rows: np.ndarray | torch.Tensor | None, pos: np.ndarray,
+def write_step(layout: list, layers: list[int], rows: np.ndarray | torch.Tensor | None, pos: np.ndarray,
                tok: np.ndarray) -> None:
     """The host part of a step: ``rows`` [len(layers), n, H] for the requests of ``layout`` (each a
     consecutive range of the n tokens, requests of one segment consecutive); None where the device
@@ -24,9 +24,8 @@ def write_step(meta: dict, layout: list, layers: list[int], rows: np.ndarray | t
     pends = [pend for pend, _, _ in layout]
     k, n, n_layers = len(pends), pos.shape[0], len(layers)
     counts = np.fromiter((b - a for _, a, b in layout), np.int64, k)
-    req = np.repeat(np.arange(k), counts)
-    base = np.fromiter((q.region.base for q in pends), np.int64, k)[req]
-    maxr = np.fromiter((q.max_rows for q in pends), np.int64, k)[req]
+    base = np.repeat(np.fromiter((q.region.base for q in pends), np.int64, k), counts)
+    maxr = np.repeat(np.fromiter((q.max_rows for q in pends), np.int64, k), counts)
     keep = pos < maxr  # past prompt + max_tokens (rejected drafts); the engine checks that every
     # position of the sequence arrived
     # every request's layers are a subset of the step's: the same count means the same layers
@@ -39,26 +38,21 @@ def write_step(meta: dict, layout: list, layers: list[int], rows: np.ndarray | t
         while q1 < k and pends[q1].region.segment is segment:
             q1 += 1
         a, b = int(starts[q0]), int(starts[q1])
-        _write_run(meta, segment, layout[q0:q1], q0, layers, rows, pos, tok, req, base, maxr, keep, a, b, same, n)
+        _write_run(segment, layout[q0:q1], layers, rows, pos, tok, base, maxr, keep, a, b, same, n)
         q0 = q1
 
-def _write_run(meta: dict, segment: Segment, run: list, q0: int, layers: list[int], rows: np.ndarray | None, pos: np.ndarray,
-               tok: np.ndarray, req: np.ndarray, base: np.ndarray, maxr: np.ndarray, keep: np.ndarray, a: int,
-               b: int, same: bool, n: int) -> None:
-    """Tokens ``a:b`` of the step (the requests of ``run``, the step's ``q0``-th on, all in ``segment``)."""
+def _write_run(segment: Segment, run: list, layers: list[int], rows: np.ndarray | None, pos: np.ndarray,
+               tok: np.ndarray, base: np.ndarray, maxr: np.ndarray, keep: np.ndarray, a: int, b: int, same: bool,
+               n: int) -> None:
+    """Tokens ``a:b`` of the step (the requests of ``run``, all in ``segment``)."""
     cols = keep[a:b]
     if not cols.any():
         return
     whole = bool(cols.all())
     m = base[a:b] + pos[a:b]  # segment row of each token's first layer
-    seen, tokens = meta[segment.index]
     mk = m if whole else m[cols]
-    again = seen[mk]
-    if again.any():  # recomputed after a preemption: this newer copy overwrites the older
-        for r, c in zip(*np.unique((req[a:b] if whole else req[a:b][cols])[again], return_counts=True)):
-            run[int(r) - q0][0].recomputed += int(c)
-    seen[mk] = True
-    tokens[mk] = tok[a:b] if whole else tok[a:b][cols]
+    segment.counts[mk] += 1  # a step holds a position of a request once: no repeated index
+    segment.tokens[mk] = tok[a:b] if whole else tok[a:b][cols]
     if rows is None:
         return
     dest = segment.array
