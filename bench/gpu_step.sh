@@ -69,8 +69,10 @@ profile_capture() {  # 8 s of py-spy (raw stacks, per thread) once the capture c
     tr '\0' ' ' </proc/$p/cmdline 2>/dev/null | grep -q "gpu.py" || { gpu=$p; break; }
   done
   eng=$(pgrep -f "ray::SteerEngine" | head -1)
-  [ -n "$gpu" ] && py-spy record -p "$gpu" -d 8 -r 100 -t -n -f raw -o "$OUT/prof_worker.txt" >/dev/null 2>&1 &
-  [ -n "$eng" ] && py-spy record -p "$eng" -d 8 -r 100 -t -n -f raw -o "$OUT/prof_engine.txt" >/dev/null 2>&1 &
+  # --nonblocking: session 8's sampler paused the worker at every sample (with native stacks, ~ms each) and
+  # slowed the very run it profiled (0.31 against 0.63 unprofiled): these read the stacks without stopping it
+  [ -n "$gpu" ] && py-spy record -p "$gpu" -d 8 -r 100 -t --nonblocking -f raw -o "$OUT/prof_worker.txt" >/dev/null 2>&1 &
+  [ -n "$eng" ] && py-spy record -p "$eng" -d 8 -r 100 -t --nonblocking -f raw -o "$OUT/prof_engine.txt" >/dev/null 2>&1 &
   wait
 }
 case $step in

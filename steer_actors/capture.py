@@ -23,15 +23,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-import contextlib
 import time
 
 import numpy as np
 import torch
 
 from . import wire
-from .capture_arena import DEFAULT_SEGMENT_BYTES, DEFAULT_SHARED_SEGMENT_BYTES, Arena, Region, Segment, stored_rows
+from .capture_arena import DEFAULT_SEGMENT_BYTES, DEFAULT_SHARED_SEGMENT_BYTES, Arena, Region, stored_rows
 from .capture_arena import _pid_namespace, sweep_orphan_files  # noqa: F401 (their home was here)
+from .capture_step import Plan, launch_direct
 from .capture_write import write_step
 from .transfer import h2d, to_device  # noqa: F401 (h2d's home was here)
 
@@ -48,20 +48,6 @@ class _Pending:
     max_rows: int
     last: Any = None  # the newest write into ``region`` (one copy thread / one side stream: earlier ones are done)
     error: str | None = None
-
-
-class _Landed:
-    """A direct step's writes, as :meth:`take` waits for them (a future's ``result``); ``prior``: host-path
-    copies of the same requests still running (a segment that left the direct path)."""
-
-    def __init__(self, event: Any, prior: list) -> None:
-        self.event, self.prior = event, prior
-
-    def result(self) -> None:
-        for fut in self.prior:
-            fut.result()
-        if self.event is not None:
-            self.event.synchronize()
 
 
 class CaptureStore:
@@ -87,6 +73,8 @@ class CaptureStore:
         self.arena: Arena | None = None  # where the rows land on this host (see capture_arena)
         self._ctl: torch.Tensor | None = None  # layer_on, any_on and dst in one buffer: one copy per step
         self._layer_index: dict[tuple, torch.Tensor | None] = {}  # step layers -> their index on the device
+        self._plan: Plan | None = None  # the last step's (reset whenever ``wanted`` changes)
+        self._host_steps = False  # a step took the host path (its copies may still run when a direct one follows)
         # Host time capture costs per forward, by thread (ns): the runner's (begin_step + end_step, which
         # delay the next launch) and the copy thread's (bookkeeping; GIL it takes from the runner).
         self._cost = {"steps": 0, "runner_ns": 0, "copy_thread_ns": 0}
@@ -134,6 +122,7 @@ class CaptureStore:
             old = self.wanted.pop(request_id, None)
             self.wanted[request_id] = pend
             self._resolved.clear()
+            self._plan = None
         if old is not None:
             self._discard(old)
 
@@ -175,11 +164,29 @@ class CaptureStore:
                input_ids: torch.Tensor | None, num_padded: int | None) -> None:
         if not self.wanted or positions is None or self.buf is None:
             return self._off()
+        pos = positions.reshape(-1, positions.shape[-1])[-1] if positions.dim() > 1 else positions
+        total = int(num_padded if num_padded is not None else pos.shape[0])
+        # Decode steps repeat the batch of the step before (same requests, one token each): its plan, and
+        # the buffers the forward reads, still hold; nothing to copy to the device.
+        key = (tuple(req_ids), query_start_loc[:len(req_ids) + 1].tobytes(), total)
+        plan = self._plan
+        if plan is None or plan.key != key:
+            plan = self._plan = self._make_plan(key, req_ids, query_start_loc, total)
+            if plan is None:
+                return self._off()
+        elif not self._last_on:
+            self.any_on.fill_(1)
+        self._last_on = True
+        self._step = (plan, pos, input_ids)
+
+    def _make_plan(self, key: tuple, req_ids: list[str], query_start_loc: np.ndarray, total: int) -> Plan | None:
+        """Which rows of the flat batch are captured, for whom, and where they go; the forward's buffers
+        (layers on, destination row of each token) set for it."""
         found = [(i, pend) for i, pend in enumerate(map(self._lookup, req_ids)) if pend is not None]
         if not found:
-            return self._off()
-        # Buffer rows grouped by destination segment (stable): the host then writes each segment's rows as
-        # one run with one scatter, however many segments a step touches.
+            return None
+        # Buffer rows grouped by destination segment (stable): each segment's rows are one run with one
+        # scatter, however many segments a step touches.
         found.sort(key=lambda f: f[1].region.segment.index)
         idx = np.fromiter((i for i, _ in found), dtype=np.int64, count=len(found))
         starts = query_start_loc[idx].astype(np.int64)
@@ -197,26 +204,25 @@ class CaptureStore:
                                          f"raise it or lower max_num_batched_tokens")
             found = [f for f, k in zip(found, keep.tolist()) if k]
             if not found:
-                return self._off()
+                return None
             starts, counts = starts[keep], counts[keep]
             ends = np.cumsum(counts)
+            key = None  # set errors: never repeated without looking again
         n = int(ends[-1])
         firsts = ends - counts
-        picked = np.repeat(starts - firsts, counts) + np.arange(n)  # batch row of each captured row
+        rows = np.repeat(starts - firsts, counts) + np.arange(n)  # batch row of each captured row
         layout = [(pend, a, b) for (_, pend), a, b in zip(found, firsts.tolist(), ends.tolist())]
-        rows = picked
-        pos = positions.reshape(-1, positions.shape[-1])[-1] if positions.dim() > 1 else positions
-        total = int(num_padded if num_padded is not None else pos.shape[0])
+        layers = sorted(set().union(*(pend.layers for pend, _, _ in layout)))
         n_layers = self.layer_on.shape[0]
         ctl = np.full(n_layers + 1 + total, -1, dtype=np.int32)  # layer_on, any_on, dst[:total]
-        layers = sorted(set().union(*(pend.layers for pend, _, _ in layout)))
         ctl[:n_layers + 1] = 0
         ctl[layers] = 1
         ctl[n_layers] = 1
         ctl[n_layers + 1 + rows] = np.arange(n, dtype=np.int32)
         h2d(self._ctl[:ctl.shape[0]], ctl)
-        self._last_on = True
-        self._step = (layout, layers, rows, pos, input_ids)
+        same = all(len(pend.layers) == len(layers) for pend, _, _ in layout)
+        segments = list({id(pend.region.segment): pend.region.segment for pend, _, _ in layout}.values())
+        return Plan(key, layout, layers, rows, same, segments)
 
     def end_step(self) -> None:
         """After the forward is enqueued: snapshot the rows (device gather, stream-ordered before the next
@@ -234,20 +240,16 @@ class CaptureStore:
             self._cost["runner_ns"] += time.perf_counter_ns() - t0
 
     def _end(self) -> None:
-        layout, layers, rows, pos, input_ids = self._step
+        plan, pos, input_ids = self._step
         self._step = None
         # each segment's device views, read once: the channel thread may take a segment off the direct path
         # (a failed registration) meanwhile; the rows of this step's regions were registered before them
-        maps = {}
-        for pend, _, _ in layout:
-            seg = pend.region.segment
-            if id(seg) not in maps:
-                maps[id(seg)] = (seg.device_rows, seg.device_counts, seg.device_tokens)
-        snap = self._snapshot(layers, rows.shape[0])
+        maps = {id(seg): (seg.device_rows, seg.device_counts, seg.device_tokens) for seg in plan.segments}
+        snap = self._snapshot(plan.layers, plan.rows.shape[0])
         if all(m[0] is not None for m in maps.values()):
-            self._end_direct(layout, layers, rows, pos, input_ids, snap, maps)
+            launch_direct(plan, pos, input_ids, snap, maps, self._stream()[0], self._host_steps)
         else:
-            self._end_host(layout, layers, rows, pos, input_ids, snap)
+            self._end_host(plan.layout, plan.layers, plan.rows, pos, input_ids, snap)
 
     def _snapshot(self, layers: list[int], n: int) -> torch.Tensor:
         """The step's captured rows ([len(layers), n, H]), copied on the forward's stream before the next step
@@ -269,64 +271,11 @@ class CaptureStore:
                           ThreadPoolExecutor(1, thread_name_prefix="steer-capture-copy"))
         return self._side
 
-    def _end_direct(self, layout: list, layers: list[int], rows: np.ndarray, pos: torch.Tensor, input_ids: Any,
-                    snap: torch.Tensor, maps: dict) -> None:
-        """The device writes the rows, and which positions arrived with their tokens, into the mapped segment
-        (see :mod:`.capture_direct`): the host keeps no books per step, so no thread of ours competes with
-        the runner's for the GIL. Per step: one host-to-device copy of the step's targets, a few launches."""
-        from .capture_direct import dest_offsets, mark_rows, scatter_rows
-
-        same = all(len(pend.layers) == len(layers) for pend, _, _ in layout)
-        runs, parts, q0 = [], [rows.astype(np.int64)], 0
-        while q0 < len(layout):  # runs of consecutive requests in one segment
-            segment = layout[q0][0].region.segment
-            q1 = q0 + 1
-            while q1 < len(layout) and layout[q1][0].region.segment is segment:
-                q1 += 1
-            off, maxr, base = dest_offsets(layout[q0:q1], layers, same)
-            runs.append((segment, layout[q0][1], layout[q1 - 1][2], off.shape))
-            parts += [off.reshape(-1), maxr, base]
-            q0 = q1
-        staged = to_device(np.concatenate(parts), snap.device)
-        n = rows.shape[0]
-        rows_d = staged[:n]
-        p = pos[rows_d].to(torch.int64)
-        tok = (input_ids[rows_d].to(torch.int32) if input_ids is not None else
-               torch.full((n,), -1, dtype=torch.int32, device=snap.device))
-        stream, _ = self._stream()
-        prior = [pend.last for pend, _, _ in layout if pend.last is not None and not isinstance(pend.last, _Landed)]
-        event = None
-        try:
-            if stream is not None:
-                ready = torch.cuda.Event()
-                ready.record()
-                for x in (snap, p, tok, staged):
-                    x.record_stream(stream)  # the allocator keeps them until the side stream is done
-            with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
-                if stream is not None:
-                    stream.wait_event(ready)
-                at = n
-                for segment, a, b, (k, nr) in runs:
-                    dest, counts, tokens = maps[id(segment)]
-                    off = staged[at:at + k * nr].view(k, nr)
-                    maxr, base = staged[at + k * nr:at + k * nr + nr], staged[at + k * nr + nr:at + k * nr + 2 * nr]
-                    at += k * nr + 2 * nr
-                    scatter_rows(dest, snap, p, a, b, off, maxr, 0)
-                    mark_rows(counts, tokens, base, p, maxr, tok, a, b)
-        except Exception as e:  # this step's captures fail, clearly; the forward (everyone's) goes on
-            for pend, _, _ in layout:
-                pend.error = pend.error or f"writing its rows failed: {type(e).__name__}: {e}"
-        if stream is not None:  # also after a failure: nobody frees a region that launched writes still write
-            event = torch.cuda.Event()
-            event.record(stream)
-        landed = _Landed(event, prior)
-        for pend, _, _ in layout:
-            pend.last = landed
-
     def _end_host(self, layout: list, layers: list[int], rows: np.ndarray, pos: torch.Tensor, input_ids: Any,
                   snap: torch.Tensor) -> None:
         """A thread of its own copies the rows to host (own CUDA stream, pinned memory) and into each request's
         region, with the positions and tokens; the copy overlaps the next forward."""
+        self._host_steps = True
         rows_d = to_device(rows, snap.device)
         p = pos[rows_d].to(torch.int64)
         pt = torch.stack([p, input_ids[rows_d].to(torch.int64) if input_ids is not None else torch.full_like(p, -1)])
@@ -378,6 +327,7 @@ class CaptureStore:
         with LOCK:  # the runner's thread reads ``wanted`` every step (and adds copies under the lock)
             pend = self.wanted.pop(request_id, None)
             self._resolved.clear()
+            self._plan = None
         if pend is None:
             return None
         try:
@@ -420,6 +370,7 @@ class CaptureStore:
         with LOCK:
             pend = self.wanted.pop(request_id, None)
             self._resolved.clear()
+            self._plan = None
         if pend is not None:
             self._discard(pend)
 

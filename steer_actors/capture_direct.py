@@ -176,11 +176,12 @@ def _use_triton(snap: torch.Tensor) -> bool:
     for tests); else torch's ``index_copy_`` (``skip``: no rows written at all, a benchmark's way to tell
     the writes' cost from the rest).
 
-    ``index_copy_`` is the default from what the engine showed on an H100 (0.6B, 512 all-layer captures,
-    ``bench/results/gpu-h100-2026-11-27-session8.json``): with the 8-program kernel a capture run took 20 s
-    where one without the writes took 6.9 s (its side stream fell behind and the runner's launches
-    blocked), while ``index_copy_`` (session 7) cost about 5% more than no writes. The micro-benchmark that
-    had favoured the kernel (``bench/gpu_scatter.py``) timed it against a matmul, not a serving engine."""
+    ``index_copy_`` is the default again: in the engine on an H100 (0.6B, all-layer captures, 128 prompts, no
+    profiler attached) the 8-program kernel gave 0.63 of uncaptured throughput (session 8) where
+    ``index_copy_`` had given 0.69 (session 7), and its Python launch path costs the runner's thread more
+    than the torch ops do. The micro-benchmark that had favoured the kernel (``bench/gpu_scatter.py``)
+    timed it against a matmul, not a serving engine. (Session 8's 512-prompt run with the kernel, 0.31,
+    ran under a py-spy that paused the worker at every sample: not a measure of the kernel.)"""
     if triton is None or os.environ.get("STEER_CAPTURE_SCATTER", "torch") != "triton":
         return False
     return snap.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"

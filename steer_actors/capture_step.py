@@ -1,0 +1,101 @@
+"""One step of a capture on the worker: its plan (which captured rows of the batch go to which request's
+region, kept while the batch repeats) and, on the direct path, the launches that write them (see
+:mod:`.capture` for the store, :mod:`.capture_direct` for the device writes)."""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from .capture_direct import dest_offsets, mark_rows, scatter_rows
+from .transfer import to_device
+
+
+@dataclass(eq=False)
+class Plan:
+    """A step's capture layout, kept while the batch repeats (see :meth:`.capture.CaptureStore.begin_step`)."""
+    key: tuple | None
+    layout: list  # (pending, first, end) per capturing request: its tokens first..end-1 of the captured rows
+    layers: list[int]  # every layer any of them captures
+    rows: np.ndarray  # batch row of each captured row
+    same: bool  # every request captures all of ``layers``
+    segments: list  # the segments their regions are in
+    staged: Any = None  # direct path: rows, and each run's (offsets, max_rows, base), on the device
+    runs: list | None = None  # direct path: (segment, first, end, offsets shape, where in ``staged``)
+
+
+class Landed:
+    """A direct step's writes, as :meth:`take` waits for them (a future's ``result``); ``prior``: host-path
+    copies of the same requests still running (a segment that left the direct path)."""
+
+    def __init__(self, event: Any, prior: list) -> None:
+        self.event, self.prior = event, prior
+
+    def result(self) -> None:
+        for fut in self.prior:
+            fut.result()
+        if self.event is not None:
+            self.event.synchronize()
+
+
+
+def launch_direct(plan: Plan, pos: torch.Tensor, input_ids: Any, snap: torch.Tensor, maps: dict, stream: Any,
+                  host_steps: bool) -> None:
+    """The device writes the rows, and which positions arrived with their tokens, into the mapped segment
+    (see :mod:`.capture_direct`): the host keeps no books per step, so no thread of ours competes with
+    the runner's for the GIL. A plan's targets go to the device once; a repeated batch reuses them."""
+    if plan.staged is None:
+        stage(plan, snap.device)
+    staged, layout, n = plan.staged, plan.layout, plan.rows.shape[0]
+    rows_d = staged[:n]
+    p = pos[rows_d].to(torch.int64)
+    tok = (input_ids[rows_d].to(torch.int32) if input_ids is not None else
+           torch.full((n,), -1, dtype=torch.int32, device=snap.device))
+    prior = ([pend.last for pend, _, _ in layout if pend.last is not None and not isinstance(pend.last, Landed)]
+             if host_steps else [])
+    event = None
+    try:
+        if stream is not None:
+            ready = torch.cuda.Event()
+            ready.record()
+            for x in (snap, p, tok, staged):
+                x.record_stream(stream)  # the allocator keeps them until the side stream is done
+        with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+            if stream is not None:
+                stream.wait_event(ready)
+            for segment, a, b, (k, nr), at in plan.runs:
+                dest, counts, tokens = maps[id(segment)]
+                off = staged[at:at + k * nr].view(k, nr)
+                maxr, base = staged[at + k * nr:at + k * nr + nr], staged[at + k * nr + nr:at + k * nr + 2 * nr]
+                scatter_rows(dest, snap, p, a, b, off, maxr, 0)
+                mark_rows(counts, tokens, base, p, maxr, tok, a, b)
+    except Exception as e:  # this step's captures fail, clearly; the forward (everyone's) goes on
+        for pend, _, _ in layout:
+            pend.error = pend.error or f"writing its rows failed: {type(e).__name__}: {e}"
+    if stream is not None:  # also after a failure: nobody frees a region that launched writes still write
+        event = torch.cuda.Event()
+        event.record(stream)
+    landed = Landed(event, prior)
+    for pend, _, _ in layout:
+        pend.last = landed
+
+
+def stage(plan: Plan, device: torch.device) -> None:
+    """One host-to-device copy of the plan's targets: captured batch rows, then per run of requests in one
+    segment its [layers, tokens] offsets, max_rows and region bases."""
+    layout, parts, runs, at, q0 = plan.layout, [plan.rows.astype(np.int64)], [], plan.rows.shape[0], 0
+    while q0 < len(layout):
+        segment = layout[q0][0].region.segment
+        q1 = q0 + 1
+        while q1 < len(layout) and layout[q1][0].region.segment is segment:
+            q1 += 1
+        off, maxr, base = dest_offsets(layout[q0:q1], plan.layers, plan.same)
+        runs.append((segment, layout[q0][1], layout[q1 - 1][2], off.shape, at))
+        parts += [off.reshape(-1), maxr, base]
+        at += off.size + 2 * maxr.size
+        q0 = q1
+    plan.staged, plan.runs = to_device(np.concatenate(parts), device), runs
