@@ -8,7 +8,7 @@ works with graphs on. After the forward, the step's rows are gathered on the dev
 before the next step overwrites the buffer). On a GPU whose arena pages are registered with it
 (:mod:`.capture_direct`), a scatter on a side stream then writes every captured row straight into its
 request's region of the capture arena (:mod:`.capture_arena`: recycled shared memory on the engine actor's
-host, else host memory), and the host only records which positions arrived. Otherwise a copy thread (own
+host, else host memory), with which positions landed and their tokens (:mod:`.capture_step`). Otherwise a copy thread (own
 CUDA stream, pinned host memory) brings the rows to host and scatters them there with numpy. Either way
 the copy overlaps the next step, the runner never waits for it, and a finished request has nothing left
 to assemble: only the segment's path and the region's place travel.

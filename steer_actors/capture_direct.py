@@ -5,7 +5,8 @@ worker's host a copy of every captured byte, on a thread that contends for the G
 launches forwards: on an H100 with 512 all-layer captures in flight it ran at a tenth of stock speed.
 Here the arena's pages are registered with CUDA (pinned, mapped into the device's address space), and a
 scatter on a side stream writes each captured row from the step's device snapshot to its place in the
-request's region over PCIe. The host then only records which positions arrived.
+request's region over PCIe, and beside the rows which positions landed and their tokens
+(:func:`mark_rows`): the host keeps no books per step.
 
 Mapped writes need the device to address host memory at the host's own addresses (unified addressing
 with ``canUseHostPointerForRegisteredMem``); a mapper that cannot check that, or whose self-test write
