@@ -74,7 +74,7 @@ class CaptureStore:
         self._ctl: torch.Tensor | None = None  # layer_on, any_on and dst in one buffer: one copy per step
         self._layer_index: dict[tuple, torch.Tensor | None] = {}  # step layers -> their index on the device
         self._plan: Plan | None = None  # the last step's (reset whenever ``wanted`` changes)
-        self._host_steps = False  # a step took the host path (its copies may still run when a direct one follows)
+        self._host_steps = 0  # steps that took the host path (their copies may still run when a direct one follows)
         # Host time capture costs per forward, by thread (ns): the runner's (begin_step + end_step, which
         # delay the next launch) and the copy thread's (bookkeeping; GIL it takes from the runner).
         self._cost = {"steps": 0, "runner_ns": 0, "copy_thread_ns": 0}
@@ -247,7 +247,9 @@ class CaptureStore:
         maps = {id(seg): (seg.device_rows, seg.device_counts, seg.device_tokens) for seg in plan.segments}
         snap = self._snapshot(plan.layers, plan.rows.shape[0])
         if all(m[0] is not None for m in maps.values()):
-            launch_direct(plan, pos, input_ids, snap, maps, self._stream()[0], self._host_steps)
+            stream, _, ready, done = self._stream()
+            launch_direct(plan, pos, input_ids, snap, maps, (stream, ready, done) if stream is not None else None,
+                          self._host_steps)
         else:
             self._end_host(plan.layout, plan.layers, plan.rows, pos, input_ids, snap)
 
@@ -263,23 +265,26 @@ class CaptureStore:
         idx = self._layer_index[key]
         return self.buf[:, :n].clone() if idx is None else self.buf[idx, :n]
 
-    def _stream(self) -> Any:
+    def _stream(self) -> tuple:
+        """(side stream, copy thread, ready event, done event); the events are recorded again every step."""
         if self._side is None:
             from concurrent.futures import ThreadPoolExecutor
 
-            self._side = (torch.cuda.Stream() if self.buf.is_cuda else None,
-                          ThreadPoolExecutor(1, thread_name_prefix="steer-capture-copy"))
+            cuda = self.buf.is_cuda
+            self._side = (torch.cuda.Stream() if cuda else None,
+                          ThreadPoolExecutor(1, thread_name_prefix="steer-capture-copy"),
+                          torch.cuda.Event() if cuda else None, torch.cuda.Event() if cuda else None)
         return self._side
 
     def _end_host(self, layout: list, layers: list[int], rows: np.ndarray, pos: torch.Tensor, input_ids: Any,
                   snap: torch.Tensor) -> None:
         """A thread of its own copies the rows to host (own CUDA stream, pinned memory) and into each request's
         region, with the positions and tokens; the copy overlaps the next forward."""
-        self._host_steps = True
+        self._host_steps += 1
         rows_d = to_device(rows, snap.device)
         p = pos[rows_d].to(torch.int64)
         pt = torch.stack([p, input_ids[rows_d].to(torch.int64) if input_ids is not None else torch.full_like(p, -1)])
-        stream, pool = self._stream()
+        stream, pool, _, _ = self._stream()
         ready = None
         if stream is not None:
             ready = torch.cuda.Event()

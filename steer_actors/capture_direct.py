@@ -6,7 +6,7 @@ launches forwards: on an H100 with 512 all-layer captures in flight it ran at a 
 Here the arena's pages are registered with CUDA (pinned, mapped into the device's address space), and a
 scatter on a side stream writes each captured row from the step's device snapshot to its place in the
 request's region over PCIe, and beside the rows which positions landed and their tokens
-(:func:`mark_rows`): the host keeps no books per step.
+(:func:`write_run`): the host keeps no books per step.
 
 Mapped writes need the device to address host memory at the host's own addresses (unified addressing
 with ``canUseHostPointerForRegisteredMem``); a mapper that cannot check that, or whose self-test write
@@ -113,16 +113,19 @@ def page_end(nbytes: int) -> int:
     return -(-nbytes // _PAGE) * _PAGE
 
 
+NOT_KEPT = -(1 << 40)  # an offset that stays negative whatever position is added to it
+
+
 def dest_offsets(run: list, layers: list[int], same: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """For the requests of ``run`` ((pend, first token, end token) each, tokens consecutive): the segment row
-    of position 0 of each (step layer, token), -1 where that request does not capture that layer
+    of position 0 of each (step layer, token), :data:`NOT_KEPT` where that request does not capture that layer
     ([len(layers), tokens] int64), and each token's request's ``max_rows`` and region base ([tokens])."""
     counts = np.fromiter((b - a for _, a, b in run), np.int64, len(run))
     base = np.repeat(np.fromiter((p.region.base for p, _, _ in run), np.int64, len(run)), counts)
     maxr = np.repeat(np.fromiter((p.max_rows for p, _, _ in run), np.int64, len(run)), counts)
     if same:  # every request captures every layer of the step: layer-major regions
         return base[None, :] + np.arange(len(layers), dtype=np.int64)[:, None] * maxr[None, :], maxr, base
-    off = np.full((len(layers), int(counts.sum())), -1, dtype=np.int64)
+    off = np.full((len(layers), int(counts.sum())), NOT_KEPT, dtype=np.int64)
     slot_of = {layer: j for j, layer in enumerate(layers)}
     t0 = run[0][1]
     for pend, a, b in run:
@@ -161,13 +164,27 @@ def scatter_rows(dest: torch.Tensor, snap: torch.Tensor, pos: torch.Tensor, a: i
 _TRITON_FAILED = False
 
 
-def mark_rows(counts: torch.Tensor, tokens: torch.Tensor, base: torch.Tensor, pos: torch.Tensor, maxr: torch.Tensor,
-              tok: torch.Tensor, a: int, b: int) -> None:
-    """Beside the rows, on the device: each kept token's position (segment row ``base + pos``) landed once more,
-    with its input token (int32 both). Each (request, position) is in a step once, so the read-add-write needs
-    no atomics (mapped host memory has none to offer); the tokens a request does not keep go to row 0."""
-    p = pos[a:b]
-    m = torch.where(p < maxr, base + p, 0)
+def write_run(dest: torch.Tensor, counts: torch.Tensor, tokens: torch.Tensor, snap: torch.Tensor, p: torch.Tensor,
+              tok: torch.Tensor, a: int, b: int, off: torch.Tensor, maxr: torch.Tensor, base: torch.Tensor,
+              same: bool) -> None:
+    """Tokens ``a:b`` of a step (a run of requests in one segment): their rows (``off``: [layers, b - a] from
+    :func:`dest_offsets`) and, beside them, each kept position's count and input token (int32 both; see
+    :class:`~steer_actors.capture_arena.Segment`). Rows a request does not keep (a layer it does not capture,
+    a position past its ``max_rows``) go to row 0, the segment's trash row. Each (request, position) is in a
+    step once, so the count's read-add-write needs no atomics (mapped host memory has none to offer). A
+    handful of launches: this runs on the thread that launches forwards, every step."""
+    pr = p[a:b]
+    keep = pr < maxr
+    mode = os.environ.get("STEER_CAPTURE_SCATTER", "torch")
+    if mode == "triton" and _use_triton(snap) and not _TRITON_FAILED:
+        scatter_rows(dest, snap, p, a, b, off, maxr, 0)
+    elif mode != "skip":  # skip: benchmarks only, what capture costs without the rows
+        idx = torch.where(keep, off + pr, 0)
+        if not same:
+            idx.clamp_(min=0)  # NOT_KEPT offsets
+        src = snap if a == 0 and b == snap.shape[1] else snap[:, a:b]
+        dest.index_copy_(0, idx.view(-1), src.reshape(-1, snap.shape[-1]))
+    m = torch.where(keep, base + pr, 0)
     counts.index_copy_(0, m, counts.index_select(0, m) + 1)
     tokens.index_copy_(0, m, tok[a:b])
 

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .capture_direct import dest_offsets, mark_rows, scatter_rows
+from .capture_direct import dest_offsets, write_run
 from .transfer import to_device
 
 
@@ -25,7 +25,9 @@ class Plan:
     same: bool  # every request captures all of ``layers``
     segments: list  # the segments their regions are in
     staged: Any = None  # direct path: rows, and each run's (offsets, max_rows, base), on the device
-    runs: list | None = None  # direct path: (segment, first, end, offsets shape, where in ``staged``)
+    runs: list | None = None  # direct path: (segment, first, end, offsets, max_rows, base) views of ``staged``
+    landed: Any = None  # direct path: what its requests' take() waits for (the same object every step)
+    host_steps: int = -1  # the store's count of host-path steps when ``landed`` was handed out
 
 
 class Landed:
@@ -43,59 +45,63 @@ class Landed:
 
 
 
-def launch_direct(plan: Plan, pos: torch.Tensor, input_ids: Any, snap: torch.Tensor, maps: dict, stream: Any,
-                  host_steps: bool) -> None:
+def launch_direct(plan: Plan, pos: torch.Tensor, input_ids: Any, snap: torch.Tensor, maps: dict, side: Any,
+                  host_steps: int) -> None:
     """The device writes the rows, and which positions arrived with their tokens, into the mapped segment
     (see :mod:`.capture_direct`): the host keeps no books per step, so no thread of ours competes with
-    the runner's for the GIL. A plan's targets go to the device once; a repeated batch reuses them."""
+    the runner's for the GIL. A plan's targets go to the device once; a repeated batch reuses them, and its
+    requests' :class:`Landed` (one ``done`` event, recorded again each step: a wait is for its latest record).
+    ``side``: (stream, ready event, done event), or None on a CPU."""
     if plan.staged is None:
-        stage(plan, snap.device)
-    staged, layout, n = plan.staged, plan.layout, plan.rows.shape[0]
-    rows_d = staged[:n]
+        stage(plan, snap.device, side[0] if side is not None else None)
+    n = plan.rows.shape[0]
+    rows_d = plan.staged[:n]
     p = pos[rows_d].to(torch.int64)
     tok = (input_ids[rows_d].to(torch.int32) if input_ids is not None else
            torch.full((n,), -1, dtype=torch.int32, device=snap.device))
-    prior = ([pend.last for pend, _, _ in layout if pend.last is not None and not isinstance(pend.last, Landed)]
-             if host_steps else [])
-    event = None
+    if plan.landed is None or plan.host_steps != host_steps:
+        # a host-path step of these requests (a segment that left the direct path) may still be copying
+        prior = [pend.last for pend, _, _ in plan.layout if pend.last is not None and not isinstance(pend.last, Landed)]
+        plan.landed, plan.host_steps = Landed(side[2] if side is not None else None, prior), host_steps
+        for pend, _, _ in plan.layout:
+            pend.last = plan.landed
     try:
-        if stream is not None:
-            ready = torch.cuda.Event()
+        if side is not None:
+            stream, ready, done = side
             ready.record()
-            for x in (snap, p, tok, staged):
+            for x in (snap, p, tok):
                 x.record_stream(stream)  # the allocator keeps them until the side stream is done
-        with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
-            if stream is not None:
-                stream.wait_event(ready)
-            for segment, a, b, (k, nr), at in plan.runs:
+        with torch.cuda.stream(side[0]) if side is not None else contextlib.nullcontext():
+            if side is not None:
+                side[0].wait_event(ready)
+            for segment, a, b, off, maxr, base in plan.runs:
                 dest, counts, tokens = maps[id(segment)]
-                off = staged[at:at + k * nr].view(k, nr)
-                maxr, base = staged[at + k * nr:at + k * nr + nr], staged[at + k * nr + nr:at + k * nr + 2 * nr]
-                scatter_rows(dest, snap, p, a, b, off, maxr, 0)
-                mark_rows(counts, tokens, base, p, maxr, tok, a, b)
+                write_run(dest, counts, tokens, snap, p, tok, a, b, off, maxr, base, plan.same)
     except Exception as e:  # this step's captures fail, clearly; the forward (everyone's) goes on
-        for pend, _, _ in layout:
+        for pend, _, _ in plan.layout:
             pend.error = pend.error or f"writing its rows failed: {type(e).__name__}: {e}"
-    if stream is not None:  # also after a failure: nobody frees a region that launched writes still write
-        event = torch.cuda.Event()
-        event.record(stream)
-    landed = Landed(event, prior)
-    for pend, _, _ in layout:
-        pend.last = landed
+    if side is not None:  # also after a failure: nobody frees a region that launched writes still write
+        side[2].record(side[0])
 
 
-def stage(plan: Plan, device: torch.device) -> None:
+def stage(plan: Plan, device: torch.device, stream: Any) -> None:
     """One host-to-device copy of the plan's targets: captured batch rows, then per run of requests in one
     segment its [layers, tokens] offsets, max_rows and region bases."""
-    layout, parts, runs, at, q0 = plan.layout, [plan.rows.astype(np.int64)], [], plan.rows.shape[0], 0
+    layout, parts, spans, at, q0 = plan.layout, [plan.rows.astype(np.int64)], [], plan.rows.shape[0], 0
     while q0 < len(layout):
         segment = layout[q0][0].region.segment
         q1 = q0 + 1
         while q1 < len(layout) and layout[q1][0].region.segment is segment:
             q1 += 1
         off, maxr, base = dest_offsets(layout[q0:q1], plan.layers, plan.same)
-        runs.append((segment, layout[q0][1], layout[q1 - 1][2], off.shape, at))
+        spans.append((segment, layout[q0][1], layout[q1 - 1][2], off.shape, at))
         parts += [off.reshape(-1), maxr, base]
         at += off.size + 2 * maxr.size
         q0 = q1
-    plan.staged, plan.runs = to_device(np.concatenate(parts), device), runs
+    staged = plan.staged = to_device(np.concatenate(parts), device)
+    if stream is not None:  # read by the side stream for as long as the plan lasts: its block waits for it when freed
+        staged.record_stream(stream)
+    plan.runs = []
+    for segment, a, b, (k, nr), at in spans:
+        plan.runs.append((segment, a, b, staged[at:at + k * nr].view(k, nr), staged[at + k * nr:at + k * nr + nr],
+                          staged[at + k * nr + nr:at + k * nr + 2 * nr]))

@@ -247,3 +247,46 @@ def test_the_scatter_kernel_compiles_for_an_h100():
             pytest.skip(f"no CUDA compiler in this Triton: {e}")
         raise
     assert "cubin" in compiled.asm and "st.global" in compiled.asm["ptx"]
+
+
+def test_write_run_lands_rows_counts_and_tokens_and_sends_the_rest_to_row_0():
+    """The direct path's per-run write (capture_direct.write_run, here on the CPU where the "device" views are
+    the host arrays): every kept (layer, position) row at its region's place, a count of 1 (2 once the same
+    position lands again: recomputed) and its token beside it; a layer a request does not capture and a
+    position past its max_rows touch nothing but row 0."""
+    from steer_actors import capture_direct as cd
+
+    class Reg:
+        def __init__(self, base):
+            self.base = base
+
+    class Pend:
+        def __init__(self, base, max_rows, layers):
+            self.region, self.max_rows, self.layers = Reg(base), max_rows, layers
+
+    torch.manual_seed(0)
+    L, Hd, n_rows = 3, 8, 200
+    step_layers = [0, 1, 2]
+    a_req, b_req = Pend(10, 5, [0, 1, 2]), Pend(40, 4, [1])  # b captures layer 1 only
+    run = [(a_req, 0, 2), (b_req, 2, 5)]  # a: 2 tokens, b: 3 tokens
+    off, maxr, base = cd.dest_offsets(run, step_layers, False)
+    assert (off[0, 2:] == cd.NOT_KEPT).all() and (off[2, 2:] == cd.NOT_KEPT).all()
+    p = torch.tensor([3, 4, 1, 2, 4])  # b's position 4 is past its max_rows (4): not kept
+    tok = torch.tensor([7, 8, 9, 10, 11], dtype=torch.int32)
+    snap = torch.randn(L, 5, Hd)
+    dest = torch.full((n_rows, Hd), -7.0)
+    counts, tokens = torch.zeros(n_rows, dtype=torch.int32), torch.full((n_rows,), -1, dtype=torch.int32)
+    args = (torch.from_numpy(off), torch.from_numpy(maxr), torch.from_numpy(base), False)
+    cd.write_run(dest, counts, tokens, snap, p, tok, 0, 5, *args)
+    for j in range(L):  # a: layer slot j at base + j * max_rows + position
+        for t in (0, 1):
+            assert torch.equal(dest[10 + j * 5 + int(p[t])], snap[j, t])
+    for t in (2, 3):  # b: its only layer (step layer 1) in slot 0
+        assert torch.equal(dest[40 + int(p[t])], snap[1, t])
+    written = {10 + j * 5 + q for j in range(L) for q in (3, 4)} | {41, 42}
+    untouched = [r for r in range(1, n_rows) if r not in written]
+    assert (dest[untouched] == -7.0).all()
+    assert counts[[13, 14, 41, 42]].tolist() == [1, 1, 1, 1] and tokens[[13, 14, 41, 42]].tolist() == [7, 8, 9, 10]
+    assert int(counts[1:].sum()) == 4 and counts[44] == 0  # position 4 of b: not kept, nothing beside it
+    cd.write_run(dest, counts, tokens, snap, p, tok, 0, 5, *args)  # the same positions again: recomputed
+    assert counts[[13, 14, 41, 42]].tolist() == [2, 2, 2, 2]
