@@ -26,6 +26,8 @@ import types
 
 FORWARD_CYCLES = int(os.environ.get("BENCH_FORWARD_CYCLES", 6_000_000))  # ~3.5 ms at an H100's clock
 L, H, N_REQ, PROMPT, GEN = (28, 1024, 128, 128, 256) if os.environ.get("SMOKE") != "1" else (4, 64, 8, 16, 6)
+if os.environ.get("BENCH_SHAPE"):  # layers,hidden,requests,prompt,gen: e.g. the CPU box at 28,64,128,32,64
+    L, H, N_REQ, PROMPT, GEN = (int(x) for x in os.environ["BENCH_SHAPE"].split(","))
 
 
 def child(pkg: str, capture: bool) -> dict:
