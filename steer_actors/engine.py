@@ -379,4 +379,6 @@ def engine_actor_class(num_cpus: float = 0, num_gpus: float = 0):
     """The Ray actor class for :class:`SteerEngine` (GPUs are claimed by vLLM's own workers)."""
     import ray
 
-    return ray.remote(num_cpus=num_cpus, num_gpus=num_gpus)(SteerEngine)
+    from .engine_capture import CONCURRENCY_GROUPS
+
+    return ray.remote(num_cpus=num_cpus, num_gpus=num_gpus, concurrency_groups=CONCURRENCY_GROUPS)(SteerEngine)

@@ -8,8 +8,16 @@ import asyncio
 import os
 from typing import Any
 
+import ray
+
 from .capture_arena import is_segment_path, stored_rows
 from .results import GenerationResult
+
+# The object store's copy of a finished capture (tens of MB, Ray's parallel memcpy when the task's return is
+# stored) runs on this group's own thread and event loop: on the default one it held up vLLM's output
+# handling and every other call of the engine (an H100 profile: a fifth of that loop's samples).
+STORE_GROUP = "capture_store"
+CONCURRENCY_GROUPS = {STORE_GROUP: 2}
 
 
 class EngineCaptureMixin:
@@ -148,6 +156,7 @@ class EngineCaptureMixin:
     def _segment_maps(self) -> dict[str, Any]:
         return self.__dict__.setdefault("_capture_segments", {})
 
+    @ray.method(concurrency_group=STORE_GROUP)
     async def materialize_capture(self, path: str, offset_rows: int, shape: list[int], rows: int) -> Any:
         """The first ``rows`` rows of each layer of one region (``shape``: [layers, max_rows, H], layer-major)
         of a capture segment, as one array: this task's return value is the capture's object-store entry.

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .config import VLLMSteeringConfig
-from .engine import SteerEngine
+from .engine import engine_actor_class
 
 log = logging.getLogger(__name__)
 NAMESPACE = "steer_actors"
@@ -71,8 +71,6 @@ def _placement(cfg: VLLMSteeringConfig, name: str) -> dict[str, Any]:
 
 def start_replica(cfg: VLLMSteeringConfig, app: str, i: int) -> Replica:
     """Create engine ``i`` of the app, or attach to the one an earlier coordinator created."""
-    import ray
-
     rcfg = cfg.for_replica(i)
     name = f"{app}-engine-{i}"
     # mp engines run their GPU workers in the actor's own process tree, so the actor claims the GPUs
@@ -82,7 +80,7 @@ def start_replica(cfg: VLLMSteeringConfig, app: str, i: int) -> Replica:
                                 max_restarts=-1, max_task_retries=0, num_cpus=0, num_gpus=gpus)
     opts.update(_placement(rcfg, name))
     opts.update(rcfg.actor_options)
-    handle = ray.remote(SteerEngine).options(**opts).remote(rcfg.model_dump())
+    handle = engine_actor_class().options(**opts).remote(rcfg.model_dump())
     return Replica(i, handle, name)
 
 
