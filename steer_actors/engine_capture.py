@@ -15,7 +15,7 @@ from .results import GenerationResult
 
 # The object store's copy of a finished capture (tens of MB, Ray's parallel memcpy when the task's return is
 # stored) runs on this group's own thread and event loop: on the default one it held up vLLM's output
-# handling and every other call of the engine (an H100 profile: a fifth of that loop's samples).
+# handling and every other call of the engine (an H100 profile, session 8: a third of that loop's busy samples).
 STORE_GROUP = "capture_store"
 CONCURRENCY_GROUPS = {STORE_GROUP: 2}
 
