@@ -233,9 +233,14 @@ class CaptureStore:
         if self._step is None:
             return
         t0 = time.perf_counter_ns()
+        plan = self._step[0]
         try:
             self._end()
+        except Exception as e:  # e.g. no device memory for the snapshot: these captures fail, the forward goes on
+            for pend, _, _ in plan.layout:
+                pend.error = pend.error or f"capturing a step failed: {type(e).__name__}: {e}"
         finally:
+            self._step = None
             self._cost["steps"] += 1
             self._cost["runner_ns"] += time.perf_counter_ns() - t0
 
@@ -338,9 +343,9 @@ class CaptureStore:
         try:
             if pend.last is not None:
                 pend.last.result()
-        except BaseException:
+        except Exception as e:  # the host path's copy thread failed (its message is in pend.error too)
             self._discard(pend)
-            raise
+            raise ValueError(f"capture of request {request_id} is incomplete: {pend.error or e}") from e
         if pend.error:
             self._discard(pend)
             raise ValueError(f"capture of request {request_id} is incomplete: {pend.error}")

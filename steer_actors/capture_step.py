@@ -44,7 +44,6 @@ class Landed:
             self.event.synchronize()
 
 
-
 def launch_direct(plan: Plan, pos: torch.Tensor, input_ids: Any, snap: torch.Tensor, maps: dict, side: Any,
                   host_steps: int) -> None:
     """The device writes the rows, and which positions arrived with their tokens, into the mapped segment
@@ -52,13 +51,6 @@ def launch_direct(plan: Plan, pos: torch.Tensor, input_ids: Any, snap: torch.Ten
     the runner's for the GIL. A plan's targets go to the device once; a repeated batch reuses them, and its
     requests' :class:`Landed` (one ``done`` event, recorded again each step: a wait is for its latest record).
     ``side``: (stream, ready event, done event), or None on a CPU."""
-    if plan.staged is None:
-        stage(plan, snap.device, side[0] if side is not None else None)
-    n = plan.rows.shape[0]
-    rows_d = plan.staged[:n]
-    p = pos[rows_d].to(torch.int64)
-    tok = (input_ids[rows_d].to(torch.int32) if input_ids is not None else
-           torch.full((n,), -1, dtype=torch.int32, device=snap.device))
     if plan.landed is None or plan.host_steps != host_steps:
         # a host-path step of these requests (a segment that left the direct path) may still be copying
         prior = [pend.last for pend, _, _ in plan.layout if pend.last is not None and not isinstance(pend.last, Landed)]
@@ -66,6 +58,13 @@ def launch_direct(plan: Plan, pos: torch.Tensor, input_ids: Any, snap: torch.Ten
         for pend, _, _ in plan.layout:
             pend.last = plan.landed
     try:
+        if plan.staged is None:
+            stage(plan, snap.device, side[0] if side is not None else None)
+        n = plan.rows.shape[0]
+        rows_d = plan.staged[:n]
+        p = pos[rows_d].to(torch.int64)
+        tok = (input_ids[rows_d].to(torch.int32) if input_ids is not None else
+               torch.full((n,), -1, dtype=torch.int32, device=snap.device))
         if side is not None:
             stream, ready, done = side
             ready.record()

@@ -228,3 +228,51 @@ def test_a_region_stored_whole_carries_nothing_of_an_earlier_capture(tmp_path):
     rows = file_rows(b, 8)
     assert rows[:7].tolist() == [[5.0] * H] * 7 and rows[7].tolist() == [0.0] * H
     store.arena.close()
+
+
+def test_a_step_whose_writes_fail_fails_its_captures_clearly_and_the_forward_goes_on(monkeypatch):
+    """A failure while capturing a step (here the device write, or the snapshot) must not reach the forward:
+    end_step returns, that step's requests report it at take, and the next request captures normally."""
+    store = make_store()
+    store.register("a", [0], 8)
+    H = 4
+
+    def boom(*a, **k):
+        raise RuntimeError("no room on the device")
+
+    with monkeypatch.context() as m:
+        m.setattr("steer_actors.capture_step.write_run" if DIRECT else "steer_actors.capture_write._write_run", boom)
+        step(store, ["a-1"], [2], [0, 1], torch.ones(2, H))  # returns: the forward is not the capture's
+    with pytest.raises(ValueError, match="no room on the device"):
+        store.take("a")
+    store.register("b", [0], 8)
+    step(store, ["b-1"], [2], [0, 1], torch.ones(2, H))
+    assert store.take("b")["positions"] == [0, 1]
+
+
+def test_a_repeated_batch_reuses_its_plan_and_a_new_request_gets_a_new_one():
+    """Decode steps repeat the batch: the plan (and, on the direct path, its targets on the device) is kept;
+    registering or taking a request makes the next step plan again, and the rows stay right throughout."""
+    store = make_store()
+    H = 4
+    store.register("a", [0], 8)
+    store.register("b", [0], 8)
+    row = lambda p, who: torch.full((H,), float(p) + (0.5 if who == "b" else 0.0))  # noqa: E731
+    step(store, ["a-1", "b-2"], [1, 1], [0, 0], torch.stack([row(0, "a"), row(0, "b")]))
+    plan = store._plan
+    step(store, ["a-1", "b-2"], [1, 1], [1, 1], torch.stack([row(1, "a"), row(1, "b")]))
+    assert store._plan is plan
+    store.register("c", [0], 8)  # wanted changed: the next step looks again
+    assert store._plan is None
+    step(store, ["a-1", "b-2", "c-3"], [1, 1, 1], [2, 2, 0], torch.stack([row(2, "a"), row(2, "b"), row(0, "c")]))
+    assert store._plan is not plan
+    b = store.take("b")
+    step(store, ["a-1", "c-3"], [1, 1], [3, 1], torch.stack([row(3, "a"), row(1, "c")]))
+    a, c = store.take("a"), store.take("c")
+    assert a["positions"] == [0, 1, 2, 3] and b["positions"] == [0, 1, 2] and c["positions"] == [0, 1]
+    assert a["recomputed"] == b["recomputed"] == c["recomputed"] == 0
+    if "layers" in a:
+        from steer_actors.wire import decode_tensor
+
+        assert decode_tensor(a["layers"]["0"])[:, 0].tolist() == [0, 1, 2, 3]
+        assert decode_tensor(b["layers"]["0"])[:, 0].tolist() == [0.5, 1.5, 2.5]
