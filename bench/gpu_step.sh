@@ -17,6 +17,7 @@
 #            needs more than one call's 10 minutes (E_APP_S, default 880 s): run it through bench/gpu_bg.sh
 #   R        the 0.6B steering ratios again (stock, ours, stock; one round), R_LIMIT=<s> to fit what is left
 #   P        8B stock then ours (GPU 0)
+#   M        bench/gpu_capture_step.py: the worker's CaptureStore alone, host time per step (GPU 1, ~2 min)
 # Earlier sessions' composite steps (A-L) are in git history (session 5 and before).
 set -uo pipefail
 step=$1
@@ -114,6 +115,9 @@ case $step in
     BENCH_ROUNDS=1 job b06 0 "${R_LIMIT:-470}" "$((${R_LIMIT:-470} + 10))" bench/gpu.py --model 0.6b --runs stock,ours,stock --out "$OUT/b06.json"
     keep_log b06
     report b06; exit 0 ;;
+  M)  # the worker's CaptureStore alone (no vLLM): correctness and host time per step; runs on a bare image too
+    CUDA_VISIBLE_DEVICES=1 timeout 400 python3 bench/gpu_capture_step.py --out "$OUT/capture_step.json" >"/tmp/M.log" 2>&1
+    echo "capture_step rc=$?"; tail -12 /tmp/M.log | cut -c1-400 >"$OUT/M.log"; exit 0 ;;
   P)
     # P_ROUNDS=3 alternates stock and ours three times (one round cannot resolve 1%: session 7's two stock
     # runs of one engine were 19% apart); P_LIMIT fits what the budget leaves

@@ -14,6 +14,7 @@ import time
 
 import torch
 
+from steer_actors.engine import rows_payload
 from steer_actors.ops import ops_to_flat
 from steer_actors.specs import AddSpec, LayerSteeringSpec, ProjectionCapSpec, SteeringSpec
 from results_io import emit
@@ -48,8 +49,7 @@ def main() -> None:
     def build():  # as SteerEngine._validated + _rows_payload
         s = SteeringSpec.from_wire(wire)
         s.validate_for(H, L, list(range(L)), K)
-        rows = {str(i): [ls.fingerprint(), ops_to_flat(ls.to_ops(), K, H).tobytes()] for i, ls in s.layers.items()}
-        return rows, s.fingerprint()
+        return rows_payload(s, list(range(L)), K, H)
 
     s = SteeringSpec.from_wire(wire)
     ops = [s.layers[i].to_ops() for i in range(L)]

@@ -173,16 +173,7 @@ class SteerEngine(EngineCaptureMixin):
         return spec
 
     def _rows_payload(self, spec: SteeringSpec) -> dict[str, Any]:
-        """The change as per-layer rows, built here once for every rank: workers then only copy bytes
-        (their Python shares the GIL with the thread that launches forwards)."""
-        from .ops import ops_to_flat
-
-        K, H = self._max_ops, self.hidden_size
-        rows = {}
-        for idx in self._layers:
-            ls = spec.layers.get(idx)
-            rows[str(idx)] = [ls.fingerprint(), ops_to_flat(ls.to_ops(), K, H).astype("<f4", copy=False).tobytes()] if ls else ["", None]
-        return {"rows": rows, "fingerprint": spec.fingerprint(), "slots": K, "hidden": H}
+        return rows_payload(spec, self._layers, self._max_ops, self.hidden_size)
 
     async def stage(self, version: int, spec_wire: dict[str, Any]) -> str:
         spec = await self._validated(spec_wire)
@@ -373,6 +364,20 @@ def _node_id() -> str | None:
     import ray
 
     return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+
+
+def rows_payload(spec: SteeringSpec, layers: Any, num_slots: int, hidden: int) -> dict[str, Any]:
+    """A change as per-layer rows, built by the engine once for every rank: workers then only copy bytes
+    (their Python shares the GIL with the thread that launches forwards). Bytes, not a view of the array:
+    the payload may also travel through vLLM's collective_rpc, which pickles."""
+    from .ops import ops_to_flat
+
+    rows = {}
+    for idx in layers:
+        ls = spec.layers.get(idx)
+        rows[str(idx)] = [ls.fingerprint(), ops_to_flat(ls.to_ops(), num_slots, hidden).astype("<f4", copy=False).tobytes()] \
+            if ls else ["", None]
+    return {"rows": rows, "fingerprint": spec.fingerprint(), "slots": num_slots, "hidden": hidden}
 
 
 def engine_actor_class(num_cpus: float = 0, num_gpus: float = 0):
