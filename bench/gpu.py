@@ -69,8 +69,9 @@ def _prompts(n=N_PROMPTS, length=PROMPT_LEN, seed=0):
 _SEEDS = iter(range(1000))
 
 
-async def _throughput(generate, n=N_PROMPTS, gen_len=GEN_LEN, reps=2) -> float:
-    """Best of ``reps``; every measurement gets prompts never seen before (no prefix-cache hits)."""
+async def _throughput(generate, n=N_PROMPTS, gen_len=GEN_LEN, reps=2, runs: list | None = None) -> float:
+    """Best of ``reps`` (each appended to ``runs``: the spread tells what a ratio can resolve); every
+    measurement gets prompts never seen before (no prefix-cache hits)."""
     best = 0.0
     for rep in range(reps):
         prompts = _prompts(n, seed=next(_SEEDS))
@@ -79,6 +80,8 @@ async def _throughput(generate, n=N_PROMPTS, gen_len=GEN_LEN, reps=2) -> float:
         dt = time.perf_counter() - t
         assert all(len(o) == gen_len for o in outs)
         best = max(best, n * gen_len / dt)
+        if runs is not None:
+            runs.append(round(n * gen_len / dt, 1))
     return best
 
 
@@ -117,9 +120,10 @@ async def run_stock(model: str, eager: bool, hooks: bool) -> dict:
 
     await _throughput(generate, reps=1)  # warm-up, as for the steered engine
     # best of as many runs as each steered mode gets (sessions 6-7 ran ours best of 1 against stock best of 3)
-    tps = await _throughput(generate, reps=int(os.environ.get("BENCH_ROUNDS", "3")))
+    runs: list = []
+    tps = await _throughput(generate, reps=int(os.environ.get("BENCH_ROUNDS", "3")), runs=runs)
     llm.shutdown()
-    return {"tok_s": tps, "start_s": start_s}
+    return {"tok_s": tps, "runs": runs, "start_s": start_s}
 
 
 def _specs(hidden: int, layers: int):
@@ -176,7 +180,8 @@ async def run_ours(model: str, eager: bool, measure: list[str]) -> dict:
         for name, spec, rs in modes:
             await eng.apply_spec(spec.to_wire())
             request_specs[:] = rs
-            res[name] = max(res.get(name, 0.0), await _throughput(generate, reps=1))
+            res[name] = max(res.get(name, 0.0), await _throughput(generate, reps=1,
+                                                                   runs=res.setdefault("runs", {}).setdefault(name, [])))
         print("RESULT=" + json.dumps(res), flush=True)  # partial results survive a timeout
     request_specs[:] = []
     if "update" in measure:
