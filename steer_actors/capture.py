@@ -31,7 +31,7 @@ import torch
 from . import wire
 from .capture_arena import DEFAULT_SEGMENT_BYTES, DEFAULT_SHARED_SEGMENT_BYTES, Arena, Region, stored_rows
 from .capture_arena import _pid_namespace, sweep_orphan_files  # noqa: F401 (their home was here)
-from .capture_step import Plan, launch_direct
+from .capture_step import Plan, launch_direct, launch_host
 from .capture_write import write_step
 from .transfer import h2d, to_device  # noqa: F401 (h2d's home was here)
 
@@ -256,7 +256,9 @@ class CaptureStore:
             launch_direct(plan, pos, input_ids, snap, maps, (stream, ready, done) if stream is not None else None,
                           self._host_steps)
         else:
-            self._end_host(plan.layout, plan.layers, plan.rows, pos, input_ids, snap)
+            self._host_steps += 1
+            stream, pool, _, _ = self._stream()
+            launch_host(plan.layout, plan.layers, plan.rows, pos, input_ids, snap, stream, pool, self._cost)
 
     def _snapshot(self, layers: list[int], n: int) -> torch.Tensor:
         """The step's captured rows ([len(layers), n, H]), copied on the forward's stream before the next step
@@ -280,48 +282,6 @@ class CaptureStore:
                           ThreadPoolExecutor(1, thread_name_prefix="steer-capture-copy"),
                           torch.cuda.Event() if cuda else None, torch.cuda.Event() if cuda else None)
         return self._side
-
-    def _end_host(self, layout: list, layers: list[int], rows: np.ndarray, pos: torch.Tensor, input_ids: Any,
-                  snap: torch.Tensor) -> None:
-        """A thread of its own copies the rows to host (own CUDA stream, pinned memory) and into each request's
-        region, with the positions and tokens; the copy overlaps the next forward."""
-        self._host_steps += 1
-        rows_d = to_device(rows, snap.device)
-        p = pos[rows_d].to(torch.int64)
-        pt = torch.stack([p, input_ids[rows_d].to(torch.int64) if input_ids is not None else torch.full_like(p, -1)])
-        stream, pool, _, _ = self._stream()
-        ready = None
-        if stream is not None:
-            ready = torch.cuda.Event()
-            ready.record()
-            for x in (snap, pt):
-                x.record_stream(stream)
-
-        def to_dest():
-            # Few torch calls here: each one lets go of the GIL, and taking it back from the thread that
-            # launches forwards can take a whole switch interval (H100: a third of this thread's time).
-            try:
-                if stream is not None:
-                    # pinned (the caching host allocator reuses its blocks): an async copy at full speed
-                    with torch.cuda.stream(stream):
-                        stream.wait_event(ready)
-                        host = [torch.empty(x.shape, dtype=x.dtype, pin_memory=True).copy_(x, non_blocking=True)
-                                for x in (snap, pt)]
-                    stream.synchronize()
-                else:
-                    host = [snap, pt]
-                t0 = time.perf_counter_ns()
-                pos_tok = host[1].numpy()
-                self.write_step(layout, layers, host[0].numpy(), pos_tok[0], pos_tok[1].astype(np.int32))
-                self._cost["copy_thread_ns"] += time.perf_counter_ns() - t0
-            except BaseException as e:
-                for pend, _, _ in layout:
-                    pend.error = pend.error or f"copying its rows to host failed: {type(e).__name__}: {e}"
-                raise
-
-        fut = pool.submit(to_dest)
-        for pend, _, _ in layout:
-            pend.last = fut
 
     def write_step(self, layout: list, layers: list[int], rows: np.ndarray | torch.Tensor | None, pos: np.ndarray,
                    tok: np.ndarray) -> None:

@@ -1,10 +1,11 @@
 """One step of a capture on the worker: its plan (which captured rows of the batch go to which request's
-region, kept while the batch repeats) and, on the direct path, the launches that write them (see
-:mod:`.capture` for the store, :mod:`.capture_direct` for the device writes)."""
+region, kept while the batch repeats) and the work that writes them: on the direct path a few launches on a
+side stream (:mod:`.capture_direct`), else a copy thread (the host path). :mod:`.capture` holds the store."""
 
 from __future__ import annotations
 
 import contextlib
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -12,6 +13,7 @@ import numpy as np
 import torch
 
 from .capture_direct import dest_offsets, write_run
+from .capture_write import write_step
 from .transfer import to_device
 
 
@@ -104,3 +106,45 @@ def stage(plan: Plan, device: torch.device, stream: Any) -> None:
     for segment, a, b, (k, nr), at in spans:
         plan.runs.append((segment, a, b, staged[at:at + k * nr].view(k, nr), staged[at + k * nr:at + k * nr + nr],
                           staged[at + k * nr + nr:at + k * nr + 2 * nr]))
+
+
+def launch_host(layout: list, layers: list[int], rows: np.ndarray, pos: torch.Tensor, input_ids: Any,
+                snap: torch.Tensor, stream: Any, pool: Any, cost: dict) -> None:
+    """The host path: a thread of its own (``pool``) copies the rows to host (``stream``, pinned memory) and
+    into each request's region, with the positions and tokens; the copy overlaps the next forward. ``cost``:
+    the store's time counters."""
+    rows_d = to_device(rows, snap.device)
+    p = pos[rows_d].to(torch.int64)
+    pt = torch.stack([p, input_ids[rows_d].to(torch.int64) if input_ids is not None else torch.full_like(p, -1)])
+    ready = None
+    if stream is not None:
+        ready = torch.cuda.Event()
+        ready.record()
+        for x in (snap, pt):
+            x.record_stream(stream)
+
+    def to_dest():
+        # Few torch calls here: each one lets go of the GIL, and taking it back from the thread that
+        # launches forwards can take a whole switch interval (H100: a third of this thread's time).
+        try:
+            if stream is not None:
+                # pinned (the caching host allocator reuses its blocks): an async copy at full speed
+                with torch.cuda.stream(stream):
+                    stream.wait_event(ready)
+                    host = [torch.empty(x.shape, dtype=x.dtype, pin_memory=True).copy_(x, non_blocking=True)
+                            for x in (snap, pt)]
+                stream.synchronize()
+            else:
+                host = [snap, pt]
+            t0 = time.perf_counter_ns()
+            pos_tok = host[1].numpy()
+            write_step(layout, layers, host[0].numpy(), pos_tok[0], pos_tok[1].astype(np.int32))
+            cost["copy_thread_ns"] += time.perf_counter_ns() - t0
+        except BaseException as e:
+            for pend, _, _ in layout:
+                pend.error = pend.error or f"copying its rows to host failed: {type(e).__name__}: {e}"
+            raise
+
+    fut = pool.submit(to_dest)
+    for pend, _, _ in layout:
+        pend.last = fut
