@@ -123,7 +123,16 @@ async def run_stock(model: str, eager: bool, hooks: bool) -> dict:
     runs: list = []
     tps = await _throughput(generate, reps=int(os.environ.get("BENCH_ROUNDS", "3")), runs=runs)
     llm.shutdown()
-    return {"tok_s": tps, "runs": runs, "start_s": start_s}
+    return {"tok_s": tps, "runs": runs, "start_s": start_s, "engine": _engine_facts(llm)}
+
+
+def _engine_facts(llm) -> dict:
+    """What bounds an engine's batch: the KV cache it got (our capture buffer is allocated at model
+    construction, so it comes out of the KV cache) and the scheduler's limits."""
+    vc = llm.vllm_config
+    return {"num_gpu_blocks": vc.cache_config.num_gpu_blocks, "block_size": vc.cache_config.block_size,
+            "max_num_seqs": vc.scheduler_config.max_num_seqs,
+            "max_num_batched_tokens": vc.scheduler_config.max_num_batched_tokens}
 
 
 def _specs(hidden: int, layers: int):
@@ -160,7 +169,7 @@ async def run_ours(model: str, eager: bool, measure: list[str]) -> dict:
     eng = SteerEngine(dict(model_name=model, dtype="bfloat16", enforce_eager=eager, max_model_len=1024,
                            gpu_memory_utilization=0.85, max_steering_slots=16,
                            engine_kwargs={"skip_tokenizer_init": True}))
-    res: dict = {"start_s": time.perf_counter() - t0}
+    res: dict = {"start_s": time.perf_counter() - t0, "engine": _engine_facts(eng.engine)}
     info = await eng.info()
     one, all_layers = _specs(info["hidden_size"], info["num_layers"])
     per_request = [s.to_wire() for s in _request_specs(info["hidden_size"], info["num_layers"])]
@@ -190,28 +199,45 @@ async def run_ours(model: str, eager: bool, measure: list[str]) -> dict:
         bg = asyncio.create_task(generate(_prompts(2 * N_PROMPTS, seed=9), dict(max_tokens=2 * GEN_LEN, ignore_eos=True,
                                                                                   detokenize=False, temperature=0.0)))
         await asyncio.sleep(1.5)
-        lat, parts = [], []
-        for i in range(100):
-            t = time.perf_counter()
-            await eng.apply_spec((one if i % 2 == 0 else all_layers).to_wire())
-            lat.append((time.perf_counter() - t) * 1000)
-            worker = (eng._channel["steer"].last_timing or [None])[0] if eng._channel else None
-            parts.append(None if worker is None else [*worker, *eng.last_apply_ms])
-            await asyncio.sleep(0.02)
-        running = not bg.done()  # the updates must all have landed while the batch was decoding
-        await bg
 
         def pct(xs):
             xs = sorted(xs)
             return {"p50": xs[len(xs) // 2], "p99": xs[max(0, int(len(xs) * 0.99) - 1)], "max": xs[-1]}
 
-        res["update_ms"] = {**pct(lat), "n": len(lat), "all_while_decoding": running}
-        if all(parts):  # worker side of each change: building rows, waiting for the forward lock, copying
-            res["update_worker_ms"] = {k: pct([p[j] for p in parts]) for j, k in enumerate(["build", "lock_wait",
-                                                                                             "copy"])}
-            # the engine's share: validating + building rows, and the whole exchange with the worker (which
-            # holds the worker's share and the wake-ups of the engine's event loop)
-            res["update_engine_ms"] = {k: pct([p[3 + j] for p in parts]) for j, k in enumerate(["build", "exchange"])}
+        async def series(switch_interval_s: float) -> dict:
+            """100 changes, alternating one-layer and all-layer, with the engine process's GIL switch interval
+            set to ``switch_interval_s``."""
+            sys.setswitchinterval(switch_interval_s)
+            lat, parts, exch = [], [], []
+            for i in range(100):
+                t = time.perf_counter()
+                await eng.apply_spec((one if i % 2 == 0 else all_layers).to_wire())
+                lat.append((time.perf_counter() - t) * 1000)
+                worker = (eng._channel["steer"].last_timing or [None])[0] if eng._channel else None
+                parts.append(None if worker is None else [*worker, *eng.last_apply_ms])
+                exch.append(dict(eng._channel["steer"].last_exchange_ms) if eng._channel else {})
+                await asyncio.sleep(0.02)
+            out = {"ms": {**pct(lat), "n": len(lat)}, "all_layer_ms": pct(lat[1::2]), "switch_interval_s": switch_interval_s}
+            if all(parts):  # worker side of each change: unpacking + building rows, waiting for the lock, copying
+                out["worker_ms"] = {k: pct([p[j] for p in parts]) for j, k in enumerate(["build", "lock_wait", "copy"])}
+                # the engine's share: validating + building rows, and the whole exchange with the worker (which
+                # holds the worker's share and the wake-ups of the engine's event loop)
+                out["engine_ms"] = {k: pct([p[3 + j] for p in parts]) for j, k in enumerate(["build", "exchange"])}
+            if all(exch):  # the exchange on the engine's side: packing, the wait for its thread (and the GIL),
+                # sending, the workers' replies, then the wake-up of the event loop
+                out["exchange_ms"] = {k: pct([e[k] for e in exch]) for k in exch[0]}
+            return out
+
+        configured = sys.getswitchinterval()  # what the engine set (VLLMSteeringConfig.gil_switch_interval_ms)
+        python_default = series(0.005)
+        res["update_python_switch_interval"] = await python_default
+        upd = await series(configured)
+        running = not bg.done()  # the updates must all have landed while the batch was decoding
+        await bg
+        res["update_ms"] = {**upd["ms"], "all_while_decoding": running}
+        for k in ("worker_ms", "engine_ms", "exchange_ms", "all_layer_ms", "switch_interval_s"):
+            if k in upd:
+                res["update_" + k] = upd[k]
     eng.engine.shutdown()
     return res
 

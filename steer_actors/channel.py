@@ -163,12 +163,14 @@ class WorkerChannel:
             torch.cuda.set_device(device)
         while True:
             try:
-                msg = wire.unpackb(self.sock.recv())
+                raw = self.sock.recv()
+                t_in = time.perf_counter()
+                msg = wire.unpackb(raw)
                 method, args = msg.get("m"), msg.get("a", [])
                 if method not in self.methods:
                     raise ValueError(f"unknown steering method {method!r} on the {self.lane!r} lane")
                 if method == "steer_apply":  # stage, then commit into the unread copy: no forward to wait for
-                    t0 = time.perf_counter()
+                    t0 = t_in  # "building" includes unpacking the message
                     self.worker.steer_stage(*args)
                     t1 = time.perf_counter()
                     reply = {"ok": self.worker.steer_commit(args[0])}
@@ -223,6 +225,7 @@ class ChannelClient:
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="steer-channel-client")
         self._socks: list[Any] = []  # made and used by the pool thread only
         self.last_timing: list[Any] = []  # per rank, from the last locked call: [build, wait, commit] ms
+        self.last_exchange_ms: dict[str, float] = {}  # this side's share of the last call, see call()
 
     def _connect(self, address: str):
         import zmq
@@ -232,10 +235,10 @@ class ChannelClient:
         sock.connect(address)
         return sock
 
-    def _exchange(self, payload: bytes) -> list[dict[str, Any]]:
-        import time
-
+    def _exchange(self, payload: bytes, marks: list[float]) -> list[dict[str, Any]]:
         import zmq
+
+        marks.append(time.perf_counter())  # this thread has started (and won the GIL)
 
         if not self._socks:
             self._socks = [self._connect(a) for a in self.addresses]
@@ -244,6 +247,7 @@ class ChannelClient:
         try:
             for sock in self._socks:
                 sock.send(payload)
+            marks.append(time.perf_counter())
             poller = zmq.Poller()
             for sock in self._socks:
                 poller.register(sock, zmq.POLLIN)
@@ -263,11 +267,18 @@ class ChannelClient:
                     self._socks[i].close()
                     self._socks[i] = self._connect(self.addresses[i])
             raise
+        marks.append(time.perf_counter())
         return replies
 
     async def call(self, method: str, *args: Any) -> list[Any]:
+        marks = [time.perf_counter()]
         payload = wire.packb({"m": method, "a": list(args)})
-        replies = await asyncio.wrap_future(self._pool.submit(self._exchange, payload))
+        marks.append(time.perf_counter())
+        replies = await asyncio.wrap_future(self._pool.submit(self._exchange, payload, marks))
+        marks.append(time.perf_counter())
+        if len(marks) == 6:  # where the exchange's time went (benchmarks read it)
+            self.last_exchange_ms = dict(zip(("pack", "to_thread", "send", "replies", "to_loop"),
+                                             (round((b - a) * 1e3, 3) for a, b in zip(marks, marks[1:]))))
         for reply in replies:
             if "err" in reply:
                 raise (ValueError if reply["err"] in ("ValueError", "TypeError") else RuntimeError)(reply["msg"])

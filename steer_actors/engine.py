@@ -16,6 +16,8 @@ import time
 import uuid
 from typing import Any
 
+import numpy as np
+
 from . import vllm_compat
 from .capture_registry import CaptureRegistry
 from .engine_capture import EngineCaptureMixin
@@ -46,6 +48,10 @@ class SteerEngine(EngineCaptureMixin):
         self.config = cfg = VLLMSteeringConfig.model_validate(config)
         device = cfg.resolved_device()
         os.environ.update(cfg.env)
+        if cfg.gil_switch_interval_ms is not None:
+            import sys
+
+            sys.setswitchinterval(cfg.gil_switch_interval_ms / 1e3)
         if device == "cuda":  # never fork a process that may already hold a CUDA context
             os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
         if device == "cpu":
@@ -367,17 +373,25 @@ def _node_id() -> str | None:
 
 
 def rows_payload(spec: SteeringSpec, layers: Any, num_slots: int, hidden: int) -> dict[str, Any]:
-    """A change as per-layer rows, built by the engine once for every rank: workers then only copy bytes
-    (their Python shares the GIL with the thread that launches forwards). Bytes, not a view of the array:
-    the payload may also travel through vLLM's collective_rpc, which pickles."""
-    from .ops import ops_to_flat
+    """A change as the workers load it, built by the engine once for every rank: per steered layer its
+    fingerprint and its ops' numbers, and one float32 row per op in a single buffer (add: ``scale·v``; cap
+    and ablation: the unit direction), so a worker only lays bytes out (its Python shares the GIL with the
+    thread that launches forwards). Bytes, not an array: the payload may also travel through vLLM's
+    collective_rpc, which pickles. An all-layer add + cap change at 8B is 1.2 MB this way; the workers' K-slot
+    layout would be 4.7 MB."""
+    from .ops import ops_to_compact
 
-    rows = {}
-    for idx in layers:
-        ls = spec.layers.get(idx)
-        rows[str(idx)] = [ls.fingerprint(), ops_to_flat(ls.to_ops(), num_slots, hidden).astype("<f4", copy=False).tobytes()] \
-            if ls else ["", None]
-    return {"rows": rows, "fingerprint": spec.fingerprint(), "slots": num_slots, "hidden": hidden}
+    steered = [(idx, spec.layers[idx]) for idx in layers if idx in spec.layers]
+    vectors = np.empty((sum(len(ls.operations) for _, ls in steered), hidden), dtype="<f4")
+    out, at = {}, 0
+    for idx, ls in steered:
+        n = len(ls.operations)
+        if n > num_slots:
+            raise ValueError(f"layer {idx} has {n} operations; the engine allows {num_slots} (max_ops_per_layer)")
+        out[str(idx)] = [ls.fingerprint(), ops_to_compact(ls.to_ops(), vectors[at:at + n])]
+        at += n
+    return {"layers": out, "vectors": vectors.tobytes(), "steerable": list(layers), "fingerprint": spec.fingerprint(),
+            "slots": num_slots, "hidden": hidden}
 
 
 def engine_actor_class(num_cpus: float = 0, num_gpus: float = 0):

@@ -75,27 +75,79 @@ def neutral_rows(num_slots: int, hidden: int) -> SlotRows:
     return rows_from_flat(ops_to_flat([], num_slots, hidden), num_slots, hidden)
 
 
+@dataclass(frozen=True)
+class CompactRows:
+    """One layer's ops as they travel: one row of H floats per op (add: ``scale·v``; cap and ablation: the
+    unit direction) and each op's numbers (``["add"]``, ``["cap", lo, hi]``, ``["ablation", gamma]``).
+    :func:`ops_to_flat`'s K slots hold two rows per slot, most of them zero: 4 slots x 2 rows against the 2
+    rows an add + cap layer needs."""
+
+    params: list[list]
+    vectors: np.ndarray  # [n ops, H] float32
+
+    def __post_init__(self) -> None:  # a worker refuses a malformed change when it stages it, not at commit
+        if self.vectors.ndim != 2 or len(self.vectors) != len(self.params):
+            raise ValueError(f"{len(self.vectors)} rows for {len(self.params)} ops")
+        for p in self.params:
+            kind = p[0] if isinstance(p, (list, tuple)) and p else None
+            n = {"add": 1, "cap": 3, "ablation": 2}.get(kind)
+            if n != len(p) or not all(x is None or isinstance(x, (int, float)) for x in p[1:]):
+                raise ValueError(f"malformed op parameters {p!r}")
+
+
+def ops_to_compact(ops: list[Op], out: np.ndarray) -> list[list]:
+    """Write each op's row into ``out`` (``[len(ops), H]`` float32) and return their numbers."""
+    params: list[list] = []
+    for k, op in enumerate(ops):
+        v = op.vector.numpy()
+        if op.kind == "add":
+            np.multiply(v, np.float32(op.scale), out=out[k])
+            params.append(["add"])
+        elif op.kind == "cap":
+            out[k] = v
+            params.append(["cap", op.min, op.max])
+        else:
+            out[k] = v
+            params.append(["ablation", op.scale])
+    return params
+
+
+def write_flat(dst: np.ndarray, rows: "np.ndarray | CompactRows | None", num_slots: int, hidden: int) -> None:
+    """Fill ``dst`` (one layer's rows as :func:`ops_to_flat` lays them out) from a flat array, a layer's
+    compact rows, or nothing (the identity)."""
+    K, H = num_slots, hidden
+    if isinstance(rows, np.ndarray):
+        dst[:] = rows
+        return
+    dst[:2 * K * H] = 0.0
+    lo, hi, gamma = dst[2 * K * H:2 * K * H + K], dst[2 * K * H + K:2 * K * H + 2 * K], dst[2 * K * H + 2 * K:]
+    lo[:], hi[:], gamma[:] = -np.inf, np.inf, 1.0
+    if rows is None:
+        return
+    if len(rows.params) > K or rows.vectors.shape[1] != H:
+        raise ValueError(f"{len(rows.params)} ops of hidden {rows.vectors.shape[1]} for {K} slots of hidden {H}")
+    add, unit = dst[:K * H].reshape(K, H), dst[K * H:2 * K * H].reshape(K, H)
+    for k, (p, v) in enumerate(zip(rows.params, rows.vectors)):
+        if p[0] == "add":
+            add[k] = v
+        elif p[0] == "cap":
+            unit[k] = v
+            lo[k] = -np.inf if p[1] is None else p[1]
+            hi[k] = np.inf if p[2] is None else p[2]
+        else:
+            unit[k] = v
+            gamma[k] = p[1]
+
+
 def ops_to_flat(ops: list[Op], num_slots: int, hidden: int) -> np.ndarray:
     """One layer's rows as one float32 array: add, unit (K x H each), then lo, hi, gamma (K each). Built in
     numpy: every torch call lets go of the GIL, and a worker's thread must win it back from the runner."""
     K, H = num_slots, hidden
     if len(ops) > K:
         raise ValueError(f"{len(ops)} ops on one layer, but the engine has {K} slots per layer")
-    flat = np.zeros(2 * K * H + 3 * K, dtype=np.float32)
-    add, unit = flat[:K * H].reshape(K, H), flat[K * H:2 * K * H].reshape(K, H)
-    lo, hi, gamma = flat[2 * K * H:2 * K * H + K], flat[2 * K * H + K:2 * K * H + 2 * K], flat[2 * K * H + 2 * K:]
-    lo[:], hi[:], gamma[:] = -np.inf, np.inf, 1.0
-    for k, op in enumerate(ops):
-        v = op.vector.numpy()
-        if op.kind == "add":
-            np.multiply(v, np.float32(op.scale), out=add[k])
-        elif op.kind == "cap":
-            unit[k] = v
-            lo[k] = -np.inf if op.min is None else op.min
-            hi[k] = np.inf if op.max is None else op.max
-        else:
-            unit[k] = v
-            gamma[k] = op.scale
+    vectors = np.empty((len(ops), H), dtype=np.float32)
+    flat = np.empty(2 * K * H + 3 * K, dtype=np.float32)
+    write_flat(flat, CompactRows(ops_to_compact(ops, vectors), vectors), K, H)
     return flat
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -18,6 +19,7 @@ from torch import nn
 from . import capture, vllm_compat
 from .double_buffer import SELECTOR
 from .kernels import steer_residual_
+from .ops import write_flat
 from .routing import ROUTER
 
 _PATCHED_ATTR = "__steer_actors_patched__"
@@ -103,12 +105,18 @@ class PackedRows:
     flags: torch.Tensor | None  # int32, pinned on CUDA: each layer's active flag (global copies only)
 
 
-def pack_rows(items: list[tuple[LayerSteerer, np.ndarray, bool]], table: tuple[str, int]) -> PackedRows | None:
-    """``items``: (layer, its rows as :func:`~steer_actors.ops.ops_to_flat` lays them out, active). Numpy
-    until one tensor: the thread packing shares the GIL with the thread launching forwards."""
+def pack_rows(items: list[tuple[LayerSteerer, Any, bool]], table: tuple[str, int]) -> PackedRows | None:
+    """``items``: (layer, its rows: as :func:`~steer_actors.ops.ops_to_flat` lays them out, compact
+    (:class:`~steer_actors.ops.CompactRows`) or None for none, active). Numpy until one tensor: the thread
+    packing shares the GIL with the thread launching forwards."""
     if not items:
         return None
-    flat = torch.from_numpy(np.concatenate([f for _, f, _ in items]).astype(np.float32, copy=False))
+    K, H = items[0][0].num_slots, items[0][0].hidden
+    per = 2 * K * H + 3 * K
+    host = np.empty(len(items) * per, dtype=np.float32)
+    for i, (_, rows, _) in enumerate(items):
+        write_flat(host[i * per:(i + 1) * per], rows, K, H)
+    flat = torch.from_numpy(host)
     flags = torch.from_numpy(np.array([int(a) for _, _, a in items], dtype=np.int32)) if table[0] == "global" else None
     if items[0][0].add.is_cuda:
         flat = flat.pin_memory()

@@ -10,12 +10,13 @@ Payloads are msgpack-safe (see :mod:`steer_actors.wire`).
 
 from __future__ import annotations
 
-import functools
 from typing import Any
+
+import numpy as np
 
 from . import capture, vllm_compat
 from .double_buffer import SELECTOR
-from .ops import flat_from_bytes, ops_to_flat
+from .ops import CompactRows, ops_to_flat
 from .patch import LayerSteerer, install as install_patch, load_packed, pack_rows, steerers
 from .plugin import dump_stacks_on_signal
 from .routing import ROUTER
@@ -92,33 +93,41 @@ class SteerWorkerExtension:
         return spec.fingerprint(), rows
 
     def _rows_from_engine(self, payload: dict[str, Any]):
-        """Rows the engine actor built from a spec it validated: (fingerprint, {layer: (key, bytes)}).
-        This worker only checks that they fit its layers; its thread shares the GIL with the runner."""
+        """Rows the engine actor built from a spec it validated (see :func:`steer_actors.engine.rows_payload`):
+        (fingerprint, {layer: (key, CompactRows or None)}). This worker only checks that they fit its layers;
+        its thread shares the GIL with the runner."""
         layers = self._steer_layers()
         any_layer = next(iter(layers.values()), None)
         if any_layer is None:
             raise ValueError(self._no_layers())
-        if (payload.get("slots"), payload.get("hidden")) != (any_layer.num_slots, any_layer.hidden):
+        K, H = any_layer.num_slots, any_layer.hidden
+        if (payload.get("slots"), payload.get("hidden")) != (K, H):
             raise ValueError(f"rows for {payload.get('slots')} slots x hidden {payload.get('hidden')}; this worker "
-                             f"has {any_layer.num_slots} x {any_layer.hidden}")
-        rows = {int(k): (key, data) for k, (key, data) in payload["rows"].items()}
-        if set(rows) != set(layers):
-            raise ValueError(f"rows for layers {sorted(rows)}; this worker steers {sorted(layers)}")
+                             f"has {K} x {H}")
+        if sorted(payload.get("steerable") or []) != sorted(layers):
+            raise ValueError(f"rows for layers {payload.get('steerable')}; this worker steers {sorted(layers)}")
+        data = payload.get("vectors")
+        if not isinstance(data, (bytes, bytearray)) or len(data) % (4 * H):
+            raise ValueError(f"steering vectors must be float32 bytes in rows of hidden {H}")
+        vectors = np.frombuffer(data, dtype="<f4").reshape(-1, H)
+        entries = [(int(k), key, params) for k, (key, params) in payload["layers"].items()]
+        n_ops = sum(len(params) for _, _, params in entries)
+        if n_ops != len(vectors):
+            raise ValueError(f"{len(vectors)} steering vectors for {n_ops} ops")
+        rows: dict[int, tuple[str, Any]] = {idx: ("", None) for idx in layers}
+        at = 0
+        for idx, key, params in entries:
+            if idx not in layers or not params or len(params) > K:
+                raise ValueError(f"layer {idx}: {len(params)} ops for a layer of {K} slots this worker steers")
+            rows[idx] = (key, CompactRows(params, vectors[at:at + len(params)]))
+            at += len(params)
         return payload["fingerprint"], rows
-
-    def _flat(self, layer: LayerSteerer, r: Any):
-        """A layer's rows as ops_to_flat lays them out: given, from the engine's bytes, or none (None)."""
-        if r is None:
-            return _neutral(layer.num_slots, layer.hidden)
-        return flat_from_bytes(r, layer.num_slots, layer.hidden) if isinstance(r, (bytes, bytearray)) else r
 
     def steer_stage(self, version: int, change: dict[str, Any]) -> str:
         """``change``: a spec's wire form (validated and built here), or rows the engine actor built
-        (``{"rows": ..., "fingerprint": ...}``). Nothing visible changes."""
-        fp, rows = self._rows_from_engine(change) if "rows" in change else self._build_rows(change)
-        layers = self._steer_layers()
-        self._steer_state()["staged"][int(version)] = (fp, {idx: (key, self._flat(layers[idx], r))
-                                                            for idx, (key, r) in rows.items()})
+        (:func:`steer_actors.engine.rows_payload`, with ``"vectors"``). Nothing visible changes."""
+        fp, rows = self._rows_from_engine(change) if "vectors" in change else self._build_rows(change)
+        self._steer_state()["staged"][int(version)] = (fp, rows)
         return fp
 
     def steer_commit(self, version: int) -> str:
@@ -247,9 +256,3 @@ class SteerWorkerExtension:
     def steer_unroute(self, request_ids: list[str]) -> None:
         ROUTER.unbind(request_ids)
 
-
-@functools.lru_cache(maxsize=8)
-def _neutral(num_slots: int, hidden: int):
-    flat = ops_to_flat([], num_slots, hidden)
-    flat.flags.writeable = False  # shared by every caller
-    return flat

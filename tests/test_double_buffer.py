@@ -69,3 +69,42 @@ def test_a_writer_never_waits_for_a_forward_being_enqueued():
         assert done.wait(5), "the change waited for the forward lock"
     x = torch.zeros(1, H)
     torch.testing.assert_close(forward(layers, x), x + L * v)
+
+
+def test_engine_rows_land_as_the_workers_own_build():
+    """What the engine actor sends for a change (one row per op, :func:`engine.rows_payload`), read by a
+    worker and packed, equals the K-slot rows the worker would build from the spec itself, byte for byte;
+    a payload that does not fit the worker's layers is refused whole."""
+    import pytest
+
+    from steer_actors import wire
+    from steer_actors.engine import rows_payload
+    from steer_actors.specs import AblationSpec, AddSpec, LayerSteeringSpec, ProjectionCapSpec, SteeringSpec
+    from steer_actors.worker_ext import SteerWorkerExtension
+
+    layers = make_layers()
+    g = torch.Generator().manual_seed(3)
+    v = lambda: torch.randn(H, generator=g)  # noqa: E731
+    spec = SteeringSpec(layers={
+        0: LayerSteeringSpec(operations=[AddSpec(vector=v(), scale=0.3), ProjectionCapSpec(vector=v(), max=0.5)]),
+        2: LayerSteeringSpec(operations=[AblationSpec(vector=v(), scale=0.25)])})
+    worker = SteerWorkerExtension()
+    worker._steer_layer_cache = dict(enumerate(layers))
+    payload = wire.unpackb(wire.packb(rows_payload(spec, list(range(L)), 2, H)))  # as the channel carries it
+    assert len(payload["vectors"]) == 3 * H * 4  # one row per op, not 2 slots x 2 rows per layer
+    fp, rows = worker._rows_from_engine(payload)
+    assert fp == spec.fingerprint() and rows[1] == ("", None)
+    assert {i: rows[i][0] for i in (0, 2)} == {i: spec.layers[i].fingerprint() for i in (0, 2)}
+    got = pack_rows([(layers[i], rows[i][1], bool(rows[i][0])) for i in range(L)], ("global", 0))
+    want = [ops_to_flat(spec.layers[i].to_ops() if i in spec.layers else [], 2, H) for i in range(L)]
+    assert torch.equal(got.flat, torch.from_numpy(__import__("numpy").concatenate(want)))
+    assert got.flags.tolist() == [1, 0, 1]
+
+    bad = [({**payload, "vectors": payload["vectors"][:-4 * H]}, "vectors for"),
+           ({**payload, "steerable": [0, 1]}, "this worker steers"),
+           ({**payload, "hidden": H * 2}, "hidden"),
+           ({**payload, "layers": {**payload["layers"], "0": [payload["layers"]["0"][0], [["add"], ["bogus"]]]}},
+            "malformed op")]
+    for change, msg in bad:
+        with pytest.raises(ValueError, match=msg):
+            worker._rows_from_engine(change)
