@@ -206,9 +206,19 @@ async def run_ours(model: str, eager: bool, measure: list[str]) -> dict:
 
         async def series(switch_interval_s: float) -> dict:
             """100 changes, alternating one-layer and all-layer, with the engine process's GIL switch interval
-            set to ``switch_interval_s``."""
+            set to ``switch_interval_s``; the garbage collector's pauses in this process meanwhile."""
+            import gc
+
             sys.setswitchinterval(switch_interval_s)
-            lat, parts, exch = [], [], []
+            lat, parts, exch, pauses, started = [], [], [], [], {}
+
+            def gc_timer(phase, info):
+                if phase == "start":
+                    started["t"] = time.perf_counter()
+                elif "t" in started:
+                    pauses.append((info["generation"], (time.perf_counter() - started.pop("t")) * 1e3))
+
+            gc.callbacks.append(gc_timer)
             for i in range(100):
                 t = time.perf_counter()
                 await eng.apply_spec((one if i % 2 == 0 else all_layers).to_wire())
@@ -217,7 +227,12 @@ async def run_ours(model: str, eager: bool, measure: list[str]) -> dict:
                 parts.append(None if worker is None else [*worker, *eng.last_apply_ms])
                 exch.append(dict(eng._channel["steer"].last_exchange_ms) if eng._channel else {})
                 await asyncio.sleep(0.02)
-            out = {"ms": {**pct(lat), "n": len(lat)}, "all_layer_ms": pct(lat[1::2]), "switch_interval_s": switch_interval_s}
+            gc.callbacks.remove(gc_timer)
+            out = {"ms": {**pct(lat), "n": len(lat)}, "all_layer_ms": pct(lat[1::2]), "switch_interval_s": switch_interval_s,
+                   # a full collection walks every object of the process (vLLM's too): a candidate for the spikes
+                   "gc_pauses": {f"gen{g}": {"n": sum(1 for x, _ in pauses if x == g),
+                                             "max_ms": round(max([d for x, d in pauses if x == g], default=0.0), 2)}
+                                 for g in (0, 1, 2)}}
             if all(parts):  # worker side of each change: unpacking + building rows, waiting for the lock, copying
                 out["worker_ms"] = {k: pct([p[j] for p in parts]) for j, k in enumerate(["build", "lock_wait", "copy"])}
                 # the engine's share: validating + building rows, and the whole exchange with the worker (which
@@ -228,14 +243,15 @@ async def run_ours(model: str, eager: bool, measure: list[str]) -> dict:
                 out["exchange_ms"] = {k: pct([e[k] for e in exch]) for k in exch[0]}
             return out
 
-        configured = sys.getswitchinterval()  # what the engine set (VLLMSteeringConfig.gil_switch_interval_ms)
-        python_default = series(0.005)
-        res["update_python_switch_interval"] = await python_default
-        upd = await series(configured)
+        # Python's 5 ms (what the engine runs with), then 0.5 ms: session 9 saw the exchange thread's waits for
+        # the GIL shrink at 0.5 ms (p99 to_thread + send 9.9 -> 2.3 ms) but the build on the loop grow
+        upd = await series(0.005)
+        res["update_switch_0.5ms"] = await series(0.0005)
+        sys.setswitchinterval(0.005)
         running = not bg.done()  # the updates must all have landed while the batch was decoding
         await bg
         res["update_ms"] = {**upd["ms"], "all_while_decoding": running}
-        for k in ("worker_ms", "engine_ms", "exchange_ms", "all_layer_ms", "switch_interval_s"):
+        for k in ("worker_ms", "engine_ms", "exchange_ms", "all_layer_ms", "switch_interval_s", "gc_pauses"):
             if k in upd:
                 res["update_" + k] = upd[k]
     eng.engine.shutdown()

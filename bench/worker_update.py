@@ -1,7 +1,8 @@
 """A worker's share of a global change, on the host, while another thread holds the GIL as the runner
-thread does: unpacking the engine's rows, packing the changed layers, and the copy into the layer buffers
-(CPU tensors here: on a GPU the copies are asynchronous and the host cost is the calls). All-layer change
-(add + cap on every layer) at the 8B shape by default.
+thread does: unpacking the engine's message and checking its rows, packing every layer's K slots, and the
+copy into the layer buffers (CPU tensors here: on a GPU the copies are asynchronous and the host cost is the
+calls), at Python's 5 ms GIL switch interval and at 0.5 ms. All-layer change (add + cap on every layer) at
+the 8B shape by default.
 
     PYTHONPATH=. python bench/worker_update.py [--hidden 4096 --layers 36] [--out ...]
 """
@@ -10,14 +11,18 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import time
 
 import gil_load
 import numpy as np
 import torch
 
-from steer_actors import ops
+from steer_actors import wire
+from steer_actors.engine import rows_payload
 from steer_actors.patch import LayerSteerer, load_packed, pack_rows
+from steer_actors.specs import AddSpec, LayerSteeringSpec, ProjectionCapSpec, SteeringSpec
+from steer_actors.worker_ext import SteerWorkerExtension
 from results_io import emit
 
 
@@ -31,42 +36,48 @@ def main() -> None:
     args = ap.parse_args()
     H, L, K = args.hidden, args.layers, args.slots
     layers = [LayerSteerer(i, H, K, request_slots=2, max_tokens=64, num_layers=L) for i in range(L)]
+    worker = SteerWorkerExtension()
+    worker._steer_layer_cache = dict(enumerate(layers))
     g = torch.Generator().manual_seed(0)
-    payloads = []
-    for _ in range(2):
-        layer_ops = [[ops.Op("add", torch.randn(H, generator=g), scale=0.5),
-                      ops.Op("cap", torch.nn.functional.normalize(torch.randn(H, generator=g), dim=0), max=1.0)]
-                     for _ in range(L)]
-        payloads.append([ops.ops_to_flat(o, K, H).tobytes() if hasattr(ops, "ops_to_flat")
-                         else ops.rows_to_bytes(ops.ops_to_rows(o, K, H)) for o in layer_ops])
-    new_api = hasattr(ops, "ops_to_flat")
+    v = lambda: torch.randn(H, generator=g)  # noqa: E731
+    specs = [SteeringSpec(layers={i: LayerSteeringSpec(operations=[AddSpec(vector=v(), scale=0.5),
+                                                                   ProjectionCapSpec(vector=v(), max=1.0)])
+                                  for i in range(L)}) for _ in range(2)]
+    # what arrives over the channel: the engine's payload, msgpack'd (unpacking counts as the worker's)
+    messages = [wire.packb({"m": "steer_apply", "a": [1, rows_payload(s, list(range(L)), K, H)]}) for s in specs]
 
-    def pack(payload):
-        if new_api:
-            return pack_rows([(layer, ops.flat_from_bytes(b, K, H), True) for layer, b in zip(layers, payload)],
-                             ("global", 1))
-        return pack_rows([(layer, ops.rows_from_bytes(b, K, H), True) for layer, b in zip(layers, payload)])
+    def stage(message):
+        return worker._rows_from_engine(wire.unpackb(message)["a"][1])[1]
 
-    load = None
-    res = {"hidden": H, "layers": L, "slots": K, "cpus": os.cpu_count(), "code": "numpy rows" if new_api else "torch rows"}
-    for contended in (False, True):
-        if contended:
-            load = gil_load.start()
-        tp, tl = [], []
-        for i in range(args.n):
-            t0 = time.perf_counter()
-            packed = pack(payloads[i % 2])
-            t1 = time.perf_counter()
-            load_packed(packed)
-            tl.append((time.perf_counter() - t1) * 1e3)
-            tp.append((t1 - t0) * 1e3)
-        key = "busy_runner" if contended else "alone"
-        res[key] = {"pack_ms_p50": float(np.median(tp)), "pack_ms_max": max(tp),
-                    "load_ms_p50": float(np.median(tl)), "load_ms_max": max(tl)}
-    load.stop()
-    # the last change's add row of layer 0 is in place (copy 1 of the double-buffered rows; one copy before)
-    last = torch.from_numpy(np.frombuffer(payloads[(args.n - 1) % 2][0], "<f4")[:H].copy())
-    assert torch.equal(layers[0].add[1][0] if new_api else layers[0].add[0], last)
+    def pack(rows):
+        return pack_rows([(layers[i], r, bool(key)) for i, (key, r) in rows.items()], ("global", 1))
+
+    res = {"hidden": H, "layers": L, "slots": K, "cpus": os.cpu_count(), "bytes": len(messages[0])}
+    for interval in (0.005, 0.0005):
+        sys.setswitchinterval(interval)
+        for contended in (False, True):
+            load = gil_load.start() if contended else None
+            ts, tp, tl = [], [], []
+            for i in range(args.n):
+                t0 = time.perf_counter()
+                rows = stage(messages[i % 2])
+                t1 = time.perf_counter()
+                packed = pack(rows)
+                t2 = time.perf_counter()
+                load_packed(packed)
+                t3 = time.perf_counter()
+                ts.append((t1 - t0) * 1e3)
+                tp.append((t2 - t1) * 1e3)
+                tl.append((t3 - t2) * 1e3)
+            if load is not None:
+                load.stop()
+            res[f"{'busy_runner' if contended else 'alone'}_switch_{interval * 1e3:g}ms"] = {
+                "stage_ms_p50": float(np.median(ts)), "pack_ms_p50": float(np.median(tp)), "pack_ms_max": max(tp),
+                "load_ms_p50": float(np.median(tl)), "load_ms_max": max(tl),
+                "total_ms_p99": float(np.percentile(np.add(np.add(ts, tp), tl), 99))}
+    # the last change's add row of layer 0 is in place (copy 1 of the double-buffered rows)
+    want = specs[(args.n - 1) % 2].layers[0].to_ops()[0]
+    assert torch.equal(layers[0].add[1][0], want.vector * want.scale)
     emit(res, args.out)
 
 

@@ -121,10 +121,21 @@ class CaptureStore:
         with LOCK:  # made outside the lock, published under it
             old = self.wanted.pop(request_id, None)
             self.wanted[request_id] = pend
-            self._resolved.clear()
-            self._plan = None
+            self._forget(request_id)
         if old is not None:
             self._discard(old)
+
+    def _forget(self, request_id: str) -> None:
+        """``request_id`` starts or stops capturing (the caller holds the forward lock): forget what was
+        looked up, and the kept plan if that request is in its batch. Requests come and go all the time
+        while others decode, and a plan for a batch without them still holds (on the H100, 512 captures 128
+        at a time, when every register and take dropped the plan: up to one step in five rebuilt it, and
+        building plans was near half of the store's samples on the runner's thread)."""
+        self._resolved.clear()
+        plan = self._plan
+        if plan is not None and plan.key is not None and any(
+                i == request_id or i.rsplit("-", 1)[0] == request_id for i in plan.key[0]):
+            self._plan = None
 
     def _lookup(self, internal_id: str) -> _Pending | None:
         """The capture an engine-internal request id belongs to (memoized: this runs for every request
@@ -296,8 +307,7 @@ class CaptureStore:
 
         with LOCK:  # the runner's thread reads ``wanted`` every step (and adds copies under the lock)
             pend = self.wanted.pop(request_id, None)
-            self._resolved.clear()
-            self._plan = None
+            self._forget(request_id)
         if pend is None:
             return None
         try:
@@ -339,8 +349,7 @@ class CaptureStore:
 
         with LOCK:
             pend = self.wanted.pop(request_id, None)
-            self._resolved.clear()
-            self._plan = None
+            self._forget(request_id)
         if pend is not None:
             self._discard(pend)
 

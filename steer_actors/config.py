@@ -39,10 +39,6 @@ class VLLMSteeringConfig(BaseModel):
         default=None, ge=0, description="device capture buffer, in tokens per forward (fp32, every layer): "
                                         "None = max_num_batched_tokens (never overflows); 0 = capture off, no buffer")
     env: dict[str, str] = Field(default_factory=dict, description="environment for the engine's processes")
-    gil_switch_interval_ms: float | None = Field(
-        default=0.5, gt=0, description="the engine actor's sys.setswitchinterval: while the event loop streams "
-        "outputs, the thread that exchanges a steering change with the workers waits up to this long for the "
-        "GIL each time it needs it (several times a change; Python's default is 5 ms); None keeps Python's")
 
     # ---- serving (Ray Serve app) ----
     num_replicas: int = Field(default=1, ge=1, description="engine replicas behind one coordinator")

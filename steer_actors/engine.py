@@ -48,10 +48,6 @@ class SteerEngine(EngineCaptureMixin):
         self.config = cfg = VLLMSteeringConfig.model_validate(config)
         device = cfg.resolved_device()
         os.environ.update(cfg.env)
-        if cfg.gil_switch_interval_ms is not None:
-            import sys
-
-            sys.setswitchinterval(cfg.gil_switch_interval_ms / 1e3)
         if device == "cuda":  # never fork a process that may already hold a CUDA context
             os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
         if device == "cpu":

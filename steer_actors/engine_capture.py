@@ -11,6 +11,7 @@ from typing import Any
 import ray
 
 from .capture_arena import is_segment_path, stored_rows
+from .capture_registry import current_actor
 from .results import GenerationResult
 
 # The object store's copy of a finished capture (tens of MB, Ray's parallel memcpy when the task's return is
@@ -65,7 +66,7 @@ class EngineCaptureMixin:
             take.add_done_callback(self._free_taken)
             raise
         taken = next(t for t in ranks if t is not None)
-        me = _current_actor()
+        me = current_actor()
         handed: list[int] = []  # regions a materialize task now reads (freed once its copies are stored)
         pending: list[Any] = []  # that task's returns
         eager = []
@@ -230,15 +231,3 @@ def _capture_layers(data: dict[str, Any], maps: dict[str, Any]) -> dict[int, Any
             return {int(layer): torch.from_numpy(arr[off + i * max_rows:off + i * max_rows + n])
                     for i, layer in enumerate(data["layer_ids"])}
     return {int(k): decode_tensor(v) for k, v in data["layers"].items()}
-
-
-def _current_actor() -> Any:
-    """This engine's own actor handle, or None when it runs in-process (no actor to queue tasks on)."""
-    import ray
-
-    if not ray.is_initialized():
-        return None
-    try:
-        return ray.get_runtime_context().current_actor
-    except RuntimeError:
-        return None

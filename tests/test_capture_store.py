@@ -251,8 +251,9 @@ def test_a_step_whose_writes_fail_fails_its_captures_clearly_and_the_forward_goe
 
 
 def test_a_repeated_batch_reuses_its_plan_and_a_new_request_gets_a_new_one():
-    """Decode steps repeat the batch: the plan (and, on the direct path, its targets on the device) is kept;
-    registering or taking a request makes the next step plan again, and the rows stay right throughout."""
+    """Decode steps repeat the batch: the plan (and, on the direct path, its targets on the device) is kept,
+    also while other requests start or stop capturing; a new batch, or taking a request of this one, makes the
+    next step plan again, and the rows stay right throughout."""
     store = make_store()
     H = 4
     store.register("a", [0], 8)
@@ -262,17 +263,31 @@ def test_a_repeated_batch_reuses_its_plan_and_a_new_request_gets_a_new_one():
     plan = store._plan
     step(store, ["a-1", "b-2"], [1, 1], [1, 1], torch.stack([row(1, "a"), row(1, "b")]))
     assert store._plan is plan
-    store.register("c", [0], 8)  # wanted changed: the next step looks again
-    assert store._plan is None
+    store.register("c", [0], 8)  # not in this batch: its plan holds
+    assert store._plan is plan
     step(store, ["a-1", "b-2", "c-3"], [1, 1, 1], [2, 2, 0], torch.stack([row(2, "a"), row(2, "b"), row(0, "c")]))
     assert store._plan is not plan
-    b = store.take("b")
+    b = store.take("b")  # in the batch: its rows must never be written again
+    assert store._plan is None
     step(store, ["a-1", "c-3"], [1, 1], [3, 1], torch.stack([row(3, "a"), row(1, "c")]))
+    plan = store._plan
+    store.register("d", [0], 8)
+    store.drop("d")
+    assert store._plan is plan
+    store.register("a", [0], 8)  # registered again while in the batch: the new region, not the plan's
+    assert store._plan is None
+    store.drop("a")
+    store.register("a", [0], 8)
+    step(store, ["a-1", "c-3"], [1, 1], [0, 2], torch.stack([row(0, "a"), row(2, "c")]))
+    step(store, ["a-1", "c-3"], [1, 1], [1, 3], torch.stack([row(1, "a"), row(3, "c")]))
+    step(store, ["a-1", "c-3"], [1, 1], [2, 4], torch.stack([row(2, "a"), row(4, "c")]))
+    step(store, ["a-1", "c-3"], [1, 1], [3, 5], torch.stack([row(3, "a"), row(5, "c")]))
     a, c = store.take("a"), store.take("c")
-    assert a["positions"] == [0, 1, 2, 3] and b["positions"] == [0, 1, 2] and c["positions"] == [0, 1]
+    assert a["positions"] == [0, 1, 2, 3] and b["positions"] == [0, 1, 2] and c["positions"] == list(range(6))
     assert a["recomputed"] == b["recomputed"] == c["recomputed"] == 0
     if "layers" in a:
         from steer_actors.wire import decode_tensor
 
         assert decode_tensor(a["layers"]["0"])[:, 0].tolist() == [0, 1, 2, 3]
         assert decode_tensor(b["layers"]["0"])[:, 0].tolist() == [0.5, 1.5, 2.5]
+        assert decode_tensor(c["layers"]["0"])[:, 0].tolist() == [0, 1, 2, 3, 4, 5]
