@@ -25,6 +25,8 @@ import time
 import types
 
 FORWARD_CYCLES = int(os.environ.get("BENCH_FORWARD_CYCLES", 6_000_000))  # ~3.5 ms at an H100's clock
+CHURN = int(os.environ.get("BENCH_CHURN", "0"))  # every CHURN decode steps another request registers and drops
+MODES = os.environ.get("BENCH_MODES", "default,torch,triton,skip").split(",")
 L, H, N_REQ, PROMPT, GEN = (28, 1024, 128, 128, 256) if os.environ.get("SMOKE") != "1" else (4, 64, 8, 16, 6)
 if os.environ.get("BENCH_SHAPE"):  # layers,hidden,requests,prompt,gen: e.g. the CPU box at 28,64,128,32,64
     L, H, N_REQ, PROMPT, GEN = (int(x) for x in os.environ["BENCH_SHAPE"].split(","))
@@ -90,6 +92,10 @@ def child(pkg: str, capture: bool) -> dict:
         for k in range(GEN - 1):  # the last token is sampled, never fed
             step(list(range(N_REQ)), PROMPT + k, 1)
             steps += 1
+            if capture and CHURN and k % CHURN == 0:  # a request of no step here starts and stops capturing,
+                # as they come and go beside a decoding batch in a serving engine (register, later take)
+                store.register(f"other{k}", list(range(L)), max_rows, "/dev/shm", 64 << 30)
+                store.drop(f"other{k}")
         sync()
         return time.perf_counter() - t, steps
 
@@ -145,7 +151,7 @@ def main() -> None:
     here = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "steer_actors")
     pkgs = [("head", here)] + [tuple(p.split("=", 1)) for p in args.pkg]
     out: dict = {"what": __doc__.split("\n\n")[0], "shape": {"layers": L, "hidden": H, "requests": N_REQ,
-                                                             "prompt": PROMPT, "gen": GEN}}
+                                                             "prompt": PROMPT, "gen": GEN}, "churn_every": CHURN}
     import torch
 
     out["card"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu (smoke test)"
@@ -158,7 +164,7 @@ def main() -> None:
 
     out["no_capture"] = spawn(here, False, "default")
     for name, pkg in pkgs:
-        for mode in ("default", "torch", "triton", "skip"):
+        for mode in MODES:
             out[f"{name}:{mode}"] = r = spawn(pkg, True, mode)
             if "ms_per_step" in r and "ms_per_step" in out["no_capture"]:
                 r["ratio_vs_no_capture"] = round(out["no_capture"]["ms_per_step"] / r["ms_per_step"], 3)
