@@ -35,10 +35,14 @@ import numpy as np
 import torch
 
 DEFAULT_SEGMENT_BYTES = 1 << 30
-# Shared segments are sparse (reserved region by region), so a large one costs only address space, and a
-# step writes one run of rows per segment it touches: 512 all-layer captures of the 0.6B shape in flight
-# (22 GB) then touch two segments, not 22.
+# Shared segments are sparse (reserved region by region), so a large one costs only address space (and 8
+# bytes of pinned books per row), and a step writes one run of rows per segment it touches (each run ~8 device
+# launches on the runner's thread): a new one is made as large as the engine's cap on shared memory allows
+# (up to MAX_SHARED_SEGMENT_BYTES), so its captures share one segment. 16 GB segments gave the 0.6B engine
+# with 512 all-layer captures in flight (22 GB) two runs per step on the H100.
 DEFAULT_SHARED_SEGMENT_BYTES = 16 << 30
+MAX_SHARED_SEGMENT_BYTES = 256 << 30
+MAX_SHARED_SEGMENT_ROWS = 1 << 24  # its books: 128 MB of counts and tokens
 
 
 @dataclass(eq=False)
@@ -128,8 +132,11 @@ class Arena:
                     return self._publish(seg, base, n_rows)
         # a mapped segment keeps row 0 for the scatter (see _map_new): room for it too
         need = n_rows + (1 if self.mapper is not None else 0)
-        seg = self._new_segment(max(need, self.segment_rows if directory is None else self.shared_segment_rows),
-                                directory)
+        size = self.segment_rows
+        if directory is not None:
+            size = max(self.shared_segment_rows,
+                       min(min(self._cap or 0, MAX_SHARED_SEGMENT_BYTES) // self.row_bytes, MAX_SHARED_SEGMENT_ROWS))
+        seg = self._new_segment(max(need, size), directory)
         base = _first_fit(seg.free, n_rows)
         assert base is not None, (n_rows, seg.free)
         return self._publish(seg, base, n_rows)

@@ -165,26 +165,25 @@ _TRITON_FAILED = False
 
 
 def write_run(dest: torch.Tensor, counts: torch.Tensor, tokens: torch.Tensor, snap: torch.Tensor, p: torch.Tensor,
-              tok: torch.Tensor, a: int, b: int, off: torch.Tensor, maxr: torch.Tensor, base: torch.Tensor,
-              same: bool) -> None:
-    """Tokens ``a:b`` of a step (a run of requests in one segment): their rows (``off``: [layers, b - a] from
-    :func:`dest_offsets`) and, beside them, each kept position's count and input token (int32 both; see
-    :class:`~steer_actors.capture_arena.Segment`). Rows a request does not keep (a layer it does not capture,
-    a position past its ``max_rows``) go to row 0, the segment's trash row. Each (request, position) is in a
-    step once, so the count's read-add-write needs no atomics (mapped host memory has none to offer). A
-    handful of launches: this runs on the thread that launches forwards, every step."""
+              tok: torch.Tensor, a: int, b: int, offb: torch.Tensor, maxr: torch.Tensor, same: bool) -> None:
+    """Tokens ``a:b`` of a step (a run of requests in one segment): their rows and, beside them, each kept
+    position's count and input token (int32 both; see :class:`~steer_actors.capture_arena.Segment`).
+    ``offb``: [layers + 1, b - a], :func:`dest_offsets`' offsets then the region bases (one add places
+    both). Rows a request does not keep (a layer it does not capture, a position past its ``max_rows``) go to
+    row 0, the segment's trash row. Each (request, position) is in a step once, so the count's read-add-write
+    needs no atomics (mapped host memory has none to offer). A handful of launches: this runs on the thread
+    that launches forwards, every step."""
     pr = p[a:b]
-    keep = pr < maxr
+    t = torch.where(pr < maxr, offb + pr, 0)
+    if not same:
+        t.clamp_(min=0)  # NOT_KEPT offsets
+    idx, m = t[:-1], t[-1]
     mode = os.environ.get("STEER_CAPTURE_SCATTER", "torch")
     if mode == "triton" and _use_triton(snap) and not _TRITON_FAILED:
-        scatter_rows(dest, snap, p, a, b, off, maxr, 0)
+        scatter_rows(dest, snap, p, a, b, offb[:-1], maxr, 0)
     elif mode != "skip":  # skip: benchmarks only, what capture costs without the rows
-        idx = torch.where(keep, off + pr, 0)
-        if not same:
-            idx.clamp_(min=0)  # NOT_KEPT offsets
         src = snap if a == 0 and b == snap.shape[1] else snap[:, a:b]
-        dest.index_copy_(0, idx.view(-1), src.reshape(-1, snap.shape[-1]))
-    m = torch.where(keep, base + pr, 0)
+        dest.index_copy_(0, idx.reshape(-1), src.reshape(-1, snap.shape[-1]))
     counts.index_copy_(0, m, counts.index_select(0, m) + 1)
     tokens.index_copy_(0, m, tok[a:b])
 

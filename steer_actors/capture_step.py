@@ -27,7 +27,7 @@ class Plan:
     same: bool  # every request captures all of ``layers``
     segments: list  # the segments their regions are in
     staged: Any = None  # direct path: rows, and each run's (offsets, max_rows, base), on the device
-    runs: list | None = None  # direct path: (segment, first, end, offsets, max_rows, base) views of ``staged``
+    runs: list | None = None  # direct path: (segment, first, end, offsets + bases, max_rows) views of ``staged``
     landed: Any = None  # direct path: what its requests' take() waits for (the same object every step)
     host_steps: int = -1  # the store's count of host-path steps when ``landed`` was handed out
 
@@ -75,9 +75,9 @@ def launch_direct(plan: Plan, pos: torch.Tensor, input_ids: Any, snap: torch.Ten
         with torch.cuda.stream(side[0]) if side is not None else contextlib.nullcontext():
             if side is not None:
                 side[0].wait_event(ready)
-            for segment, a, b, off, maxr, base in plan.runs:
+            for segment, a, b, offb, maxr in plan.runs:
                 dest, counts, tokens = maps[id(segment)]
-                write_run(dest, counts, tokens, snap, p, tok, a, b, off, maxr, base, plan.same)
+                write_run(dest, counts, tokens, snap, p, tok, a, b, offb, maxr, plan.same)
     except Exception as e:  # this step's captures fail, clearly; the forward (everyone's) goes on
         for pend, _, _ in plan.layout:
             pend.error = pend.error or f"writing its rows failed: {type(e).__name__}: {e}"
@@ -96,7 +96,7 @@ def stage(plan: Plan, device: torch.device, stream: Any) -> None:
             q1 += 1
         off, maxr, base = dest_offsets(layout[q0:q1], plan.layers, plan.same)
         spans.append((segment, layout[q0][1], layout[q1 - 1][2], off.shape, at))
-        parts += [off.reshape(-1), maxr, base]
+        parts += [off.reshape(-1), base, maxr]  # the bases right after the offsets: one [layers + 1, tokens] view
         at += off.size + 2 * maxr.size
         q0 = q1
     staged = plan.staged = to_device(np.concatenate(parts), device)
@@ -104,8 +104,8 @@ def stage(plan: Plan, device: torch.device, stream: Any) -> None:
         staged.record_stream(stream)
     plan.runs = []
     for segment, a, b, (k, nr), at in spans:
-        plan.runs.append((segment, a, b, staged[at:at + k * nr].view(k, nr), staged[at + k * nr:at + k * nr + nr],
-                          staged[at + k * nr + nr:at + k * nr + 2 * nr]))
+        plan.runs.append((segment, a, b, staged[at:at + (k + 1) * nr].view(k + 1, nr),
+                          staged[at + (k + 1) * nr:at + (k + 2) * nr]))
 
 
 def launch_host(layout: list, layers: list[int], rows: np.ndarray, pos: torch.Tensor, input_ids: Any,

@@ -156,6 +156,19 @@ def test_shared_memory_stays_within_its_cap_and_the_rest_goes_to_host_memory(tmp
     a.close()
 
 
+def test_a_new_shared_segment_is_as_large_as_the_cap_allows(tmp_path):
+    """A step writes one run per segment its captures are in: under a cap larger than the default segment, the
+    captures share one (sparse) segment, and nothing past the cap is ever reserved."""
+    a = Arena(H, segment_bytes=10 * ROW)  # segments of 10 rows unless the cap allows more
+    regions = [a.alloc(8, str(tmp_path), shared_cap_bytes=100 * ROW) for _ in range(5)]
+    assert {r.segment.index for r in regions} == {0} and a.segments[0].n_rows == 100
+    assert a.stats()["shared_bytes"] == 40 * ROW
+    b = Arena(H, segment_bytes=10 * ROW)
+    assert len({b.alloc(8, str(tmp_path)).segment.index for _ in range(3)}) == 3  # no cap: default segments
+    a.close()
+    b.close()
+
+
 def test_a_mapped_segment_keeps_row_0_for_the_scatter_and_maps_what_it_reserves(tmp_path):
     """Direct writes (capture_direct): row 0 of every segment takes the rows a step drops, so no region
     starts there; a file segment is registered page by page as its rows are reserved, never beyond."""
@@ -276,7 +289,7 @@ def test_write_run_lands_rows_counts_and_tokens_and_sends_the_rest_to_row_0():
     snap = torch.randn(L, 5, Hd)
     dest = torch.full((n_rows, Hd), -7.0)
     counts, tokens = torch.zeros(n_rows, dtype=torch.int32), torch.full((n_rows,), -1, dtype=torch.int32)
-    args = (torch.from_numpy(off), torch.from_numpy(maxr), torch.from_numpy(base), False)
+    args = (torch.from_numpy(np.vstack([off, base[None]])), torch.from_numpy(maxr), False)
     cd.write_run(dest, counts, tokens, snap, p, tok, 0, 5, *args)
     for j in range(L):  # a: layer slot j at base + j * max_rows + position
         for t in (0, 1):
