@@ -17,10 +17,17 @@ def busy_runner(stop: threading.Event) -> None:
         sum(range(2000))
 
 
+def python_runner(stop: threading.Event) -> None:
+    """The worst case: long stretches of Python that never let go of the GIL by themselves, so another thread
+    waits a whole switch interval each time it needs the GIL back."""
+    while not stop.is_set():
+        sum(range(300000))
+
+
 class Load:
-    def __init__(self) -> None:
+    def __init__(self, target=busy_runner) -> None:
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=busy_runner, args=(self._stop,), daemon=True, name="gil-load")
+        self._thread = threading.Thread(target=target, args=(self._stop,), daemon=True, name="gil-load")
         self._thread.start()
 
     def stop(self) -> None:
@@ -29,5 +36,5 @@ class Load:
         self._thread.join()
 
 
-def start() -> Load:
-    return Load()
+def start(target=busy_runner) -> Load:
+    return Load(target)

@@ -1,5 +1,5 @@
 """A worker's share of a global change, on the host, while another thread holds the GIL as the runner
-thread does: unpacking the engine's message and checking its rows, packing every layer's K slots, and the
+thread does (small torch calls, or in the worst case long stretches of pure Python): unpacking the engine's message and checking its rows, packing every layer's K slots, and the
 copy into the layer buffers (CPU tensors here: on a GPU the copies are asynchronous and the host cost is the
 calls), at Python's 5 ms GIL switch interval and at 0.5 ms. All-layer change (add + cap on every layer) at
 the 8B shape by default.
@@ -31,7 +31,7 @@ def main() -> None:
     ap.add_argument("--hidden", type=int, default=4096)
     ap.add_argument("--layers", type=int, default=36)
     ap.add_argument("--slots", type=int, default=4)
-    ap.add_argument("--n", type=int, default=60)
+    ap.add_argument("--n", type=int, default=20)
     ap.add_argument("--out")
     args = ap.parse_args()
     H, L, K = args.hidden, args.layers, args.slots
@@ -55,8 +55,9 @@ def main() -> None:
     res = {"hidden": H, "layers": L, "slots": K, "cpus": os.cpu_count(), "bytes": len(messages[0])}
     for interval in (0.005, 0.0005):
         sys.setswitchinterval(interval)
-        for contended in (False, True):
-            load = gil_load.start() if contended else None
+        for contended in (False, True, "python"):
+            load = None if not contended else gil_load.start(
+                gil_load.python_runner if contended == "python" else gil_load.busy_runner)
             ts, tp, tl = [], [], []
             for i in range(args.n):
                 t0 = time.perf_counter()
@@ -71,7 +72,8 @@ def main() -> None:
                 tl.append((t3 - t2) * 1e3)
             if load is not None:
                 load.stop()
-            res[f"{'busy_runner' if contended else 'alone'}_switch_{interval * 1e3:g}ms"] = {
+            who = {False: "alone", True: "busy_runner", "python": "python_runner"}[contended]
+            res[f"{who}_switch_{interval * 1e3:g}ms"] = {
                 "stage_ms_p50": float(np.median(ts)), "pack_ms_p50": float(np.median(tp)), "pack_ms_max": max(tp),
                 "load_ms_p50": float(np.median(tl)), "load_ms_max": max(tl),
                 "total_ms_p99": float(np.percentile(np.add(np.add(ts, tp), tl), 99))}

@@ -112,31 +112,43 @@ def ops_to_compact(ops: list[Op], out: np.ndarray) -> list[list]:
     return params
 
 
-def write_flat(dst: np.ndarray, rows: "np.ndarray | CompactRows | None", num_slots: int, hidden: int) -> None:
-    """Fill ``dst`` (one layer's rows as :func:`ops_to_flat` lays them out) from a flat array, a layer's
-    compact rows, or nothing (the identity)."""
+def pack_flat(rows: list, num_slots: int, hidden: int) -> np.ndarray:
+    """Several layers' rows, each as :func:`ops_to_flat` lays them out, one after another in one float32 array;
+    each given as such a flat array, as compact rows, or as None (the identity). A few numpy calls whatever
+    the number of layers and ops: on a large array each call lets go of the GIL, which the runner's thread may
+    then keep for a whole switch interval (the worker packs while forwards are launched)."""
     K, H = num_slots, hidden
-    if isinstance(rows, np.ndarray):
-        dst[:] = rows
-        return
-    dst[:2 * K * H] = 0.0
-    lo, hi, gamma = dst[2 * K * H:2 * K * H + K], dst[2 * K * H + K:2 * K * H + 2 * K], dst[2 * K * H + 2 * K:]
-    lo[:], hi[:], gamma[:] = -np.inf, np.inf, 1.0
-    if rows is None:
-        return
-    if len(rows.params) > K or rows.vectors.shape[1] != H:
-        raise ValueError(f"{len(rows.params)} ops of hidden {rows.vectors.shape[1]} for {K} slots of hidden {H}")
-    add, unit = dst[:K * H].reshape(K, H), dst[K * H:2 * K * H].reshape(K, H)
-    for k, (p, v) in enumerate(zip(rows.params, rows.vectors)):
-        if p[0] == "add":
-            add[k] = v
-        elif p[0] == "cap":
-            unit[k] = v
-            lo[k] = -np.inf if p[1] is None else p[1]
-            hi[k] = np.inf if p[2] is None else p[2]
-        else:
-            unit[k] = v
-            gamma[k] = p[1]
+    F = 2 * K * H + 3 * K
+    out = np.zeros((len(rows), F), dtype=np.float32)  # fresh zero pages: no fill loop, no letting go of the GIL
+    out[:, 2 * K * H:2 * K * H + K] = -np.inf
+    out[:, 2 * K * H + K:2 * K * H + 2 * K] = np.inf
+    out[:, 2 * K * H + 2 * K:] = 1.0
+    layer, slot, vectors, cells, values = [], [], [], [], []  # slot: add rows 0..K-1, unit rows K..2K-1
+    for i, r in enumerate(rows):
+        if isinstance(r, np.ndarray):
+            if r.shape != (F,):
+                raise ValueError(f"steering rows of {r.size} floats do not fit {K} slots x hidden {H}")
+            out[i] = r
+        elif r is not None:
+            if len(r.params) > K or r.vectors.shape[1] != H:
+                raise ValueError(f"{len(r.params)} ops of hidden {r.vectors.shape[1]} for {K} slots of hidden {H}")
+            vectors.append(r.vectors)
+            for k, p in enumerate(r.params):
+                layer.append(i)
+                slot.append(k if p[0] == "add" else K + k)
+                if p[0] == "cap":
+                    cells += [i * F + 2 * K * H + k, i * F + 2 * K * H + K + k]
+                    values += [-np.inf if p[1] is None else p[1], np.inf if p[2] is None else p[2]]
+                elif p[0] == "ablation":
+                    cells.append(i * F + 2 * K * H + 2 * K + k)
+                    values.append(p[1])
+    if layer:
+        out[:, :2 * K * H].reshape(len(rows), 2 * K, H)[layer, slot] = (
+            vectors[0] if len(vectors) == 1 else np.concatenate(vectors))
+    flat = out.reshape(-1)
+    if cells:
+        flat[cells] = values
+    return flat
 
 
 def ops_to_flat(ops: list[Op], num_slots: int, hidden: int) -> np.ndarray:
@@ -146,9 +158,7 @@ def ops_to_flat(ops: list[Op], num_slots: int, hidden: int) -> np.ndarray:
     if len(ops) > K:
         raise ValueError(f"{len(ops)} ops on one layer, but the engine has {K} slots per layer")
     vectors = np.empty((len(ops), H), dtype=np.float32)
-    flat = np.empty(2 * K * H + 3 * K, dtype=np.float32)
-    write_flat(flat, CompactRows(ops_to_compact(ops, vectors), vectors), K, H)
-    return flat
+    return pack_flat([CompactRows(ops_to_compact(ops, vectors), vectors)], K, H)
 
 
 def rows_from_flat(flat: np.ndarray, num_slots: int, hidden: int) -> SlotRows:

@@ -19,7 +19,7 @@ from torch import nn
 from . import capture, vllm_compat
 from .double_buffer import SELECTOR
 from .kernels import steer_residual_
-from .ops import write_flat
+from .ops import pack_flat
 from .routing import ROUTER
 
 _PATCHED_ATTR = "__steer_actors_patched__"
@@ -111,12 +111,7 @@ def pack_rows(items: list[tuple[LayerSteerer, Any, bool]], table: tuple[str, int
     packing shares the GIL with the thread launching forwards."""
     if not items:
         return None
-    K, H = items[0][0].num_slots, items[0][0].hidden
-    per = 2 * K * H + 3 * K
-    host = np.empty(len(items) * per, dtype=np.float32)
-    for i, (_, rows, _) in enumerate(items):
-        write_flat(host[i * per:(i + 1) * per], rows, K, H)
-    flat = torch.from_numpy(host)
+    flat = torch.from_numpy(pack_flat([rows for _, rows, _ in items], items[0][0].num_slots, items[0][0].hidden))
     flags = torch.from_numpy(np.array([int(a) for _, _, a in items], dtype=np.int32)) if table[0] == "global" else None
     if items[0][0].add.is_cuda:
         flat = flat.pin_memory()

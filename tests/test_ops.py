@@ -73,3 +73,29 @@ def test_rows_travel_as_bytes_exactly():
         assert torch.equal(getattr(rows, name), getattr(back, name)), name
     with pytest.raises(ValueError, match="do not fit 4 slots x hidden 16"):
         rows_from_bytes(rows_to_bytes(rows), 4, 16)
+
+
+def test_several_layers_pack_as_each_alone():
+    """pack_flat lays several layers (compact rows, a flat array, none) out in one array, each exactly as
+    ops_to_flat lays that layer out alone."""
+    import numpy as np
+
+    from steer_actors.ops import CompactRows, ops_to_compact, ops_to_flat, pack_flat, rows_from_flat
+
+    g = torch.Generator().manual_seed(5)
+    u = lambda: (lambda v: v / v.norm())(torch.randn(8, generator=g))  # noqa: E731
+    layers = [[Op("add", torch.randn(8, generator=g), scale=0.5), Op("cap", u(), max=1.0)],
+              [],
+              [Op("ablation", u(), scale=0.25), Op("cap", u(), min=-2.0), Op("add", torch.randn(8, generator=g))]]
+    compact = []
+    for ops in layers:
+        vectors = np.empty((len(ops), 8), dtype=np.float32)
+        compact.append(CompactRows(ops_to_compact(ops, vectors), vectors) if ops else None)
+    compact[1] = ops_to_flat([Op("add", torch.ones(8), scale=2.0)], 3, 8)  # an already flat layer
+    want = np.concatenate([ops_to_flat(layers[0], 3, 8), compact[1], ops_to_flat(layers[2], 3, 8)])
+    assert np.array_equal(pack_flat(compact, 3, 8), want)
+    rows = rows_from_flat(pack_flat([compact[2]], 3, 8), 3, 8)
+    assert rows.gamma.tolist() == [0.25, 1.0, 1.0] and rows.lo.tolist() == [-math.inf, -2.0, -math.inf]
+    assert torch.equal(rows.add[2], layers[2][2].vector) and torch.equal(rows.unit[1], layers[2][1].vector)
+    with pytest.raises(ValueError, match="slots"):
+        pack_flat(compact, 2, 8)
