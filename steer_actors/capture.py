@@ -78,6 +78,11 @@ class CaptureStore:
         # Host time capture costs per forward, by thread (ns): the runner's (begin_step + end_step, which
         # delay the next launch) and the copy thread's (bookkeeping; GIL it takes from the runner).
         self._cost = {"steps": 0, "runner_ns": 0, "copy_thread_ns": 0}
+        # Regions take() handed to the engine (region id -> when), until it frees them. One whose free never
+        # comes (the take's reply was lost: a failed or timed-out RPC) is reclaimed after the lease; the
+        # engine frees a region as soon as the object store holds its copy, seconds after the take.
+        self.handed: dict[int, float] = {}
+        self.handed_lease_s = 600.0
 
     @property
     def rows_per_step(self) -> int:
@@ -109,6 +114,7 @@ class CaptureStore:
         the engine maps (else, or when it is full, host memory here)."""
         if self.rows_per_step == 0:
             raise ValueError("this engine was started with capture disabled (capture_rows_per_step=0)")
+        self._reclaim()
         ids = sorted({int(x) for x in layers})
         max_rows = int(max_rows)
         region = self.arena.alloc(len(ids) * max_rows, to_dir, shared_cap_bytes)  # the arena's lock, never the forward's
@@ -335,6 +341,7 @@ class CaptureStore:
                     view[i * maxr + used:(i + 1) * maxr].zero_()
             out.update(file=region.path, offset_rows=region.base, shape=[len(pend.layers), maxr, self.arena.hidden],
                        region=region.id)
+            self.handed[region.id] = time.monotonic()
             return out
         try:
             view, idx = region.view(), torch.from_numpy(positions)
@@ -355,12 +362,25 @@ class CaptureStore:
 
     def free(self, region_ids: list[int]) -> int:
         """Regions :meth:`take` handed over, once their rows are copied out: the next captures reuse them."""
+        for r in region_ids:
+            self.handed.pop(int(r), None)
         return sum(self.arena.free(r) for r in region_ids) if self.arena is not None else 0
+
+    def _reclaim(self) -> None:
+        """Free the handed regions whose lease ran out (see ``handed``); the engine's late free of one then
+        frees nothing (region ids are never reused)."""
+        late = [r for r, t in self.handed.items() if time.monotonic() - t > self.handed_lease_s]
+        if late:
+            import logging
+
+            logging.getLogger(__name__).warning("capture: reclaiming %d regions the engine never freed", len(late))
+            self.free(late)
 
     def stats(self) -> dict[str, int]:
         c = self._cost
         per_step = {k[:-3] + "_us_per_step": round(c[k] / 1e3 / max(1, c["steps"]), 1) for k in ("runner_ns", "copy_thread_ns")}
         return {**(self.arena.stats() if self.arena is not None else {}), "captures_pending": len(self.wanted),
+                "regions_handed": len(self.handed),
                 "capture_steps": c["steps"], **per_step}
 
     def _discard(self, pend: _Pending) -> None:

@@ -291,3 +291,23 @@ def test_a_repeated_batch_reuses_its_plan_and_a_new_request_gets_a_new_one():
         assert decode_tensor(a["layers"]["0"])[:, 0].tolist() == [0, 1, 2, 3]
         assert decode_tensor(b["layers"]["0"])[:, 0].tolist() == [0.5, 1.5, 2.5]
         assert decode_tensor(c["layers"]["0"])[:, 0].tolist() == [0, 1, 2, 3, 4, 5]
+
+
+def test_a_region_the_engine_never_frees_is_reclaimed_after_its_lease(tmp_path):
+    """take() hands a shared region to the engine, which frees it once the object store holds its copy. When
+    that free never comes (the take's reply was lost), the worker takes the region back after the lease, and
+    a late free of it frees nothing."""
+    store, H = make_store(), 4
+    store.register("a", [0], 8, str(tmp_path))
+    step(store, ["a-1"], [2], [0, 1], torch.ones(2, H))
+    a = store.take("a")
+    assert store.stats()["regions_handed"] == 1 and store.arena.get(a["region"]) is not None
+    store.register("b", [0], 8, str(tmp_path))  # within the lease: the region stays the engine's
+    assert store.arena.get(a["region"]) is not None
+    store.handed_lease_s = 0.0
+    store.register("c", [0], 8, str(tmp_path))
+    assert store.arena.get(a["region"]) is None and store.stats()["regions_handed"] == 0
+    assert store.free([a["region"]]) == 0
+    b = store.take("b")
+    assert store.free([b["region"]]) == 1 and store.stats()["regions_handed"] == 0
+    store.arena.close()
