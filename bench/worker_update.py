@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from steer_actors import wire
-from steer_actors.engine import rows_payload
+from steer_actors.change_rows import rows_payload
 from steer_actors.patch import LayerSteerer, load_packed, pack_rows
 from steer_actors.specs import AddSpec, LayerSteeringSpec, ProjectionCapSpec, SteeringSpec
 from steer_actors.worker_ext import SteerWorkerExtension

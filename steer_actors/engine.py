@@ -16,7 +16,6 @@ import time
 import uuid
 from typing import Any
 
-import numpy as np
 
 from . import vllm_compat
 from .capture_registry import CaptureRegistry
@@ -24,6 +23,7 @@ from .engine_capture import EngineCaptureMixin
 from .config import VLLMSteeringConfig
 from .slots import SlotPool
 from .results import GenerationResult, result_from_output
+from .change_rows import rows_payload
 from .specs import SteeringSpec, apply_edit
 
 def _data_plane_hash() -> str:
@@ -115,6 +115,7 @@ class SteerEngine(EngineCaptureMixin):
         self._channel: Any = None  # {lane: ChannelClient} once opened, False if it cannot be
         self._channel_lock = asyncio.Lock()
         self.slots = SlotPool(cfg.max_steering_slots, self._load_slot)
+        _freeze_gc_heap()
 
     async def _side_channel(self, lane: str = "steer") -> Any:
         """The workers' side channel for ``lane`` (opened on first use), or False where it cannot open."""
@@ -362,32 +363,25 @@ class SteerEngine(EngineCaptureMixin):
         self.engine.shutdown()
 
 
+def _freeze_gc_heap() -> None:
+    """What vLLM's own API server does once its engine is up: move the startup heap (the engine, its model
+    config, Ray's and torch's modules) out of the collector's sight, so a full collection while serving walks
+    only what serving made. Full collections of the whole heap are a suspect in the 8B update latency's
+    spikes (this actor's event loop runs the change's build)."""
+    try:
+        from vllm.utils.gc_utils import freeze_gc_heap
+    except ImportError:
+        import gc
+
+        gc.collect()
+        freeze_gc_heap = gc.freeze
+    freeze_gc_heap()
+
+
 def _node_id() -> str | None:
     import ray
 
     return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
-
-
-def rows_payload(spec: SteeringSpec, layers: Any, num_slots: int, hidden: int) -> dict[str, Any]:
-    """A change as the workers load it, built by the engine once for every rank: per steered layer its
-    fingerprint and its ops' numbers, and one float32 row per op in a single buffer (add: ``scale·v``; cap
-    and ablation: the unit direction), so a worker only lays bytes out (its Python shares the GIL with the
-    thread that launches forwards). Bytes, not an array: the payload may also travel through vLLM's
-    collective_rpc, which pickles. An all-layer add + cap change at 8B is 1.2 MB this way; the workers' K-slot
-    layout would be 4.7 MB."""
-    from .ops import ops_to_compact
-
-    steered = [(idx, spec.layers[idx]) for idx in layers if idx in spec.layers]
-    vectors = np.empty((sum(len(ls.operations) for _, ls in steered), hidden), dtype="<f4")
-    out, at = {}, 0
-    for idx, ls in steered:
-        n = len(ls.operations)
-        if n > num_slots:
-            raise ValueError(f"layer {idx} has {n} operations; the engine allows {num_slots} (max_ops_per_layer)")
-        out[str(idx)] = [ls.fingerprint(), ops_to_compact(ls.to_ops(), vectors[at:at + n])]
-        at += n
-    return {"layers": out, "vectors": vectors.tobytes(), "steerable": list(layers), "fingerprint": spec.fingerprint(),
-            "slots": num_slots, "hidden": hidden}
 
 
 def engine_actor_class(num_cpus: float = 0, num_gpus: float = 0):

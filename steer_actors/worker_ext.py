@@ -12,11 +12,11 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
 
 from . import capture, vllm_compat
 from .double_buffer import SELECTOR
-from .ops import CompactRows, ops_to_flat
+from .change_rows import rows_from_payload
+from .ops import ops_to_flat
 from .patch import LayerSteerer, install as install_patch, load_packed, pack_rows, steerers
 from .plugin import dump_stacks_on_signal
 from .routing import ROUTER
@@ -93,39 +93,16 @@ class SteerWorkerExtension:
         return spec.fingerprint(), rows
 
     def _rows_from_engine(self, payload: dict[str, Any]):
-        """Rows the engine actor built from a spec it validated (see :func:`steer_actors.engine.rows_payload`):
-        (fingerprint, {layer: (key, CompactRows or None)}). This worker only checks that they fit its layers;
-        its thread shares the GIL with the runner."""
+        """Rows the engine actor built from a spec it validated: (fingerprint, {layer: (key, CompactRows or
+        None)}), checked against this worker's layers (see :mod:`.change_rows`)."""
         layers = self._steer_layers()
-        any_layer = next(iter(layers.values()), None)
-        if any_layer is None:
+        if not layers:
             raise ValueError(self._no_layers())
-        K, H = any_layer.num_slots, any_layer.hidden
-        if (payload.get("slots"), payload.get("hidden")) != (K, H):
-            raise ValueError(f"rows for {payload.get('slots')} slots x hidden {payload.get('hidden')}; this worker "
-                             f"has {K} x {H}")
-        if sorted(payload.get("steerable") or []) != sorted(layers):
-            raise ValueError(f"rows for layers {payload.get('steerable')}; this worker steers {sorted(layers)}")
-        data = payload.get("vectors")
-        if not isinstance(data, (bytes, bytearray)) or len(data) % (4 * H):
-            raise ValueError(f"steering vectors must be float32 bytes in rows of hidden {H}")
-        vectors = np.frombuffer(data, dtype="<f4").reshape(-1, H)
-        entries = [(int(k), key, params) for k, (key, params) in payload["layers"].items()]
-        n_ops = sum(len(params) for _, _, params in entries)
-        if n_ops != len(vectors):
-            raise ValueError(f"{len(vectors)} steering vectors for {n_ops} ops")
-        rows: dict[int, tuple[str, Any]] = {idx: ("", None) for idx in layers}
-        at = 0
-        for idx, key, params in entries:
-            if idx not in layers or not params or len(params) > K:
-                raise ValueError(f"layer {idx}: {len(params)} ops for a layer of {K} slots this worker steers")
-            rows[idx] = (key, CompactRows(params, vectors[at:at + len(params)]))
-            at += len(params)
-        return payload["fingerprint"], rows
+        return rows_from_payload(payload, layers)
 
     def steer_stage(self, version: int, change: dict[str, Any]) -> str:
         """``change``: a spec's wire form (validated and built here), or rows the engine actor built
-        (:func:`steer_actors.engine.rows_payload`, with ``"vectors"``). Nothing visible changes."""
+        (:func:`steer_actors.change_rows.rows_payload`, with ``"vectors"``). Nothing visible changes."""
         fp, rows = self._rows_from_engine(change) if "vectors" in change else self._build_rows(change)
         self._steer_state()["staged"][int(version)] = (fp, rows)
         return fp

@@ -72,13 +72,13 @@ def test_a_writer_never_waits_for_a_forward_being_enqueued():
 
 
 def test_engine_rows_land_as_the_workers_own_build():
-    """What the engine actor sends for a change (one row per op, :func:`engine.rows_payload`), read by a
+    """What the engine actor sends for a change (one row per op, :func:`change_rows.rows_payload`), read by a
     worker and packed, equals the K-slot rows the worker would build from the spec itself, byte for byte;
     a payload that does not fit the worker's layers is refused whole."""
     import pytest
 
     from steer_actors import wire
-    from steer_actors.engine import rows_payload
+    from steer_actors.change_rows import rows_payload
     from steer_actors.specs import AblationSpec, AddSpec, LayerSteeringSpec, ProjectionCapSpec, SteeringSpec
     from steer_actors.worker_ext import SteerWorkerExtension
 
