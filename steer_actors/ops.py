@@ -172,25 +172,6 @@ def ops_to_rows(ops: list[Op], num_slots: int, hidden: int) -> SlotRows:
     return rows_from_flat(ops_to_flat(ops, num_slots, hidden), num_slots, hidden)
 
 
-def rows_to_bytes(rows: SlotRows) -> bytes:
-    """One layer's rows as little-endian float32 bytes (the layout of :func:`ops_to_flat`)."""
-    return np.concatenate([t.reshape(-1).float().numpy() for t in (rows.add, rows.unit, rows.lo, rows.hi, rows.gamma)]
-                          ).astype("<f4", copy=False).tobytes()
-
-
-def flat_from_bytes(data: bytes, num_slots: int, hidden: int) -> np.ndarray:
-    """Read-only float32 view of one layer's rows as :func:`ops_to_flat` lays them out."""
-    K, H = num_slots, hidden
-    flat = np.frombuffer(data, dtype="<f4")
-    if flat.size != 2 * K * H + 3 * K:
-        raise ValueError(f"steering rows of {flat.size} floats do not fit {K} slots x hidden {H}")
-    return flat
-
-
-def rows_from_bytes(data: bytes, num_slots: int, hidden: int) -> SlotRows:
-    return rows_from_flat(flat_from_bytes(data, num_slots, hidden).astype(np.float32), num_slots, hidden)
-
-
 def apply_slots(
     s: torch.Tensor,
     add_: torch.Tensor,

@@ -61,20 +61,6 @@ def test_open_bounds_are_infinite():
     assert rows.lo[0] == -math.inf and rows.hi[0] == 1.0
 
 
-def test_rows_travel_as_bytes_exactly():
-    """The engine actor builds rows once and ships them as float32 bytes; the worker rebuilds them."""
-    from steer_actors.ops import rows_from_bytes, rows_to_bytes
-
-    v = torch.randn(32, generator=torch.Generator().manual_seed(4))
-    u = v / v.norm()
-    rows = ops_to_rows([Op("add", v, scale=1.5), Op("cap", u, min=-1.0), Op("ablation", u, scale=0.0)], 4, 32)
-    back = rows_from_bytes(rows_to_bytes(rows), 4, 32)
-    for name in ("add", "unit", "lo", "hi", "gamma"):
-        assert torch.equal(getattr(rows, name), getattr(back, name)), name
-    with pytest.raises(ValueError, match="do not fit 4 slots x hidden 16"):
-        rows_from_bytes(rows_to_bytes(rows), 4, 16)
-
-
 def test_several_layers_pack_as_each_alone():
     """pack_flat lays several layers (compact rows, a flat array, none) out in one array, each exactly as
     ops_to_flat lays that layer out alone."""
