@@ -204,12 +204,12 @@ async def run_ours(model: str, eager: bool, measure: list[str]) -> dict:
             xs = sorted(xs)
             return {"p50": xs[len(xs) // 2], "p99": xs[max(0, int(len(xs) * 0.99) - 1)], "max": xs[-1]}
 
-        async def series(switch_interval_s: float) -> dict:
-            """100 changes, alternating one-layer and all-layer, with the engine process's GIL switch interval
-            set to ``switch_interval_s``; the garbage collector's pauses in this process meanwhile."""
+        async def series(worker_switch_s: float) -> dict:
+            """100 changes, alternating one-layer and all-layer, with the worker processes' GIL switch interval
+            at ``worker_switch_s``; the garbage collector's pauses in this process meanwhile."""
             import gc
 
-            sys.setswitchinterval(switch_interval_s)
+            await eng.engine.collective_rpc("steer_switch_interval", args=(worker_switch_s,))
             lat, parts, exch, pauses, started = [], [], [], [], {}
 
             def gc_timer(phase, info):
@@ -228,7 +228,8 @@ async def run_ours(model: str, eager: bool, measure: list[str]) -> dict:
                 exch.append(dict(eng._channel["steer"].last_exchange_ms) if eng._channel else {})
                 await asyncio.sleep(0.02)
             gc.callbacks.remove(gc_timer)
-            out = {"ms": {**pct(lat), "n": len(lat)}, "all_layer_ms": pct(lat[1::2]), "switch_interval_s": switch_interval_s,
+            out = {"ms": {**pct(lat), "n": len(lat)}, "all_layer_ms": pct(lat[1::2]),
+                   "worker_switch_interval_s": worker_switch_s,
                    # a full collection walks every object of the process (vLLM's too): a candidate for the spikes
                    "gc_pauses": {f"gen{g}": {"n": sum(1 for x, _ in pauses if x == g),
                                              "max_ms": round(max([d for x, d in pauses if x == g], default=0.0), 2)}
@@ -238,22 +239,31 @@ async def run_ours(model: str, eager: bool, measure: list[str]) -> dict:
                 # the engine's share: validating + building rows, and the whole exchange with the worker (which
                 # holds the worker's share and the wake-ups of the engine's event loop)
                 out["engine_ms"] = {k: pct([p[3 + j] for p in parts]) for j, k in enumerate(["build", "exchange"])}
-            if all(exch):  # the exchange on the engine's side: packing, the wait for its thread (and the GIL),
-                # sending, the workers' replies, then the wake-up of the event loop
+            if all(exch):  # the exchange on the engine's side: packing, waiting for the client's turn, sending,
+                # the workers' replies (read by a reader callback on the loop), then the loop resuming the call
                 out["exchange_ms"] = {k: pct([e[k] for e in exch]) for k in exch[0]}
             return out
 
-        # Python's 5 ms (what the engine runs with), then 0.5 ms: session 9 saw the exchange thread's waits for
-        # the GIL shrink at 0.5 ms (p99 to_thread + send 9.9 -> 2.3 ms) but the build on the loop grow
+        # Python's 5 ms in the workers (what ships), then 0.5 ms: session 9 saw the worker's copy wait for the
+        # GIL (p50 0.22 ms, p99 6.3 ms); the engine side no longer hands the exchange to a thread
         upd = await series(0.005)
-        res["update_switch_0.5ms"] = await series(0.0005)
-        sys.setswitchinterval(0.005)
+        res["update_worker_switch_0.5ms"] = await series(0.0005)
+        await eng.engine.collective_rpc("steer_switch_interval", args=(0.005,))
         running = not bg.done()  # the updates must all have landed while the batch was decoding
         await bg
         res["update_ms"] = {**upd["ms"], "all_while_decoding": running}
-        for k in ("worker_ms", "engine_ms", "exchange_ms", "all_layer_ms", "switch_interval_s", "gc_pauses"):
+        for k in ("worker_ms", "engine_ms", "exchange_ms", "all_layer_ms", "worker_switch_interval_s", "gc_pauses"):
             if k in upd:
                 res["update_" + k] = upd[k]
+        await eng.apply_spec(SteeringSpec().to_wire())
+        # what 0.5 ms in the workers costs the runner: idle throughput, alternating with Python's 5 ms
+        for r in range(int(os.environ.get("BENCH_SWITCH_ROUNDS", "2"))):
+            for w in (0.0005, 0.005):
+                await eng.engine.collective_rpc("steer_switch_interval", args=(w,))
+                runs = res.setdefault("idle_by_worker_switch", {}).setdefault(f"{w * 1e3:g}ms", [])
+                await _throughput(generate, reps=1, runs=runs)
+            print("RESULT=" + json.dumps(res), flush=True)
+        await eng.engine.collective_rpc("steer_switch_interval", args=(0.005,))
     eng.engine.shutdown()
     return res
 

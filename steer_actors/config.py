@@ -38,6 +38,10 @@ class VLLMSteeringConfig(BaseModel):
     capture_rows_per_step: int | None = Field(
         default=None, ge=0, description="device capture buffer, in tokens per forward (fp32, every layer): "
                                         "None = max_num_batched_tokens (never overflows); 0 = capture off, no buffer")
+    worker_switch_interval_s: float | None = Field(
+        default=None, ge=1e-5, le=1.0, description="GIL switch interval of the vLLM worker processes (None: "
+                                                   "Python's 5 ms); lower shortens a change's wait for the GIL "
+                                                   "while the runner's thread runs Python")
     env: dict[str, str] = Field(default_factory=dict, description="environment for the engine's processes")
 
     # ---- serving (Ray Serve app) ----

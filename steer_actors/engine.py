@@ -109,6 +109,7 @@ class SteerEngine(EngineCaptureMixin):
         self._tokenizer = None
         self._layers: list[int] | None = None
         self._max_ops = cfg.max_ops_per_layer
+        self._worker_switch_interval_s = cfg.worker_switch_interval_s
         self._device = device
         self.captures = CaptureRegistry(cfg.capture_budget_bytes, cfg.capture_ttl_s)
         self._recomputed_rows = 0
@@ -125,7 +126,8 @@ class SteerEngine(EngineCaptureMixin):
                     try:
                         from .channel import LANES, ChannelClient
 
-                        ranks = await self.engine.collective_rpc("steer_channel_open")
+                        ranks = await self.engine.collective_rpc("steer_channel_open",
+                                                                 args=(self._worker_switch_interval_s,))
                         self._channel = {lane: ChannelClient([r[lane] for r in ranks]) for lane in LANES}
                     except Exception as e:  # e.g. no zmq: slower, same semantics
                         import logging

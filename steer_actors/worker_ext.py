@@ -54,15 +54,30 @@ class SteerWorkerExtension:
         return (f"this engine has no steerable layers (was it started by steer_actors?): it runs "
                 f"{type(model).__name__} with layers {kinds}; patched here: {patched}")
 
-    def steer_channel_open(self) -> dict[str, str]:
-        """Start this worker's side channel (once): the address of each lane (see :mod:`.channel`)."""
+    def steer_channel_open(self, switch_interval_s: float | None = None) -> dict[str, str]:
+        """Start this worker's side channel (once): the address of each lane (see :mod:`.channel`).
+        ``switch_interval_s``: see :meth:`steer_switch_interval`."""
         from .channel import LANES, WorkerChannel
 
         vllm_compat.install_step_probe(self)
+        self.steer_switch_interval(switch_interval_s)
         chans = self.__dict__.get("_steer_channels")
         if chans is None:
             chans = self._steer_channels = {lane: WorkerChannel(self, lane) for lane in LANES}
         return {lane: ch.address for lane, ch in chans.items()}
+
+    def steer_switch_interval(self, seconds: float | None) -> float:
+        """Set this worker process's GIL switch interval (None: leave it); returns the one in force. A channel
+        thread copying a change waits up to one interval for the GIL each time the runner's thread holds it
+        (H100, 8B under load: the worker's copy p50 0.22 ms, p99 6.3 ms at Python's 5 ms). It only matters
+        while two threads want the GIL: idle channel threads wait in their sockets without it."""
+        import sys
+
+        if seconds is not None:
+            if not 1e-5 <= float(seconds) <= 1.0:
+                raise ValueError(f"switch interval must be within [1e-5, 1] s, got {seconds}")
+            sys.setswitchinterval(float(seconds))
+        return sys.getswitchinterval()
 
     def steer_info(self) -> dict[str, Any]:
         layers = self._steer_layers()

@@ -91,11 +91,31 @@ def test_cancelled_caller_leaves_sockets_in_step(ranks):
             await task
         for w in workers:
             w.gate.set()
-        # the cancelled exchange finished in the client's thread; the next call gets its own replies
+        # the cancelled exchange finished in the background; the next call gets its own replies
         return await client.call("steer_info")
 
     assert asyncio.run(main()) == [{"rank": 0}, {"rank": 1}]
     assert [w.committed for w in workers] == [[5], [5]]
+
+
+def test_concurrent_calls_take_turns_and_each_gets_its_own_replies(ranks):
+    """Calls on one client queue for the REQ sockets (one request in flight each); the loop thread sends
+    and a reader callback reads, so every caller must still get the replies to its own request."""
+    workers, client = ranks
+
+    async def main():
+        for w in workers:
+            w.gate.clear()
+        calls = [asyncio.create_task(client.call("steer_apply", v, {})) for v in range(10, 20)]
+        await asyncio.sleep(0.05)
+        for w in workers:
+            w.gate.set()
+        return await asyncio.gather(*calls)
+
+    out = asyncio.run(main())
+    assert out == [[f"fp{v}-r0", f"fp{v}-r1"] for v in range(10, 20)]
+    assert [w.committed for w in workers] == [list(range(10, 20))] * 2
+    assert set(client.last_exchange_ms) == {"pack", "turn", "send", "replies", "to_loop"}
 
 
 def test_timeout_names_the_rank_and_the_channel_recovers(lanes):
@@ -108,7 +128,7 @@ def test_timeout_names_the_rank_and_the_channel_recovers(lanes):
 
 
 def test_loop_stays_free_while_a_call_waits(lanes):
-    """The exchange runs off the event loop: other coroutines keep running while a rank holds the call."""
+    """Waiting for the replies leaves the event loop free: other coroutines run while a rank holds the call."""
     workers, clients = lanes
     client = clients["requests"]
 
