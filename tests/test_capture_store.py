@@ -311,3 +311,31 @@ def test_a_region_the_engine_never_frees_is_reclaimed_after_its_lease(tmp_path):
     b = store.take("b")
     assert store.free([b["region"]]) == 1 and store.stats()["regions_handed"] == 0
     store.arena.close()
+
+
+def test_a_region_stored_whole_carries_nothing_of_its_last_capture(tmp_path):
+    """A reused region handed over whole (the request used nearly all of it) has the unused tail of every
+    layer zeroed: those rows hold the previous capture's activations, maybe another user's."""
+    store = make_store()
+    H = 4
+
+    def both_layers(ids, counts, positions, value):
+        qsl = np.concatenate([[0], np.cumsum(counts)])
+        pos = torch.tensor(positions)
+        store.begin_step(ids, qsl, pos, pos + 1000, len(pos))
+        for i in (0, 1):
+            hidden = torch.full((len(positions), H), value + i)
+            layer0(store, hidden, torch.zeros_like(hidden), i=i)
+        store.end_step()
+
+    store.register("a", [0, 1], 8, str(tmp_path))
+    both_layers(["a-1"], [8], list(range(8)), 5.0)
+    a = store.take("a")
+    assert file_rows(a, 16)[:, 0].tolist() == [5.0] * 8 + [6.0] * 8
+    store.free([a["region"]])
+    store.register("c", [0, 1], 8, str(tmp_path))
+    both_layers(["c-1"], [7], list(range(7)), 1.0)  # one row short: the region is still stored whole
+    c = store.take("c")
+    assert c["offset_rows"] == a["offset_rows"] and c["shape"] == [2, 8, H]
+    assert file_rows(c, 16)[:, 0].tolist() == [1.0] * 7 + [0.0] + [2.0] * 7 + [0.0]
+    store.arena.close()
