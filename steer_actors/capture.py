@@ -2,7 +2,7 @@
 requests, labelled by absolute position and input token.
 
 Graph-safe: the steering op itself writes captured rows into a buffer allocated at construction
-(``[num_layers, rows_per_step, hidden]`` fp32), steered by a per-token destination index and per-layer
+(``[num_layers, rows_per_step, hidden]``, of the capture dtype: see :mod:`.row_dtype`), steered by a per-token destination index and per-layer
 flags that the host fills before each forward. A CUDA graph replay runs the same kernel, so capture
 works with graphs on. After the forward, the step's rows are gathered on the device (stream-ordered,
 before the next step overwrites the buffer). On a GPU whose arena pages are registered with it
@@ -28,7 +28,7 @@ import time
 import numpy as np
 import torch
 
-from . import wire
+from . import row_dtype, wire
 from .capture_arena import DEFAULT_SEGMENT_BYTES, DEFAULT_SHARED_SEGMENT_BYTES, Arena, Region, stored_rows
 from .capture_arena import _pid_namespace, sweep_orphan_files  # noqa: F401 (their home was here)
 from .capture_step import Plan, launch_direct, launch_host
@@ -58,7 +58,7 @@ class CaptureStore:
         self._direct = direct
         self.wanted: dict[str, _Pending] = {}  # external request id -> what it accumulated
         # Device buffers shared by every layer (created on the construction-time device).
-        self.buf: torch.Tensor | None = None  # [num_layers, rows, H] fp32
+        self.buf: torch.Tensor | None = None  # [num_layers, rows, H] of the capture dtype
         self.dst: torch.Tensor | None = None  # [max_tokens] int32: row of buf for each token, -1 = none
         self.layer_on: torch.Tensor | None = None  # [num_layers] int32: capture this layer in this step
         self.any_on: torch.Tensor | None = None  # [1] int32: 0 = nothing captured in this step
@@ -88,14 +88,15 @@ class CaptureStore:
     def rows_per_step(self) -> int:
         return 0 if self.buf is None else self.buf.shape[1]
 
-    def buffers(self, num_layers: int, rows: int, hidden: int, max_tokens: int):
+    def buffers(self, num_layers: int, rows: int, hidden: int, max_tokens: int, dtype: torch.dtype = torch.float32):
         if self.buf is None:
-            self.buf = torch.zeros(num_layers, rows, hidden, dtype=torch.float32)
+            self.buf = torch.zeros(num_layers, rows, hidden, dtype=dtype)
             self._ctl = torch.zeros(num_layers + 1 + max_tokens, dtype=torch.int32)
             self.layer_on, self.any_on = self._ctl[:num_layers], self._ctl[num_layers:num_layers + 1]
             self.dst = self._ctl[num_layers + 1:]
             self.dst.fill_(-1)
-            self.arena = Arena(hidden, self._segment_bytes, self._shared_segment_bytes, self._mapper(self.buf.device))
+            self.arena = Arena(hidden, self._segment_bytes, self._shared_segment_bytes, self._mapper(self.buf.device),
+                               dtype)
         return self.buf, self.dst, self.layer_on, self.any_on
 
     def _mapper(self, device: torch.device):
@@ -340,7 +341,7 @@ class CaptureStore:
                 # (H100: 29 calls per take were a fifth of this thread's samples)
                 region.view()[:len(pend.layers) * maxr].view(len(pend.layers), maxr, -1)[:, used:].zero_()
             out.update(file=region.path, offset_rows=region.base, shape=[len(pend.layers), maxr, self.arena.hidden],
-                       region=region.id)
+                       dtype=row_dtype.name(self.arena.dtype), region=region.id)
             self.handed[region.id] = time.monotonic()
             return out
         try:

@@ -1,4 +1,4 @@
-"""Where captured rows live on the worker's host: a few large segments of fp32 rows, mapped once for the
+"""Where captured rows live on the worker's host: a few large segments of rows (see :mod:`.row_dtype`), mapped once for the
 worker's life, handed out as row ranges (regions) and recycled.
 
 A capture writes one row per (layer, position); a fresh file per request meant a page fault for nearly
@@ -34,6 +34,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from . import row_dtype
+
 DEFAULT_SEGMENT_BYTES = 1 << 30
 # Shared segments are sparse (reserved region by region), so a large one costs only address space (and 8
 # bytes of pinned books per row), and a step writes one run of rows per segment it touches (each run ~8 device
@@ -50,7 +52,7 @@ class Segment:
     index: int
     directory: str | None  # None: anonymous host memory
     path: str | None
-    rows: torch.Tensor  # [n_rows, H] fp32 over the whole mapping
+    rows: torch.Tensor  # [n_rows, H] of the arena's dtype, over the whole mapping
     free: list[list[int]]  # sorted, disjoint, never adjacent: [start, length]
     fd: int | None = None
     reserved: int = 0  # rows [0, reserved) of the file are backed (fallocated)
@@ -91,13 +93,14 @@ class Region:
 
 class Arena:
     def __init__(self, hidden: int, segment_bytes: int = DEFAULT_SEGMENT_BYTES, shared_segment_bytes: int | None = None,
-                 mapper: Any = None):
+                 mapper: Any = None, dtype: torch.dtype = torch.float32):
         """``segment_bytes``: a host-memory segment; ``shared_segment_bytes`` (default the same): a file one.
         ``mapper`` (a :class:`~steer_actors.capture_direct.HostMapper`): segments are registered with its
         device as their rows are reserved, so the device can write rows in place."""
         self.mapper = mapper
         self.hidden = int(hidden)
-        self.row_bytes = self.hidden * 4
+        self.dtype = dtype
+        self.row_bytes = self.hidden * row_dtype.itemsize(dtype)
         self.segment_rows = max(1, int(segment_bytes) // self.row_bytes)
         self.shared_segment_rows = max(1, int(shared_segment_bytes or segment_bytes) // self.row_bytes)
         self.segments: list[Segment] = []
@@ -184,9 +187,9 @@ class Arena:
             if not self._exit_hook:
                 atexit.register(self.close)
                 self._exit_hook = True
-        array = np.frombuffer(mm, dtype=np.float32).reshape(n_rows, self.hidden)
-        seg = Segment(len(self.segments), directory, path, torch.from_numpy(array), [[0, n_rows]], fd, _map=mm,
-                      array=array)
+        array = np.frombuffer(mm, dtype=row_dtype.storage(self.dtype)).reshape(n_rows, self.hidden)
+        seg = Segment(len(self.segments), directory, path, row_dtype.as_tensor(array, self.dtype), [[0, n_rows]], fd,
+                      _map=mm, array=array)
         if self.mapper is None:  # zero pages until used (calloc)
             seg.counts, seg.tokens = np.zeros(n_rows, dtype=np.int32), np.zeros(n_rows, dtype=np.int32)
         else:  # page-aligned, for the device to write (registered in _map_new)
@@ -215,7 +218,7 @@ class Arena:
         if not self.mapper.register(seg.array.ctypes.data, end):
             return
         seg.mapped = end
-        rows = self.mapper.view(seg.array)
+        rows = self.mapper.view(seg.array).view(self.dtype)
         if not self.mapper.self_test(rows, seg.array, 0):
             return
         if not self.mapper.register(seg._meta.ctypes.data, seg._meta.nbytes):

@@ -25,6 +25,8 @@ import os
 import numpy as np
 import torch
 
+from . import row_dtype
+
 try:
     import triton
     import triton.language as tl
@@ -85,7 +87,7 @@ class HostMapper:
         try:
             rows[row].copy_(probe)
             torch.cuda.synchronize(self.device)
-            good = bool(np.array_equal(array[row], probe.cpu().numpy()))
+            good = bool(np.array_equal(array[row], row_dtype.as_storage(probe.cpu())))
         except RuntimeError as e:
             log.warning("capture arena: device write into host memory failed (%s); captures take the host path", e)
             return False

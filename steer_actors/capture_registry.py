@@ -14,10 +14,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from . import row_dtype
+
 
 @dataclass
 class _Entry:
-    ref: Any  # one object per capture: [layers, >= rows, H] fp32 (one object, not one per layer: each
+    ref: Any  # one object per capture: [layers, >= rows, H] of dtype's storage (one object, not one per layer: each
     # object-store entry costs about a millisecond to create, a layer's rows far less to copy)
     layer_ids: list[int]
     rows: int  # the capture's rows are [:, :rows]
@@ -25,6 +27,7 @@ class _Entry:
     token_ids: list[int]
     nbytes: int
     created: float
+    dtype: str  # see row_dtype: bfloat16 rows travel as int16
 
 
 class CaptureRegistry:
@@ -60,20 +63,23 @@ class CaptureRegistry:
 
         ids = sorted(layers)
         rows = len(positions)
-        ref = ray.put(np.stack([layers[i][:rows].numpy() for i in ids]) if ids else np.zeros((0, rows, 0), np.float32))
-        nbytes = sum(layers[i][:rows].numel() * 4 for i in ids)
-        return self.put_ref(capture_id, ref, ids, rows, positions, token_ids, nbytes)
+        dtype = layers[ids[0]].dtype if ids else torch.float32
+        ref = ray.put(np.stack([row_dtype.as_storage(layers[i][:rows]) for i in ids]) if ids
+                      else np.zeros((0, rows, 0), row_dtype.storage(dtype)))
+        nbytes = sum(layers[i][:rows].numel() * layers[i].element_size() for i in ids)
+        return self.put_ref(capture_id, ref, ids, rows, positions, token_ids, nbytes, row_dtype.name(dtype))
 
     def put_ref(self, capture_id: str, ref: Any, layer_ids: list[int], rows: int, positions: list[int],
-                token_ids: list[int], nbytes: int) -> dict[str, Any]:
+                token_ids: list[int], nbytes: int, dtype: str = "float32") -> dict[str, Any]:
         """Register an object made elsewhere (e.g. the return of a task still copying it):
-        ``[len(layer_ids), >= rows, H]`` fp32, the capture being its first ``rows`` rows."""
+        ``[len(layer_ids), >= rows, H]`` of ``dtype``'s storage, the capture being its first ``rows`` rows."""
         with self._lock:
             self.entries[capture_id] = _Entry(ref, list(layer_ids), int(rows), positions, token_ids, nbytes,
-                                              time.monotonic())
+                                              time.monotonic(), dtype)
             self.used += nbytes
         return {"capture_id": capture_id, "ref": ref, "layers": list(layer_ids), "rows": int(rows),
-                "positions": positions, "token_ids": token_ids, "nbytes": nbytes, "owner": current_actor()}
+                "positions": positions, "token_ids": token_ids, "nbytes": nbytes, "dtype": dtype,
+                "owner": current_actor()}
 
     async def get(self, capture_id: str) -> dict[str, Any]:
         """Awaited, never a blocking ``ray.get``: the refs may be the returns of a task of this same
@@ -84,7 +90,8 @@ class CaptureRegistry:
             raise ValueError(f"unknown capture {capture_id!r} (released, expired, or never made here)")
         arr = await e.ref
         return {"positions": e.positions, "token_ids": e.token_ids,
-                "layers": {layer: torch.from_numpy(np.array(arr[i, :e.rows])) for i, layer in enumerate(e.layer_ids)}}
+                "layers": {layer: row_dtype.as_tensor(np.array(arr[i, :e.rows]), e.dtype)
+                           for i, layer in enumerate(e.layer_ids)}}
 
     def release(self, capture_ids: list[str]) -> int:
         n = 0

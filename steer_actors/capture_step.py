@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from . import row_dtype
 from .capture_direct import dest_offsets, write_run
 from .capture_write import write_step
 from .transfer import to_device
@@ -138,7 +139,7 @@ def launch_host(layout: list, layers: list[int], rows: np.ndarray, pos: torch.Te
                 host = [snap, pt]
             t0 = time.perf_counter_ns()
             pos_tok = host[1].numpy()
-            write_step(layout, layers, host[0].numpy(), pos_tok[0], pos_tok[1].astype(np.int32))
+            write_step(layout, layers, row_dtype.as_storage(host[0]), pos_tok[0], pos_tok[1].astype(np.int32))
             cost["copy_thread_ns"] += time.perf_counter_ns() - t0
         except BaseException as e:
             for pend, _, _ in layout:

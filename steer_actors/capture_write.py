@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from . import row_dtype
 from .capture_arena import Segment
 
 
@@ -20,7 +21,7 @@ def write_step(layout: list, layers: list[int], rows: np.ndarray | torch.Tensor 
     wrote them already, leaving only positions and tokens. Per segment: one numpy
     scatter of whole rows (it copies rows with memcpy and without the GIL, which the thread launching
     forwards needs; torch's ``index_copy_`` copies element by element), the bookkeeping vectorized."""
-    rows = rows.numpy() if isinstance(rows, torch.Tensor) else rows
+    rows = row_dtype.as_storage(rows) if isinstance(rows, torch.Tensor) else rows
     pends = [pend for pend, _, _ in layout]
     k, n, n_layers = len(pends), pos.shape[0], len(layers)
     counts = np.fromiter((b - a for _, a, b in layout), np.int64, k)

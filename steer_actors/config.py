@@ -42,6 +42,9 @@ class VLLMSteeringConfig(BaseModel):
         default=None, ge=1e-5, le=1.0, description="GIL switch interval of the vLLM worker processes (None: "
                                                    "Python's 5 ms); lower shortens a change's wait for the GIL "
                                                    "while the runner's thread runs Python")
+    capture_dtype: Literal["model", "float32", "bfloat16", "float16"] = Field(
+        default="model", description="what captured rows are stored as: the model's dtype (its residual stream "
+                                     "is held in it between layers; half of float32's bytes for bf16) or float32")
     env: dict[str, str] = Field(default_factory=dict, description="environment for the engine's processes")
 
     # ---- serving (Ray Serve app) ----

@@ -17,7 +17,7 @@ import uuid
 from typing import Any
 
 
-from . import vllm_compat
+from . import row_dtype, vllm_compat
 from .capture_registry import CaptureRegistry
 from .engine_capture import EngineCaptureMixin
 from .config import VLLMSteeringConfig
@@ -67,6 +67,7 @@ class SteerEngine(EngineCaptureMixin):
                 "max_ops_per_layer": cfg.max_ops_per_layer,
                 "request_slots": cfg.max_steering_slots,
                 "capture_rows": cfg.capture_rows_per_step,
+                "capture_dtype": cfg.capture_dtype,
             }},
         )
         if device == "cuda":
@@ -101,6 +102,7 @@ class SteerEngine(EngineCaptureMixin):
             logging.getLogger(__name__).warning("could not note the engine's shared memory: %s", e)
         mc = self.engine.vllm_config.model_config
         self.hidden_size = mc.get_hidden_size()
+        self.capture_dtype = row_dtype.resolve(cfg.capture_dtype, mc.dtype)  # as the workers resolve it
         self.num_layers = mc.get_num_layers(self.engine.vllm_config.parallel_config)
         self.spec = SteeringSpec()
         self.version = 0

@@ -10,6 +10,7 @@ from typing import Any
 
 import ray
 
+from . import row_dtype
 from .capture_arena import is_segment_path, stored_rows
 from .capture_registry import current_actor
 from .results import GenerationResult
@@ -31,7 +32,7 @@ class EngineCaptureMixin:
         # rows a request can have: prompt + max_tokens (vLLM runs an unset max_tokens to the model's length)
         max_len = int(self.engine.vllm_config.model_config.max_model_len)
         rows = [min(max_len, n + params.max_tokens) if params.max_tokens else max(max_len, n) for n in n_tokens]
-        need = sum(rows) * len(set(layers)) * self.hidden_size * 4
+        need = sum(rows) * len(set(layers)) * self.hidden_size * row_dtype.itemsize(self.capture_dtype)
         self.captures.reserve(need)
         try:
             ranks = await self._coalesced("steer_capture_register")(ids, [(rid, sorted(set(layers)), r)
@@ -92,11 +93,13 @@ class EngineCaptureMixin:
                 # and a fetch waits only for its own rows.
                 layer_ids = data["layer_ids"]
                 rows = stored_rows(keep, int(data["shape"][1]))
-                ref = me.materialize_capture.remote(data["file"], data["offset_rows"], data["shape"], rows)
+                dtype = data.get("dtype", "float32")
+                ref = me.materialize_capture.remote(data["file"], data["offset_rows"], data["shape"], rows, dtype)
                 handed.append(data["region"])
                 pending.append(ref)
-                nbytes = len(layer_ids) * rows * int(data["shape"][2]) * 4  # what the object store holds
-                res.captures = self.captures.put_ref(rid, ref, layer_ids, keep, positions, tokens, nbytes)
+                # what the object store holds
+                nbytes = len(layer_ids) * rows * int(data["shape"][2]) * row_dtype.itemsize(row_dtype.DTYPES[dtype])
+                res.captures = self.captures.put_ref(rid, ref, layer_ids, keep, positions, tokens, nbytes, dtype)
                 stored.append(rid)
 
             def store() -> None:  # copies into the object store: off the event loop, which serves every request
@@ -158,7 +161,8 @@ class EngineCaptureMixin:
         return self.__dict__.setdefault("_capture_segments", {})
 
     @ray.method(concurrency_group=STORE_GROUP)
-    async def materialize_capture(self, path: str, offset_rows: int, shape: list[int], rows: int) -> Any:
+    async def materialize_capture(self, path: str, offset_rows: int, shape: list[int], rows: int,
+                                  dtype: str = "float32") -> Any:
         """The first ``rows`` rows of each layer of one region (``shape``: [layers, max_rows, H], layer-major)
         of a capture segment, as one array: this task's return value is the capture's object-store entry.
         The whole region is a contiguous view of the mapping, which Ray's put copies with its parallel copy;
@@ -170,7 +174,9 @@ class EngineCaptureMixin:
 
         n_layers, max_rows, hidden = (int(x) for x in shape)
         offset_rows, rows = int(offset_rows), int(rows)
-        flat = _segment(self._segment_maps(), path)
+        if dtype not in row_dtype.DTYPES:
+            raise ValueError(f"unknown capture dtype {dtype!r}")
+        flat = _segment(self._segment_maps(), path, dtype)
         start, end = offset_rows * hidden, (offset_rows + n_layers * max_rows) * hidden
         if min(n_layers, max_rows, hidden) <= 0 or offset_rows < 0 or end > flat.shape[0] or not 0 <= rows <= max_rows:
             raise ValueError(f"region {offset_rows}+{shape} (rows {rows}) is not inside {path!r}")
@@ -201,15 +207,16 @@ class EngineCaptureMixin:
         return next((r for r in ranks if r is not None), {})
 
 
-def _segment(maps: dict[Any, Any], path: str) -> Any:
-    """A capture segment mapped once per engine (flat fp32): its pages fault once, not once per capture.
-    Keyed by the file itself too: a ``/proc/<pid>/fd/<fd>`` path names another file once that worker is gone."""
+def _segment(maps: dict[Any, Any], path: str, dtype: str) -> Any:
+    """A capture segment mapped once per engine (flat, of ``dtype``'s storage: see :mod:`.row_dtype`): its pages
+    fault once, not once per capture. Keyed by the file itself too: a ``/proc/<pid>/fd/<fd>`` path names
+    another file once that worker is gone."""
     import numpy as np
 
-    key = (path, os.stat(path).st_ino)
+    key = (path, os.stat(path).st_ino, dtype)
     arr = maps.get(key)
     if arr is None:
-        arr = maps[key] = np.memmap(path, dtype=np.float32, mode="r")
+        arr = maps[key] = np.memmap(path, dtype=row_dtype.storage(row_dtype.DTYPES[dtype]), mode="r")
     return arr
 
 
@@ -218,16 +225,15 @@ def _capture_layers(data: dict[str, Any], maps: dict[str, Any]) -> dict[int, Any
     ([layer, position, hidden], layer-major)."""
     import warnings
 
-    import torch
-
     from .wire import decode_tensor
 
     if "file" in data:
         # rows by absolute position, mapped rather than read: the object store's put is the one copy here
-        arr = _segment(maps, data["file"]).reshape(-1, int(data["shape"][2]))
+        dtype = data.get("dtype", "float32")
+        arr = _segment(maps, data["file"], dtype).reshape(-1, int(data["shape"][2]))
         off, max_rows, n = int(data["offset_rows"]), int(data["shape"][1]), len(data["positions"])
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # a read-only mapping: nobody writes through these tensors
-            return {int(layer): torch.from_numpy(arr[off + i * max_rows:off + i * max_rows + n])
+            return {int(layer): row_dtype.as_tensor(arr[off + i * max_rows:off + i * max_rows + n], dtype)
                     for i, layer in enumerate(data["layer_ids"])}
     return {int(k): decode_tensor(v) for k, v in data["layers"].items()}

@@ -6,27 +6,29 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
+from . import row_dtype
 
 
 @dataclass
 class CaptureHandle:
     """One request's captured residual stream. ``captures[layer][0]["hidden"]`` is ``[seq_len, H]``
-    fp32 with ``seq_len = prompt + generated - 1``, once fetched (see :func:`fetch_captures_batch`)."""
+    with ``seq_len = prompt + generated - 1``, once fetched (see :func:`fetch_captures_batch`), of ``dtype``:
+    the engine's ``capture_dtype`` (by default the model's)."""
 
     capture_id: str
     layer_indices: list[int]
     positions: list[int]
     token_ids: list[int]
     nbytes: int
-    ref: Any = field(repr=False)  # one object-store entry: [layers, >= rows, H] fp32
+    ref: Any = field(repr=False)  # one object-store entry: [layers, >= rows, H] (see row_dtype)
     owner: Any = field(default=None, repr=False)  # the engine actor that owns the tensors
     captures: dict[int, list[dict[str, Any]]] | None = None
+    dtype: str = "float32"
 
     @classmethod
     def from_wire(cls, d: dict[str, Any]) -> "CaptureHandle":
         return cls(d["capture_id"], [int(k) for k in d["layers"]], list(d["positions"]), list(d["token_ids"]),
-                   int(d["nbytes"]), d["ref"], d.get("owner"))
+                   int(d["nbytes"]), d["ref"], d.get("owner"), dtype=d.get("dtype", "float32"))
 
 
 def fetch_captures_batch(handles: list[CaptureHandle], timeout_s: float = 300.0) -> list[CaptureHandle]:
@@ -50,6 +52,6 @@ def fetch_captures_batch(handles: list[CaptureHandle], timeout_s: float = 300.0)
         warnings.simplefilter("ignore")  # object-store arrays are read-only; we never write to them
         for h, arr in zip(handles, arrays):
             rows = len(h.positions)  # views of the object-store buffer: no copy
-            h.captures = {layer: [{"hidden": torch.from_numpy(arr[i, :rows]), "positions": h.positions,
+            h.captures = {layer: [{"hidden": row_dtype.as_tensor(arr[i, :rows], h.dtype), "positions": h.positions,
                                    "token_ids": h.token_ids}] for i, layer in enumerate(h.layer_indices)}
     return handles

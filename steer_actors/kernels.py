@@ -68,7 +68,7 @@ if triton is not None:
             tl.store(delta_ptr + row * stride_d + cols, out, mask=mask)
             s = out.to(tl.float32) + r  # what the next layer sees: delta rounded to the model dtype
         if dst >= 0:
-            tl.store(cap_buf_ptr + dst * H + cols, s, mask=mask)
+            tl.store(cap_buf_ptr + dst * H + cols, s.to(cap_buf_ptr.dtype.element_ty), mask=mask)
 
 
 def _apply_rows(s, add, unit, lo, hi, gamma):
@@ -106,7 +106,7 @@ def _torch_impl(delta, residual, add, unit, lo, hi, gamma, active, sel, radd, ru
     if cap:
         dst = cap_dst[:T].long()
         rows = (dst >= 0).nonzero().squeeze(-1)
-        cap_buf[dst[rows]] = s[rows]
+        cap_buf[dst[rows]] = s[rows].to(cap_buf.dtype)
 
 
 def _use_triton(delta: torch.Tensor) -> bool:

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import capture, vllm_compat
+from . import capture, row_dtype, vllm_compat
 from .double_buffer import SELECTOR
 from .kernels import steer_residual_
 from .ops import pack_flat
@@ -33,7 +33,7 @@ class LayerSteerer(nn.Module):
     """
 
     def __init__(self, layer_idx: int, hidden: int, num_slots: int, request_slots: int = 0, max_tokens: int = 8192,
-                 num_layers: int | None = None, capture_rows: int = 0):
+                 num_layers: int | None = None, capture_rows: int = 0, capture_dtype: torch.dtype = torch.float32):
         super().__init__()
         self.layer_idx = layer_idx
         self.hidden = hidden
@@ -63,7 +63,7 @@ class LayerSteerer(nn.Module):
         self.register_buffer("any_bound", any_bound, persistent=False)
         # Capture: this layer's view of the shared capture buffer and flag (see steer_actors.capture).
         buf, dst, layer_on, any_on = capture.STORE.buffers(num_layers or layer_idx + 1, capture_rows, hidden,
-                                                           max_tokens)
+                                                           max_tokens, capture_dtype)
         self.register_buffer("cap_buf", buf[layer_idx], persistent=False)
         self.register_buffer("cap_dst", dst, persistent=False)
         self.register_buffer("cap_on", layer_on[layer_idx:layer_idx + 1], persistent=False)
@@ -154,7 +154,9 @@ def _wrap_init(orig_init):
             capture_rows = 0
         self.steerer = LayerSteerer(idx, vllm_compat.hidden_size_at_construction(self), int(cfg["max_ops_per_layer"]),
                                     int(cfg.get("request_slots", 0)), vllm_compat.max_batched_tokens_at_construction(),
-                                    vllm_compat.num_layers_at_construction(), int(capture_rows))
+                                    vllm_compat.num_layers_at_construction(), int(capture_rows),
+                                    # vLLM builds the model under its dtype as torch's default
+                                    row_dtype.resolve(cfg.get("capture_dtype"), torch.get_default_dtype()))
 
     return __init__
 

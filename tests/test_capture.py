@@ -246,3 +246,32 @@ def test_capture_is_exact_through_a_real_preemption(ray_local, tight_kv_engine, 
     for prompt, res in zip(prompts, results):
         assert res["token_ids"] == oracles["qwen3"].greedy(prompt, 240).token_ids
     assert_matches_hf(oracles["qwen3"], prompts, results, handles)
+
+
+@pytest.fixture(scope="module")
+def bf16_engine(ray_local, qwen3_path):
+    yield from engine_lifetime(ray_local, model_name=qwen3_path, dtype="bfloat16", max_num_batched_tokens=32)
+
+
+def test_bf16_model_captures_bf16_rows_equal_to_hf(ray_local, bf16_engine, qwen3_path):
+    """``capture_dtype="model"``: a bf16 model's rows come back as bf16, half of fp32's bytes, through the
+    shared segment and the object store, and equal HF's bf16 layer outputs up to bf16 kernel differences."""
+    from steer_actors.testing.hf_oracle import HFOracle
+
+    results, handles = capture(ray_local, bf16_engine)
+    oracle = HFOracle(qwen3_path, dtype=torch.bfloat16)
+    for prompt, res, h in zip(PROMPTS, results, handles):
+        full = prompt + res["token_ids"]
+        # the object store holds the whole region (prompt + max_tokens rows; one unused): 2 bytes a value
+        assert h.dtype == "bfloat16" and h.nbytes == len(LAYERS) * len(full) * 256 * 2
+        ref = oracle.hidden_states(full[:-1])
+        for layer in LAYERS:
+            got = h.captures[layer][0]["hidden"]
+            assert got.dtype == torch.bfloat16 and got.shape == (len(full) - 1, 256)
+            scale = ref[layer].float().abs().max().item()
+            err = (got.float() - ref[layer].float()).abs().max().item()
+            assert err <= 2e-2 * scale, f"layer {layer}: max error {err:.3g} of scale {scale:.3g}"
+    # what the HTTP route serves: the same rows, from the engine's registry
+    got = ray_local.get(bf16_engine.get_capture.remote(handles[0].capture_id))
+    assert got["layers"][LAYERS[0]].dtype == torch.bfloat16
+    assert torch.equal(got["layers"][LAYERS[0]], handles[0].captures[LAYERS[0]][0]["hidden"])

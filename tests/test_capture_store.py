@@ -339,3 +339,29 @@ def test_a_region_stored_whole_carries_nothing_of_its_last_capture(tmp_path):
     assert c["offset_rows"] == a["offset_rows"] and c["shape"] == [2, 8, H]
     assert file_rows(c, 16)[:, 0].tolist() == [1.0] * 7 + [0.0] + [2.0] * 7 + [0.0]
     store.arena.close()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_rows_are_stored_in_the_capture_dtype(tmp_path, dtype):
+    """A bf16 model's rows are kept as bf16 (half of fp32's bytes), rounded once from the fp32 sum h + r, as
+    vLLM rounds the residual it hands the next layer; inline and through a shared segment alike."""
+    from steer_actors import row_dtype
+    from steer_actors.wire import decode_tensor
+
+    H = 4
+    store = new_store()
+    store.buffers(num_layers=2, rows=16, hidden=H, max_tokens=32, dtype=dtype)
+    assert store.arena.row_bytes == 2 * H
+    store.register("a", [0], 4)  # host memory: rows come back inline
+    store.register("b", [0], 4, str(tmp_path))  # a shared segment the engine maps
+    exact = torch.tensor([[1 / 3, 2 / 3, 1e-3 + 1, -7 / 9]]).expand(4, H).contiguous()
+    hidden = exact + torch.arange(4.0)[:, None] * 1000  # far from representable in 8 bits of mantissa
+    step(store, ["a-1", "b-2"], [2, 2], [0, 1, 0, 1], hidden)
+    want = hidden.to(dtype)
+    a, b = store.take("a"), store.take("b")
+    got_a = decode_tensor(a["layers"]["0"])
+    assert got_a.dtype == dtype and torch.equal(got_a, want[:2])
+    assert b["dtype"] == row_dtype.name(dtype)
+    raw = np.fromfile(b["file"], dtype=row_dtype.storage(dtype), count=2 * H, offset=b["offset_rows"] * H * 2)
+    assert torch.equal(row_dtype.as_tensor(raw.reshape(2, H), b["dtype"]), want[2:])
+    store.arena.close()
