@@ -36,7 +36,7 @@ class VLLMSteeringConfig(BaseModel):
     capture_budget_bytes: int = Field(default=2 << 30, description="per engine; captures beyond it are refused")
     capture_ttl_s: float = Field(default=3600.0, description="captures not released are dropped after this")
     capture_rows_per_step: int | None = Field(
-        default=None, ge=0, description="device capture buffer, in tokens per forward (fp32, every layer): "
+        default=None, ge=0, description="device capture buffer, in tokens per forward (every layer): "
                                         "None = max_num_batched_tokens (never overflows); 0 = capture off, no buffer")
     worker_switch_interval_s: float | None = Field(
         default=None, ge=1e-5, le=1.0, description="GIL switch interval of the vLLM worker processes (None: "

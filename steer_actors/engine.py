@@ -161,6 +161,7 @@ class SteerEngine(EngineCaptureMixin):
             "num_layers": self.num_layers,
             "steerable_layers": self._layers,
             "max_ops_per_layer": self._max_ops,
+            "capture_dtype": row_dtype.name(self.capture_dtype),
             "spec_version": self.version,
             "spec_fingerprint": self.fingerprint,
             "node_id": _node_id(),

@@ -13,7 +13,8 @@ from . import row_dtype
 class CaptureHandle:
     """One request's captured residual stream. ``captures[layer][0]["hidden"]`` is ``[seq_len, H]``
     with ``seq_len = prompt + generated - 1``, once fetched (see :func:`fetch_captures_batch`), of ``dtype``:
-    the engine's ``capture_dtype`` (by default the model's)."""
+    the engine's ``capture_dtype`` (by default the model's). ``ref``'s array holds bfloat16 rows as int16
+    bits (numpy has no bfloat16): :func:`fetch_captures_batch` gives them back as bfloat16 tensors."""
 
     capture_id: str
     layer_indices: list[int]

@@ -48,5 +48,7 @@ def as_storage(t: torch.Tensor) -> np.ndarray:
 def as_tensor(arr: Any, dtype: str | torch.dtype) -> torch.Tensor:
     """Host bytes (numpy, storage dtype) as a tensor of ``dtype`` (a view, no copy)."""
     dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
+    if np.dtype(arr.dtype) != storage(dtype):  # a view of other bytes would silently change the row length
+        raise ValueError(f"{dtype} rows are stored as {storage(dtype)}, not {arr.dtype}")
     t = torch.from_numpy(arr)
     return t.view(dtype) if t.dtype != dtype else t

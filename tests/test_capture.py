@@ -258,6 +258,7 @@ def test_bf16_model_captures_bf16_rows_equal_to_hf(ray_local, bf16_engine, qwen3
     shared segment and the object store, and equal HF's bf16 layer outputs up to bf16 kernel differences."""
     from steer_actors.testing.hf_oracle import HFOracle
 
+    assert ray_local.get(bf16_engine.info.remote())["capture_dtype"] == "bfloat16"
     results, handles = capture(ray_local, bf16_engine)
     oracle = HFOracle(qwen3_path, dtype=torch.bfloat16)
     for prompt, res, h in zip(PROMPTS, results, handles):

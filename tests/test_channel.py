@@ -227,3 +227,74 @@ def test_a_change_that_finds_no_gap_is_withdrawn_not_applied_late():
     with channel.LOCK:
         channel.run_pending()  # the next forward: nothing left to land
     assert ran == []
+
+
+def _rep_server(replies):
+    """A bare REP socket answering its n-th request with ``replies(n)``: (delay s, raw bytes)."""
+    import zmq
+
+    from steer_actors import wire
+
+    sock = zmq.Context.instance().socket(zmq.REP)
+    port = sock.bind_to_random_port("tcp://127.0.0.1")
+
+    def serve():
+        n = 0
+        while True:
+            sock.recv()
+            delay, raw = replies(n)
+            time.sleep(delay)
+            sock.send(raw if raw is not None else wire.packb({"ok": n}))
+            n += 1
+
+    threading.Thread(target=serve, daemon=True).start()
+    return f"tcp://127.0.0.1:{port}"
+
+
+def test_a_malformed_reply_fails_one_call_and_the_next_gets_fresh_sockets():
+    """The rank still owing its reply gets a new socket (its REQ socket could never send again)."""
+    addrs = [_rep_server(lambda n: (0, b"\xc1" if n == 0 else None)), _rep_server(lambda n: (0.2 if n == 0 else 0, None))]
+    client = channel.ChannelClient(addrs, timeout_s=2)
+
+    async def main():
+        with pytest.raises(ValueError, match="malformed msgpack"):
+            await client.call("steer_info")
+        await asyncio.sleep(0.3)
+        return await client.call("steer_info")
+
+    assert asyncio.run(main()) == [1, 1]
+    client.close()
+
+
+def test_a_call_right_after_a_timeout_hears_every_rank():
+    """The timed-out exchange stops watching its sockets before the next call watches them (a deferred
+    removal would take the healthy rank's new reader with it)."""
+    addrs = [_rep_server(lambda n: (0, None)), _rep_server(lambda n: (0.6 if n == 0 else 0, None))]
+    client = channel.ChannelClient(addrs, timeout_s=0.3)
+
+    async def main():
+        with pytest.raises(RuntimeError, match=r"worker\(s\) \[1\] did not answer in 0.3 s"):
+            await client.call("steer_info")
+        return await client.call("steer_info")  # at once, in the same step of the loop
+
+    assert asyncio.run(main()) == [1, 1]
+    client.close()
+
+
+def test_close_fails_a_call_in_flight_at_once():
+    addrs = [_rep_server(lambda n: (0.5, None))]
+    client = channel.ChannelClient(addrs, timeout_s=5)
+
+    async def main():
+        call = asyncio.create_task(client.call("steer_info"))
+        await asyncio.sleep(0.05)
+        t = time.perf_counter()
+        client.close()
+        with pytest.raises(RuntimeError, match="closed"):
+            await call
+        took = time.perf_counter() - t
+        with pytest.raises(RuntimeError, match="closed"):
+            await client.call("steer_info")
+        return took
+
+    assert asyncio.run(main()) < 0.1
