@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from .ops import CompactRows, ops_to_compact
+from .ops import CompactRows, unit_rows
 from .specs import SteeringSpec
 
 
@@ -19,16 +19,33 @@ def rows_payload(spec: SteeringSpec, layers: Any, num_slots: int, hidden: int) -
     Bytes, not an array: the payload may also travel through vLLM's collective_rpc, which pickles. An
     all-layer add + cap change at 8B is 1.2 MB this way; the workers' K-slot layout would be 4.7 MB."""
     steered = [(idx, spec.layers[idx]) for idx in layers if idx in spec.layers]
-    vectors = np.empty((sum(len(ls.operations) for _, ls in steered), hidden), dtype="<f4")
-    out, at = {}, 0
+    out = {}
     for idx, ls in steered:
-        n = len(ls.operations)
-        if n > num_slots:
-            raise ValueError(f"layer {idx} has {n} operations; the engine allows {num_slots} (max_ops_per_layer)")
-        out[str(idx)] = [ls.fingerprint(), ops_to_compact(ls.to_ops(), vectors[at:at + n])]
-        at += n
+        if len(ls.operations) > num_slots:
+            raise ValueError(f"layer {idx} has {len(ls.operations)} operations; the engine allows {num_slots} "
+                             f"(max_ops_per_layer)")
+        out[str(idx)] = [ls.fingerprint(), [_params(o) for o in ls.operations]]
+    # every op's row in a few numpy calls for all layers (as ops_to_compact lays them out, bit for bit): this
+    # runs on the engine actor's event loop, and op by op it was most of an all-layer change's build
+    ops = [o for _, ls in steered for o in ls.operations]
+    vectors = np.stack([o.vector.numpy() for o in ops]) if ops else np.empty((0, hidden), dtype=np.float32)
+    adds = [k for k, o in enumerate(ops) if o.kind == "add"]
+    dirs = [k for k, o in enumerate(ops) if o.kind != "add"]
+    if adds:
+        vectors[adds] *= np.array([ops[k].scale for k in adds], dtype=np.float32)[:, None]
+    if dirs:
+        vectors[dirs] = unit_rows(vectors[dirs])
     return {"layers": out, "vectors": vectors.tobytes(), "steerable": list(layers), "fingerprint": spec.fingerprint(),
             "slots": num_slots, "hidden": hidden}
+
+
+def _params(o: Any) -> list:
+    """An op spec's numbers, as :func:`~steer_actors.ops.ops_to_compact` gives them."""
+    if o.kind == "add":
+        return ["add"]
+    if o.kind == "cap":
+        return ["cap", o.min, o.max]
+    return ["ablation", o.scale]
 
 
 def rows_from_payload(payload: dict[str, Any], layers: dict[int, Any]) -> tuple[str, dict[int, tuple[str, Any]]]:

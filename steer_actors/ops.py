@@ -32,6 +32,13 @@ class Op:
     max: float | None = None
 
 
+def unit_rows(vectors: np.ndarray) -> np.ndarray:
+    """Each row of ``vectors`` (``[n, H]`` float32) over its norm. Every unit direction is made here, one
+    vector or many at once: each row's result does not depend on the others (numpy reduces each row alone),
+    so rows the engine builds for all layers in one call equal those a worker builds op by op, bit for bit."""
+    return vectors / np.sqrt(np.add.reduce(vectors * vectors, axis=1))[:, None]
+
+
 def add(s: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
     return s + scale * v
 

@@ -22,7 +22,7 @@ from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, PlainSerial
                       field_validator, model_validator)
 
 from . import wire
-from .ops import Op
+from .ops import Op, unit_rows
 
 
 @contextlib.contextmanager
@@ -101,7 +101,7 @@ class _DirectionSpec(_OpBase):
         return v
 
     def unit(self) -> torch.Tensor:
-        return self.vector / self.vector.norm()
+        return torch.from_numpy(unit_rows(self.vector.numpy()[None])[0])
 
 
 class ProjectionCapSpec(_DirectionSpec):

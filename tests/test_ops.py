@@ -85,3 +85,32 @@ def test_several_layers_pack_as_each_alone():
     assert torch.equal(rows.add[2], layers[2][2].vector) and torch.equal(rows.unit[1], layers[2][1].vector)
     with pytest.raises(ValueError, match="slots"):
         pack_flat(compact, 2, 8)
+
+
+def test_engine_payload_rows_equal_op_by_op_rows_at_full_width():
+    """The engine builds every layer's rows in a few numpy calls; at the 8B width (4096) and 36 layers they
+    equal, bit for bit, what each op gives alone (the unit of a direction does not depend on its neighbours)."""
+    import numpy as np
+
+    from steer_actors.change_rows import rows_payload
+    from steer_actors.ops import ops_to_compact
+    from steer_actors.specs import AblationSpec, AddSpec, LayerSteeringSpec, ProjectionCapSpec, SteeringSpec
+
+    H, L = 4096, 36
+    g = torch.Generator().manual_seed(5)
+    v = lambda: torch.randn(H, generator=g) * 3  # noqa: E731
+    spec = SteeringSpec(layers={i: LayerSteeringSpec(operations=[
+        AddSpec(vector=v(), scale=0.1 * i - 1.7), ProjectionCapSpec(vector=v(), min=-1.0, max=2.0),
+        AblationSpec(vector=v(), scale=0.3)][i % 3:]) for i in range(L)})
+    payload = rows_payload(spec, list(range(L)), 4, H)
+    got = np.frombuffer(payload["vectors"], dtype=np.float32).reshape(-1, H)
+    want, params = [], []
+    for i in range(L):
+        ops = spec.layers[i].to_ops()
+        rows = np.empty((len(ops), H), dtype=np.float32)
+        params.append(ops_to_compact(ops, rows))
+        want.append(rows)
+    assert got.tobytes() == np.concatenate(want).tobytes()
+    assert [payload["layers"][str(i)][1] for i in range(L)] == params
+    u = spec.layers[1].operations[0].unit()
+    assert abs(float(u.norm()) - 1.0) < 1e-6
