@@ -350,11 +350,13 @@ def run_capture(model: str) -> dict:
              log_to_driver=False)
     eng = engine_actor_class().remote(dict(model_name=model, dtype="bfloat16", max_model_len=1024,
                                            gpu_memory_utilization=0.8, capture_budget_bytes=room,
+                                           # "model" (bf16 rows here) unless a run asks for float32 rows
+                                           capture_dtype=os.environ.get("BENCH_CAPTURE_DTYPE", "model"),
                                            engine_kwargs={"skip_tokenizer_init": True}))
     info = ray.get(eng.info.remote())
     layers = list(range(info["num_layers"]))
     sp = dict(max_tokens=GEN_LEN, temperature=0.0, ignore_eos=True, detokenize=False)
-    res: dict = {}
+    res: dict = {"capture_dtype": info.get("capture_dtype", "float32")}
 
     marks: dict = {}  # the last run's times: its start, each response, each release
 

@@ -12,7 +12,8 @@
 # about 70 s alone; a fresh machine's first start is slower still: cold Triton and compile caches):
 #   N        update latency (GPU 0), then capture throughput + fetch (GPU 1), one compile cache
 #   C        capture throughput + fetch alone (GPU 1), py-spy profiles of the worker and the engine actor; then
-#            the same without the device's row writes (C_SECOND=skip), or with C_SECOND=torch|<scatter programs>
+#            the same without the device's row writes (C_SECOND=skip), or with C_SECOND=torch|<scatter programs>,
+#            or with float32 rows (C_SECOND=fp32; the first run stores the model's dtype)
 #   E        the app on all four (whole log kept, GPU processes sampled every 10 s); E_MODEL=8b|0.6b. At 8B it
 #            needs more than one call's 10 minutes (E_APP_S, default 880 s): run it through bench/gpu_bg.sh
 #   R        the 0.6B steering ratios again (stock, ours, stock; one round), R_LIMIT=<s> to fit what is left
@@ -94,9 +95,11 @@ case $step in
       report capture capture_host; exit 0
     fi
     # the same without the device's writes (rows not written: benchmark only), to tell their cost from the
-    # host's; C_SECOND=torch|<programs> runs that scatter instead
+    # host's; C_SECOND=torch|<programs> runs that scatter instead, C_SECOND=fp32 float32 rows (the first run
+    # stores the model's dtype, bf16)
     case ${C_SECOND:-skip} in
       skip|torch) second="STEER_CAPTURE_SCATTER=${C_SECOND:-skip}" ;;
+      fp32) second="BENCH_CAPTURE_DTYPE=float32" ;;
       *) second="STEER_CAPTURE_SCATTER_PROGRAMS=$C_SECOND" ;;
     esac
     echo "capture_2: $second"
