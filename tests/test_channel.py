@@ -12,6 +12,21 @@ import pytest
 from steer_actors import channel
 
 
+@pytest.fixture(autouse=True, params=["asyncio", "uvloop"])
+def loop_kind(request, monkeypatch):
+    """Every test under asyncio's own loop and under uvloop (Ray runs actors, the engine's home, on uvloop:
+    libuv watches descriptors its own way, e.g. it must not watch one that is closed)."""
+    if request.param == "uvloop":
+        uvloop = pytest.importorskip("uvloop")
+
+        def run(coro):
+            with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+                return runner.run(coro)
+
+        monkeypatch.setattr(asyncio, "run", run)
+    return request.param
+
+
 class Worker:
     def __init__(self, rank: int):
         self.rank, self.staged, self.committed = rank, {}, []
