@@ -12,7 +12,7 @@ Two forms of the same ops:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
@@ -91,6 +91,9 @@ class CompactRows:
 
     params: list[list]
     vectors: np.ndarray  # [n ops, H] float32
+    # (the whole change's rows, this layer's first row) when ``vectors`` is a slice of one buffer that every
+    # layer's rows of a change are consecutive slices of (as the engine sends a change): see _joined
+    within: tuple[np.ndarray, int] | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:  # a worker refuses a malformed change when it stages it, not at commit
         if self.vectors.ndim != 2 or len(self.vectors) != len(self.params):
@@ -150,12 +153,31 @@ def pack_flat(rows: list, num_slots: int, hidden: int) -> np.ndarray:
                     cells.append(i * F + 2 * K * H + 2 * K + k)
                     values.append(p[1])
     if layer:
-        out[:, :2 * K * H].reshape(len(rows), 2 * K, H)[layer, slot] = (
-            vectors[0] if len(vectors) == 1 else np.concatenate(vectors))
+        out[:, :2 * K * H].reshape(len(rows), 2 * K, H)[layer, slot] = _joined(
+            [r for r in rows if isinstance(r, CompactRows)])
     flat = out.reshape(-1)
     if cells:
         flat[cells] = values
     return flat
+
+
+def _joined(parts: list[CompactRows]) -> np.ndarray:
+    """Every part's rows, in order, as one array. Rows that lie one after another in one buffer (a change as
+    the engine sends it) are that buffer's slice, no copy; else one concatenation, which copies part by part
+    and lets go of the GIL at each (a worker then waits for the runner's thread each time: under a Python-bound
+    runner, 36 layers took 60-70 ms to join, `bench/worker_update.py`)."""
+    if len(parts) == 1:
+        return parts[0].vectors
+    first = parts[0].within
+    if first is not None:
+        at = first[1]
+        for p in parts:
+            if p.within is None or p.within[0] is not first[0] or p.within[1] != at:
+                break
+            at += len(p.vectors)
+        else:
+            return first[0][first[1]:at]
+    return np.concatenate([p.vectors for p in parts])
 
 
 def ops_to_flat(ops: list[Op], num_slots: int, hidden: int) -> np.ndarray:
