@@ -71,6 +71,6 @@ def rows_from_payload(payload: dict[str, Any], layers: dict[int, Any]) -> tuple[
     for idx, key, params in entries:
         if idx not in layers or not params or len(params) > K:
             raise ValueError(f"layer {idx}: {len(params)} ops for a layer of {K} slots this worker steers")
-        rows[idx] = (key, CompactRows(params, vectors[at:at + len(params)], within=(vectors, at)))
+        rows[idx] = (key, CompactRows(params, vectors[at:at + len(params)]))
         at += len(params)
     return payload["fingerprint"], rows

@@ -12,7 +12,7 @@ Two forms of the same ops:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
@@ -91,9 +91,6 @@ class CompactRows:
 
     params: list[list]
     vectors: np.ndarray  # [n ops, H] float32
-    # (the whole change's rows, this layer's first row) when ``vectors`` is a slice of one buffer that every
-    # layer's rows of a change are consecutive slices of (as the engine sends a change): see _joined
-    within: tuple[np.ndarray, int] | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:  # a worker refuses a malformed change when it stages it, not at commit
         if self.vectors.ndim != 2 or len(self.vectors) != len(self.params):
@@ -122,62 +119,47 @@ def ops_to_compact(ops: list[Op], out: np.ndarray) -> list[list]:
     return params
 
 
-def pack_flat(rows: list, num_slots: int, hidden: int) -> np.ndarray:
+def pack_flat(rows: list, num_slots: int, hidden: int, tail: int = 0) -> np.ndarray:
     """Several layers' rows, each as :func:`ops_to_flat` lays them out, one after another in one float32 array;
-    each given as such a flat array, as compact rows, or as None (the identity). A few numpy calls whatever
-    the number of layers and ops: on a large array each call lets go of the GIL, which the runner's thread may
-    then keep for a whole switch interval (the worker packs while forwards are launched)."""
+    each given as such a flat array, as compact rows, or as None (the identity); then ``tail`` zeros.
+
+    A worker packs while the runner's thread launches forwards, and every numpy call on a large array lets go of
+    the GIL, which that thread may then keep for a whole switch interval. So the big moves here hold the GIL
+    instead: the buffer is zeroed by ``bytearray`` and rows are copied through memoryviews, a memcpy each (an
+    all-layer change at 8B: 72 rows of 16 KB, about 0.1 ms). Under a Python-bound runner, numpy's zeroing and
+    scatter (and a concatenation, one release per layer) took 60-90 ms to pack 36 layers
+    (`bench/worker_update.py`)."""
     K, H = num_slots, hidden
     F = 2 * K * H + 3 * K
-    out = np.zeros((len(rows), F), dtype=np.float32)  # fresh zero pages: no fill loop, no letting go of the GIL
-    out[:, 2 * K * H:2 * K * H + K] = -np.inf
+    whole = np.frombuffer(bytearray(4 * (len(rows) * F + tail)), dtype=np.float32)
+    out = whole[:len(rows) * F].reshape(len(rows), F)
+    out[:, 2 * K * H:2 * K * H + K] = -np.inf  # 3K values a layer: too few for numpy to let go of the GIL
     out[:, 2 * K * H + K:2 * K * H + 2 * K] = np.inf
     out[:, 2 * K * H + 2 * K:] = 1.0
-    layer, slot, vectors, cells, values = [], [], [], [], []  # slot: add rows 0..K-1, unit rows K..2K-1
+    dest = memoryview(whole).cast("B")
+    row_bytes = 4 * H
+    cells, values = [], []
     for i, r in enumerate(rows):
         if isinstance(r, np.ndarray):
             if r.shape != (F,):
                 raise ValueError(f"steering rows of {r.size} floats do not fit {K} slots x hidden {H}")
-            out[i] = r
-        elif r is not None:
+            dest[4 * i * F:4 * (i + 1) * F] = memoryview(np.ascontiguousarray(r, dtype=np.float32)).cast("B")
+        elif r is not None and r.params:
             if len(r.params) > K or r.vectors.shape[1] != H:
                 raise ValueError(f"{len(r.params)} ops of hidden {r.vectors.shape[1]} for {K} slots of hidden {H}")
-            vectors.append(r.vectors)
+            src = memoryview(np.ascontiguousarray(r.vectors, dtype=np.float32)).cast("B")
             for k, p in enumerate(r.params):
-                layer.append(i)
-                slot.append(k if p[0] == "add" else K + k)
+                at = 4 * (i * F + (k if p[0] == "add" else K + k) * H)  # add rows 0..K-1, unit rows K..2K-1
+                dest[at:at + row_bytes] = src[k * row_bytes:(k + 1) * row_bytes]
                 if p[0] == "cap":
                     cells += [i * F + 2 * K * H + k, i * F + 2 * K * H + K + k]
                     values += [-np.inf if p[1] is None else p[1], np.inf if p[2] is None else p[2]]
                 elif p[0] == "ablation":
                     cells.append(i * F + 2 * K * H + 2 * K + k)
                     values.append(p[1])
-    if layer:
-        out[:, :2 * K * H].reshape(len(rows), 2 * K, H)[layer, slot] = _joined(
-            [r for r in rows if isinstance(r, CompactRows)])
-    flat = out.reshape(-1)
     if cells:
-        flat[cells] = values
-    return flat
-
-
-def _joined(parts: list[CompactRows]) -> np.ndarray:
-    """Every part's rows, in order, as one array. Rows that lie one after another in one buffer (a change as
-    the engine sends it) are that buffer's slice, no copy; else one concatenation, which copies part by part
-    and lets go of the GIL at each (a worker then waits for the runner's thread each time: under a Python-bound
-    runner, 36 layers took 60-70 ms to join, `bench/worker_update.py`)."""
-    if len(parts) == 1:
-        return parts[0].vectors
-    first = parts[0].within
-    if first is not None:
-        at = first[1]
-        for p in parts:
-            if p.within is None or p.within[0] is not first[0] or p.within[1] != at:
-                break
-            at += len(p.vectors)
-        else:
-            return first[0][first[1]:at]
-    return np.concatenate([p.vectors for p in parts])
+        whole[cells] = values
+    return whole
 
 
 def ops_to_flat(ops: list[Op], num_slots: int, hidden: int) -> np.ndarray:

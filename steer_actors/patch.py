@@ -12,7 +12,6 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -47,7 +46,8 @@ class LayerSteerer(nn.Module):
         self.register_buffer("hi", torch.full((2, num_slots), math.inf, **f32), persistent=False)
         self.register_buffer("gamma", torch.ones(2, num_slots, **f32), persistent=False)
         # 0 while the copy has no ops: the op then does no work (read on the device at replay time).
-        self.register_buffer("active", torch.zeros(2, dtype=torch.int32), persistent=False)
+        # float32 (a flag, 0 or 1), so a change's flags travel in the same float32 buffer as its rows
+        self.register_buffer("active", torch.zeros(2, dtype=torch.float32), persistent=False)
         self.register_buffer("sel", SELECTOR.buffer(), persistent=False)
         # Per-request specs: S = request_slots + 1 tables of K ops (slot 0 = identity), applied after the
         # global ops to the tokens the shared per-token slot index routes to them.
@@ -101,8 +101,8 @@ class PackedRows:
 
     targets: list[LayerSteerer]
     table: tuple[str, int]  # ("global", copy) or ("request", slot): see LayerSteerer.flat_views
-    flat: torch.Tensor  # fp32, pinned on CUDA: each table's rows as ops.ops_to_flat lays them out
-    flags: torch.Tensor | None  # int32, pinned on CUDA: each layer's active flag (global copies only)
+    flat: torch.Tensor  # fp32, pinned on CUDA: each table's rows as ops.ops_to_flat lays them out, then (global
+    # copies only) each layer's active flag
 
 
 def pack_rows(items: list[tuple[LayerSteerer, Any, bool]], table: tuple[str, int]) -> PackedRows | None:
@@ -111,29 +111,57 @@ def pack_rows(items: list[tuple[LayerSteerer, Any, bool]], table: tuple[str, int
     packing shares the GIL with the thread launching forwards."""
     if not items:
         return None
-    flat = torch.from_numpy(pack_flat([rows for _, rows, _ in items], items[0][0].num_slots, items[0][0].hidden))
-    flags = torch.from_numpy(np.array([int(a) for _, _, a in items], dtype=np.int32)) if table[0] == "global" else None
+    n_flags = len(items) if table[0] == "global" else 0
+    flat = pack_flat([rows for _, rows, _ in items], items[0][0].num_slots, items[0][0].hidden, tail=n_flags)
+    if n_flags:
+        flat[-n_flags:] = [float(a) for _, _, a in items]
+    flat = torch.from_numpy(flat)
     if items[0][0].add.is_cuda:
         flat = flat.pin_memory()
-        flags = flags.pin_memory() if flags is not None else None
-    return PackedRows([layer for layer, _, _ in items], table, flat, flags)
+    return PackedRows([layer for layer, _, _ in items], table, flat)
+
+
+class _Staging:
+    """Per kind of table ("global", "request"), a device buffer every change of that kind is copied into in one
+    copy, and its views cut once per set of destinations, so a change costs two torch calls: each lets go of the
+    GIL, which the runner's thread may then hold for a whole switch interval (cutting 216 views anew took
+    several such waits under a Python-bound runner, ``bench/worker_update.py``). Changes of one kind never
+    overlap (global ones hold the selector's lock, request slots the forward lock) and are enqueued on the
+    forwards' stream, so a change overwrites the buffer only after the copies that read the last one."""
+
+    def __init__(self) -> None:
+        self.bufs: dict[str, torch.Tensor] = {}
+        self.cuts: dict[tuple, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
+
+    def sources(self, kind: str, dsts: list[torch.Tensor], n: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        buf = self.bufs.get(kind)
+        if buf is None or buf.numel() < n or buf.device != dsts[0].device:
+            buf = self.bufs[kind] = torch.empty(n, dtype=torch.float32, device=dsts[0].device)
+            self.cuts = {k: v for k, v in self.cuts.items() if k[0] != kind}
+        key = (kind, *map(id, dsts))  # the entry holds ``dsts``: no id is reused while it lives
+        got = self.cuts.get(key)
+        if got is None:
+            if len(self.cuts) >= 64:
+                self.cuts.clear()
+            got = self.cuts[key] = (dsts, list(buf[:n].split([d.shape[0] for d in dsts])))
+        return buf[:n], got[1]
+
+
+_STAGING = _Staging()
 
 
 @torch.inference_mode()
 def load_packed(packed: PackedRows | None) -> None:
-    """Two host-to-device copies and two multi-tensor device copies, whatever the number of layers.
-    Per-layer copies cost six CUDA calls per layer, made under the forward lock while the runner's
-    thread competes for the GIL (H100, 28 layers: 5.8 ms median, 16 ms p99)."""
+    """One host-to-device copy and one multi-tensor device copy, whatever the number of layers (see
+    :class:`_Staging`). Per-layer copies cost six CUDA calls per layer (H100, 28 layers: 5.8 ms median, 16 ms
+    p99)."""
     if packed is None:
         return
-    device = packed.targets[0].add.device
-    flat = packed.flat.to(device, non_blocking=True)  # stream-ordered; the pinned block is kept until done
     views = [layer.flat_views(packed.table) for layer in packed.targets]
-    dsts = [v for vs in views for v in vs[:5]]
-    torch._foreach_copy_(dsts, list(flat.split([d.shape[0] for d in dsts])))
-    if packed.flags is not None:
-        flags = packed.flags.to(device, non_blocking=True)
-        torch._foreach_copy_([vs[5] for vs in views], list(flags.split(1)))
+    dsts = [v for vs in views for v in vs[:5]] + [vs[5] for vs in views if len(vs) > 5]
+    staging, srcs = _STAGING.sources(packed.table[0], dsts, packed.flat.shape[0])
+    staging.copy_(packed.flat, non_blocking=True)  # stream-ordered; the pinned block is kept until done
+    torch._foreach_copy_(dsts, srcs)
 
 
 def _wrap_init(orig_init):

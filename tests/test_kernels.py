@@ -33,7 +33,7 @@ rlo, rhi, rgamma = torch.stack([t.lo for t in table]), torch.stack([t.hi for t i
 slot_of_row = [0, 1, 2, 1, 0]
 slot_idx = torch.tensor(slot_of_row + [0] * 11, dtype=torch.int32)
 one, zero = torch.ones(1, dtype=torch.int32), torch.zeros(1, dtype=torch.int32)
-on2, off2 = torch.tensor([0, 1], dtype=torch.int32), torch.zeros(2, dtype=torch.int32)
+on2, off2 = torch.tensor([0.0, 1.0]), torch.zeros(2)  # active flags: float32, as the layers hold them
 no_buf, no_dst = torch.zeros(0, H), torch.full((16,), -1, dtype=torch.int32)
 cap_dst = torch.tensor([2, -1, 0, -1, 1] + [-1] * 11, dtype=torch.int32)
 for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 3e-2)):
@@ -98,7 +98,7 @@ def test_custom_op_compiles_with_inplace_buffer_updates():
     H = 32
     rows = neutral_rows(2, H)
     G = [torch.stack([t, t]).contiguous() for t in (rows.add, rows.unit, rows.lo, rows.hi, rows.gamma)]
-    active, sel = torch.zeros(2, dtype=torch.int32), torch.zeros(1, dtype=torch.int32)
+    active, sel = torch.zeros(2), torch.zeros(1, dtype=torch.int32)  # active: float32, as the layers hold it
     req = neutral_rows(2, H)
     table = [t[None] for t in (req.add, req.unit, req.lo, req.hi, req.gamma)]
     slot_idx, any_bound = torch.zeros(8, dtype=torch.int32), torch.zeros(1, dtype=torch.int32)

@@ -115,29 +115,3 @@ def test_engine_payload_rows_equal_op_by_op_rows_at_full_width():
     u = spec.layers[1].operations[0].unit()
     assert abs(float(u.norm()) - 1.0) < 1e-6
 
-
-def test_rows_of_one_change_are_joined_without_a_copy():
-    """A worker packs a change's rows straight from the engine's buffer (np.concatenate would copy them part
-    by part, letting go of the GIL at each); parts that are not consecutive there are still joined right."""
-    import numpy as np
-
-    from steer_actors.change_rows import rows_from_payload, rows_payload
-    from steer_actors.ops import _joined, pack_flat
-    from steer_actors.patch import LayerSteerer
-    from steer_actors.specs import AddSpec, LayerSteeringSpec, ProjectionCapSpec, SteeringSpec
-
-    H, L, K = 32, 5, 2
-    g = torch.Generator().manual_seed(9)
-    spec = SteeringSpec(layers={i: LayerSteeringSpec(operations=[
-        AddSpec(vector=torch.randn(H, generator=g), scale=0.5), ProjectionCapSpec(vector=torch.randn(H, generator=g), max=1.0)
-    ][:1 + i % 2]) for i in (0, 1, 3, 4)})
-    layers = {i: LayerSteerer(i, H, K, num_layers=L) for i in range(L)}
-    _, rows = rows_from_payload(rows_payload(spec, list(range(L)), K, H), layers)
-    compact = [rows[i][1] for i in range(L) if rows[i][1] is not None]
-    whole = _joined(compact)
-    assert np.shares_memory(whole, compact[0].vectors) and len(whole) == 6
-    skip = [compact[0], compact[2]]  # layers 0 and 3: not consecutive in the buffer
-    assert np.array_equal(_joined(skip), np.concatenate([c.vectors for c in skip]))
-    packed = pack_flat([rows[i][1] for i in range(L)], K, H)
-    copies = [None if r is None else type(r)(r.params, r.vectors.copy()) for _, r in (rows[i] for i in range(L))]
-    assert np.array_equal(packed, pack_flat(copies, K, H))
