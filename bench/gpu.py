@@ -67,6 +67,8 @@ def _prompts(n=N_PROMPTS, length=PROMPT_LEN, seed=0):
 
 
 _SEEDS = iter(range(1000))
+# Greedy tokens of a few fixed prompts, for checks beside the timings (prompt seed never used by _throughput)
+PROBE = dict(n=8, seed=5000, sp=dict(max_tokens=24, temperature=0.0, ignore_eos=True, detokenize=False))
 
 
 async def _throughput(generate, n=N_PROMPTS, gen_len=GEN_LEN, reps=2, runs: list | None = None) -> float:
@@ -119,11 +121,15 @@ async def run_stock(model: str, eager: bool, hooks: bool) -> dict:
         return await asyncio.gather(*(one(p) for p in prompts))
 
     await _throughput(generate, reps=1)  # warm-up, as for the steered engine
+    try:
+        probe = [list(t) for t in await generate(_prompts(PROBE["n"], seed=PROBE["seed"]), PROBE["sp"])]
+    except Exception as e:  # a failed check must not cost the timings
+        probe = repr(e)[:500]
     # best of as many runs as each steered mode gets (sessions 6-7 ran ours best of 1 against stock best of 3)
     runs: list = []
     tps = await _throughput(generate, reps=int(os.environ.get("BENCH_ROUNDS", "3")), runs=runs)
     llm.shutdown()
-    return {"tok_s": tps, "runs": runs, "start_s": start_s, "engine": _engine_facts(llm)}
+    return {"tok_s": tps, "runs": runs, "start_s": start_s, "engine": _engine_facts(llm), "probe_tokens": probe}
 
 
 def _engine_facts(llm) -> dict:
@@ -184,6 +190,21 @@ async def run_ours(model: str, eager: bool, measure: list[str]) -> dict:
              if n in measure]
     if modes:
         await _throughput(generate, reps=1)  # warm-up: first-use kernels and allocator growth
+        # the change paths on this runner: a spec applied globally and the same spec per request (the two
+        # kinds of table, loaded by the same code) give the same greedy tokens, and not the unsteered ones
+        try:  # a failed check must not cost the timings
+            probe_prompts = _prompts(PROBE["n"], seed=PROBE["seed"])
+            res["probe_idle"] = [list(t) for t in await generate(probe_prompts, PROBE["sp"])]
+            await eng.apply_spec(one.to_wire())
+            steered_global = [list(t) for t in await generate(probe_prompts, PROBE["sp"])]
+            await eng.apply_spec(SteeringSpec().to_wire())
+            request_specs[:] = [one.to_wire()]
+            steered_request = [list(t) for t in await generate(probe_prompts, PROBE["sp"])]
+            res["probe_checks"] = {"global_equals_request": steered_global == steered_request,
+                                   "steered_differs_from_idle": steered_global != res["probe_idle"]}
+        except Exception as e:
+            res["probe_checks"] = {"error": repr(e)[:500]}
+        request_specs[:] = []
     # Rounds over the modes (not one mode after another), so drift over time hits every mode alike.
     for _ in range(int(os.environ.get("BENCH_ROUNDS", "3"))):
         for name, spec, rs in modes:
@@ -539,6 +560,10 @@ def main() -> None:
     for run in args.runs.split(","):
         key = run if run not in results else f"{run}_again"
         results[key] = RUNS[run](args.model)
+        stock, ours = results.get("stock", {}), results.get("ours", {})
+        if "probe_tokens" in stock and "probe_idle" in ours:  # informational: random weights leave argmax fragile
+            pairs = list(zip(stock["probe_tokens"], ours["probe_idle"]))
+            results["probe_idle_vs_stock"] = {"prompts_equal": sum(a == b for a, b in pairs), "of": len(pairs)}
         if args.out:
             Path(args.out).write_text(json.dumps(results, indent=1))
 
