@@ -561,7 +561,8 @@ def main() -> None:
         key = run if run not in results else f"{run}_again"
         results[key] = RUNS[run](args.model)
         stock, ours = results.get("stock", {}), results.get("ours", {})
-        if "probe_tokens" in stock and "probe_idle" in ours:  # informational: random weights leave argmax fragile
+        if isinstance(stock.get("probe_tokens"), list) and isinstance(ours.get("probe_idle"), list):
+            # informational: random weights leave argmax fragile, and graphs differ around the steering op
             pairs = list(zip(stock["probe_tokens"], ours["probe_idle"]))
             results["probe_idle_vs_stock"] = {"prompts_equal": sum(a == b for a, b in pairs), "of": len(pairs)}
         if args.out:
