@@ -222,8 +222,13 @@ def test_fetch_after_owner_died_fails_fast(ray_local, capture_engine):
     fresh = [CaptureHandle.from_wire(r["captures"]) for r in results]  # not fetched yet
     assert fresh[0].nbytes > 3 * (100 << 10)
     ray_local.kill(capture_engine)
+    # ray.kill goes through the GCS while a call goes straight to the actor, so a call made right after
+    # the kill can still be served: poll until the actor is gone
+    deadline = time.monotonic() + 60
     with pytest.raises(ray_local.exceptions.RayActorError):
-        ray_local.get(capture_engine.capture_stats.remote(), timeout=60)  # it is gone
+        while time.monotonic() < deadline:
+            ray_local.get(capture_engine.capture_stats.remote(), timeout=60)
+            time.sleep(0.2)
     t = time.monotonic()
     with pytest.raises(RuntimeError, match="engine replica that owned it died"):
         fetch_captures_batch(fresh, timeout_s=60)
