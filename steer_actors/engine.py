@@ -126,7 +126,8 @@ class SteerEngine(EngineCaptureMixin):
             async with self._channel_lock:
                 if self._channel is None:
                     try:
-                        from .channel import LANES, ChannelClient
+                        from .channel import LANES
+                        from .channel_client import ChannelClient
 
                         ranks = await self.engine.collective_rpc("steer_channel_open",
                                                                  args=(self._worker_switch_interval_s,))

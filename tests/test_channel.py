@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from steer_actors import channel
+from steer_actors import channel, channel_client
 
 
 @pytest.fixture(autouse=True, params=["asyncio", "uvloop"])
@@ -54,7 +54,7 @@ class Worker:
 
 def _lanes(workers, timeout_s=1.0):
     chans = {lane: [channel.WorkerChannel(w, lane) for w in workers] for lane in channel.LANES}
-    return {lane: channel.ChannelClient([c.address for c in cs], timeout_s=timeout_s) for lane, cs in chans.items()}
+    return {lane: channel_client.ChannelClient([c.address for c in cs], timeout_s=timeout_s) for lane, cs in chans.items()}
 
 
 @pytest.fixture
@@ -269,7 +269,7 @@ def _rep_server(replies):
 def test_a_malformed_reply_fails_one_call_and_the_next_gets_fresh_sockets():
     """The rank still owing its reply gets a new socket (its REQ socket could never send again)."""
     addrs = [_rep_server(lambda n: (0, b"\xc1" if n == 0 else None)), _rep_server(lambda n: (0.2 if n == 0 else 0, None))]
-    client = channel.ChannelClient(addrs, timeout_s=2)
+    client = channel_client.ChannelClient(addrs, timeout_s=2)
 
     async def main():
         with pytest.raises(ValueError, match="malformed msgpack"):
@@ -285,7 +285,7 @@ def test_a_call_right_after_a_timeout_hears_every_rank():
     """The timed-out exchange stops watching its sockets before the next call watches them (a deferred
     removal would take the healthy rank's new reader with it)."""
     addrs = [_rep_server(lambda n: (0, None)), _rep_server(lambda n: (0.6 if n == 0 else 0, None))]
-    client = channel.ChannelClient(addrs, timeout_s=0.3)
+    client = channel_client.ChannelClient(addrs, timeout_s=0.3)
 
     async def main():
         with pytest.raises(RuntimeError, match=r"worker\(s\) \[1\] did not answer in 0.3 s"):
@@ -298,7 +298,7 @@ def test_a_call_right_after_a_timeout_hears_every_rank():
 
 def test_close_fails_a_call_in_flight_at_once():
     addrs = [_rep_server(lambda n: (0.5, None))]
-    client = channel.ChannelClient(addrs, timeout_s=5)
+    client = channel_client.ChannelClient(addrs, timeout_s=5)
 
     async def main():
         call = asyncio.create_task(client.call("steer_info"))
