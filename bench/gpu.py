@@ -22,69 +22,9 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-SHAPES = {
-    "0.6b": dict(hidden_size=1024, num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8, head_dim=128,
-                 intermediate_size=3072),
-    "8b": dict(hidden_size=4096, num_hidden_layers=36, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
-               intermediate_size=12288),
-}
-N_PROMPTS, PROMPT_LEN, GEN_LEN = 512, 128, 256
-
-
-def build_checkpoint(shape: str, device: str = "cuda") -> str:
-    out = Path(f"/tmp/bench-qwen3-{shape}")
-    if (out / "config.json").exists():
-        return str(out)
-    import shutil
-
-    import torch
-    from transformers import Qwen3Config, Qwen3ForCausalLM
-
-    cfg = Qwen3Config(vocab_size=151936, max_position_embeddings=4096, rope_theta=1e6, tie_word_embeddings=False,
-                      **SHAPES[shape])
-    cfg.dtype = "bfloat16"
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = Qwen3ForCausalLM(cfg).to(torch.bfloat16)
-    tmp = out.with_name(out.name + f".tmp{os.getpid()}")  # another step may look for it meanwhile
-    model.save_pretrained(tmp, safe_serialization=True)
-    try:
-        tmp.rename(out)
-    except OSError:  # built by another process meanwhile
-        shutil.rmtree(tmp, ignore_errors=True)
-    del model
-    if device == "cuda":
-        torch.cuda.empty_cache()
-    return str(out)
-
-
-def _prompts(n=N_PROMPTS, length=PROMPT_LEN, seed=0):
-    import random
-
-    rng = random.Random(seed)
-    return [[rng.randrange(100, 150000) for _ in range(length)] for _ in range(n)]
-
-
-_SEEDS = iter(range(1000))
-# Greedy tokens of a few fixed prompts, for checks beside the timings (prompt seed never used by _throughput)
-PROBE = dict(n=8, seed=5000, sp=dict(max_tokens=24, temperature=0.0, ignore_eos=True, detokenize=False))
-
-
-async def _throughput(generate, n=N_PROMPTS, gen_len=GEN_LEN, reps=2, runs: list | None = None) -> float:
-    """Best of ``reps`` (each appended to ``runs``: the spread tells what a ratio can resolve); every
-    measurement gets prompts never seen before (no prefix-cache hits)."""
-    best = 0.0
-    for rep in range(reps):
-        prompts = _prompts(n, seed=next(_SEEDS))
-        t = time.perf_counter()
-        outs = await generate(prompts, dict(max_tokens=gen_len, temperature=0.0, ignore_eos=True, detokenize=False))
-        dt = time.perf_counter() - t
-        assert all(len(o) == gen_len for o in outs)
-        best = max(best, n * gen_len / dt)
-        if runs is not None:
-            runs.append(round(n * gen_len / dt, 1))
-    return best
+from gpu_capture import run_capture
+from gpu_common import (GEN_LEN, N_PROMPTS, PROBE, PROMPT_LEN, REPO, build_checkpoint, engine_facts,
+                        throughput, token_prompts)
 
 
 def _engine_kwargs(model: str, eager: bool) -> dict:
@@ -120,25 +60,16 @@ async def run_stock(model: str, eager: bool, hooks: bool) -> dict:
 
         return await asyncio.gather(*(one(p) for p in prompts))
 
-    await _throughput(generate, reps=1)  # warm-up, as for the steered engine
+    await throughput(generate, reps=1)  # warm-up, as for the steered engine
     try:
-        probe = [list(t) for t in await generate(_prompts(PROBE["n"], seed=PROBE["seed"]), PROBE["sp"])]
+        probe = [list(t) for t in await generate(token_prompts(PROBE["n"], seed=PROBE["seed"]), PROBE["sp"])]
     except Exception as e:  # a failed check must not cost the timings
         probe = repr(e)[:500]
     # best of as many runs as each steered mode gets (sessions 6-7 ran ours best of 1 against stock best of 3)
     runs: list = []
-    tps = await _throughput(generate, reps=int(os.environ.get("BENCH_ROUNDS", "3")), runs=runs)
+    tps = await throughput(generate, reps=int(os.environ.get("BENCH_ROUNDS", "3")), runs=runs)
     llm.shutdown()
-    return {"tok_s": tps, "runs": runs, "start_s": start_s, "engine": _engine_facts(llm), "probe_tokens": probe}
-
-
-def _engine_facts(llm) -> dict:
-    """What bounds an engine's batch: the KV cache it got (our capture buffer is allocated at model
-    construction, so it comes out of the KV cache) and the scheduler's limits."""
-    vc = llm.vllm_config
-    return {"num_gpu_blocks": vc.cache_config.num_gpu_blocks, "block_size": vc.cache_config.block_size,
-            "max_num_seqs": vc.scheduler_config.max_num_seqs,
-            "max_num_batched_tokens": vc.scheduler_config.max_num_batched_tokens}
+    return {"tok_s": tps, "runs": runs, "start_s": start_s, "engine": engine_facts(llm), "probe_tokens": probe}
 
 
 def _specs(hidden: int, layers: int):
@@ -175,7 +106,7 @@ async def run_ours(model: str, eager: bool, measure: list[str]) -> dict:
     eng = SteerEngine(dict(model_name=model, dtype="bfloat16", enforce_eager=eager, max_model_len=1024,
                            gpu_memory_utilization=0.85, max_steering_slots=16,
                            engine_kwargs={"skip_tokenizer_init": True}))
-    res: dict = {"start_s": time.perf_counter() - t0, "engine": _engine_facts(eng.engine)}
+    res: dict = {"start_s": time.perf_counter() - t0, "engine": engine_facts(eng.engine)}
     info = await eng.info()
     one, all_layers = _specs(info["hidden_size"], info["num_layers"])
     per_request = [s.to_wire() for s in _request_specs(info["hidden_size"], info["num_layers"])]
@@ -189,17 +120,17 @@ async def run_ours(model: str, eager: bool, measure: list[str]) -> dict:
                                            ("all_layers", all_layers, []), ("specs16", SteeringSpec(), per_request)]
              if n in measure]
     if modes:
-        await _throughput(generate, reps=1)  # warm-up: first-use kernels and allocator growth
+        await throughput(generate, reps=1)  # warm-up: first-use kernels and allocator growth
         # the change paths on this runner: a spec applied globally and the same spec per request (the two
         # kinds of table, loaded by the same code) give the same greedy tokens, and not the unsteered ones
         try:  # a failed check must not cost the timings
-            probe_prompts = _prompts(PROBE["n"], seed=PROBE["seed"])
-            res["probe_idle"] = [list(t) for t in await generate(probe_prompts, PROBE["sp"])]
+            probeprompts = token_prompts(PROBE["n"], seed=PROBE["seed"])
+            res["probe_idle"] = [list(t) for t in await generate(probeprompts, PROBE["sp"])]
             await eng.apply_spec(one.to_wire())
-            steered_global = [list(t) for t in await generate(probe_prompts, PROBE["sp"])]
+            steered_global = [list(t) for t in await generate(probeprompts, PROBE["sp"])]
             await eng.apply_spec(SteeringSpec().to_wire())
             request_specs[:] = [one.to_wire()]
-            steered_request = [list(t) for t in await generate(probe_prompts, PROBE["sp"])]
+            steered_request = [list(t) for t in await generate(probeprompts, PROBE["sp"])]
             res["probe_checks"] = {"global_equals_request": steered_global == steered_request,
                                    "steered_differs_from_idle": steered_global != res["probe_idle"]}
         except Exception as e:
@@ -210,14 +141,14 @@ async def run_ours(model: str, eager: bool, measure: list[str]) -> dict:
         for name, spec, rs in modes:
             await eng.apply_spec(spec.to_wire())
             request_specs[:] = rs
-            res[name] = max(res.get(name, 0.0), await _throughput(generate, reps=1,
+            res[name] = max(res.get(name, 0.0), await throughput(generate, reps=1,
                                                                    runs=res.setdefault("runs", {}).setdefault(name, [])))
         print("RESULT=" + json.dumps(res), flush=True)  # partial results survive a timeout
     request_specs[:] = []
     if "update" in measure:
         await eng.apply_spec(SteeringSpec().to_wire())
         # load that outlasts the 100 updates below (~4x one throughput batch)
-        bg = asyncio.create_task(generate(_prompts(2 * N_PROMPTS, seed=9), dict(max_tokens=2 * GEN_LEN, ignore_eos=True,
+        bg = asyncio.create_task(generate(token_prompts(2 * N_PROMPTS, seed=9), dict(max_tokens=2 * GEN_LEN, ignore_eos=True,
                                                                                   detokenize=False, temperature=0.0)))
         await asyncio.sleep(1.5)
 
@@ -282,7 +213,7 @@ async def run_ours(model: str, eager: bool, measure: list[str]) -> dict:
             for w in (0.0005, 0.005):
                 await eng.engine.collective_rpc("steer_switch_interval", args=(w,))
                 runs = res.setdefault("idle_by_worker_switch", {}).setdefault(f"{w * 1e3:g}ms", [])
-                await _throughput(generate, reps=1, runs=runs)
+                await throughput(generate, reps=1, runs=runs)
             print("RESULT=" + json.dumps(res), flush=True)
         await eng.engine.collective_rpc("steer_switch_interval", args=(0.005,))
     eng.engine.shutdown()
@@ -322,10 +253,10 @@ async def run_parity(eager: bool) -> dict:
         out["global"][name] = [r["token_ids"] for r in await eng.generate(prompts, sp)]
     await eng.apply_spec(SteeringSpec().to_wire())
     names = ["none", "add", "cap", "combo", "ablation", "add"]
-    mixed_prompts = [prompts[i % 3] for i in range(len(names))]
+    mixedprompts = [prompts[i % 3] for i in range(len(names))]
     mixed_specs = [None if n == "none" else specs[n].to_wire() for n in names]
-    out["mixed"] = [r["token_ids"] for r in await eng.generate(mixed_prompts, sp, None, mixed_specs)]
-    out["alone"] = [(await eng.generate([p], sp, None, s))[0]["token_ids"] for p, s in zip(mixed_prompts, mixed_specs)]
+    out["mixed"] = [r["token_ids"] for r in await eng.generate(mixedprompts, sp, None, mixed_specs)]
+    out["alone"] = [(await eng.generate([p], sp, None, s))[0]["token_ids"] for p, s in zip(mixedprompts, mixed_specs)]
     out["mixed_names"] = names
     # capture: every layer, plain and under the combo spec; max error vs HF per case
     layers = [0, 1, 2, 3]
@@ -351,124 +282,6 @@ async def run_parity(eager: bool) -> dict:
                  for name, spec in specs.items()}
     eng.engine.shutdown()
     return out
-
-
-def run_capture(model: str) -> dict:
-    """The engine as a Ray actor (as served), this process a Ray driver: throughput with every request
-    capturing every layer (prompt + decode; each request's capture released once it is back), and the
-    bytes/s of one batched fetch of 64 all-layer captures."""
-    import ray
-
-    from steer_actors.engine import engine_actor_class
-    from steer_actors.handles import CaptureHandle, fetch_captures_batch
-
-    import psutil
-
-    # 512 all-layer captures in flight are 22 GB: room for them without spilling where the host has it
-    # (a quarter of its memory each for the object store and the capture arena's cap)
-    room = min(64 << 30, psutil.virtual_memory().total // 4)
-    ray.init(address="local", num_cpus=8, object_store_memory=room, include_dashboard=False,
-             log_to_driver=False)
-    eng = engine_actor_class().remote(dict(model_name=model, dtype="bfloat16", max_model_len=1024,
-                                           gpu_memory_utilization=0.8, capture_budget_bytes=room,
-                                           # "model" (bf16 rows here) unless a run asks for float32 rows
-                                           capture_dtype=os.environ.get("BENCH_CAPTURE_DTYPE", "model"),
-                                           engine_kwargs={"skip_tokenizer_init": True}))
-    info = ray.get(eng.info.remote())
-    layers = list(range(info["num_layers"]))
-    sp = dict(max_tokens=GEN_LEN, temperature=0.0, ignore_eos=True, detokenize=False)
-    res: dict = {"capture_dtype": info.get("capture_dtype", "float32")}
-
-    marks: dict = {}  # the last run's times: its start, each response, each release
-
-    async def one(p, capture):
-        out = (await eng.generate.remote([p], sp, layers if capture else None))[0]
-        marks["responses"].append(time.perf_counter())
-        if capture:
-            await eng.release_captures.remote([out["captures"]["capture_id"]])
-        return out["token_ids"]
-
-    async def generate(capture):
-        async def gen(prompts, _sp):
-            marks.update(start=time.perf_counter(), responses=[])
-            return await asyncio.gather(*(one(p, capture) for p in prompts))
-        return gen
-
-    def timeline() -> dict:
-        """Where the last run's wall went: the first and last response (the tail is the captures' take and
-        response path) after its start, seconds."""
-        r = sorted(marks["responses"])
-        return {"first_response_s": r[0] - marks["start"], "median_response_s": r[len(r) // 2] - marks["start"],
-                "last_response_s": r[-1] - marks["start"], "end_s": time.perf_counter() - marks["start"]}
-
-    def report():  # partial results survive a timeout (the parent keeps the last line)
-        print("RESULT=" + json.dumps(res), flush=True)
-
-    async def fetch(key):
-        """64 all-layer captures into this driver: the engine copies each into the object store after its
-        response (timed apart), then one batched get."""
-        outs = await eng.generate.remote(_prompts(64, seed=999), dict(sp, max_tokens=64), layers)
-        t0 = time.perf_counter()
-        handles = [CaptureHandle.from_wire(o["captures"]) for o in outs]
-        ray.wait([h.ref for h in handles], num_returns=len(handles), fetch_local=False)
-        t = time.perf_counter()
-        fetch_captures_batch(handles)
-        dt = time.perf_counter() - t
-        nbytes = sum(h.nbytes for h in handles)
-        res[key] = {"handles": 64, "bytes": nbytes, "seconds": dt, "GB_s": nbytes / dt / 1e9,
-                    "stored_after_response_s": t - t0, "GB_s_from_response": nbytes / (t + dt - t0) / 1e9}
-        await eng.release_captures.remote([h.capture_id for h in handles])
-        report()
-
-    quick = os.environ.get("BENCH_CAPTURE_QUICK") == "1"  # a second variant in the same session: 512 only
-
-    async def main():
-        if not quick:
-            await fetch("fetch")  # a fresh object store: its pages fault as the copies first touch them
-        await _throughput(await generate(False), reps=1)  # warm-up
-        res["no_capture"] = await _throughput(await generate(False), reps=1)
-        res["timeline_no_capture"] = timeline()
-        report()
-        if not quick:  # a quarter of the batch first, so a slow capture path still leaves a same-size ratio
-            res["no_capture_128"] = await _throughput(await generate(False), n=128, reps=1)
-        # warm-up at the largest size measured: the capture arena grows onto new shared-memory pages once,
-        # then recycles them (a serving engine's steady state)
-        await _throughput(await generate(True), reps=1)
-        if not quick:
-            res["capture_all_layers_128"] = await _throughput(await generate(True), n=128, reps=1)
-        report()
-        Path("/tmp/phase-capture").touch()  # gpu_step.sh profiles the engine from here on
-        before = await eng.capture_arena_stats.remote()
-        res["capture_all_layers"] = await _throughput(await generate(True), reps=1,
-                                                      runs=res.setdefault("runs", {}).setdefault("capture", []))
-        res["timeline_capture"] = timeline()
-        after = await eng.capture_arena_stats.remote()
-        # the worker's host time per capturing forward in this run alone (runner thread, copy thread)
-        steps = after.get("capture_steps", 0) - before.get("capture_steps", 0)
-        res["worker_host_us_per_step"] = {"steps": steps, **{
-            k: round((after[k] * after["capture_steps"] - before[k] * before["capture_steps"]) / max(1, steps), 1)
-            for k in ("runner_us_per_step", "copy_thread_us_per_step") if k in after}}
-        report()
-        res["no_capture_again"] = await _throughput(await generate(False), reps=1)
-        # More rounds, uncaptured and captured in turn (session 9: one engine's two uncaptured runs were 16% apart,
-        # so one capture run against them cannot resolve a few percent); best and mean of each.
-        runs = res.setdefault("runs", {})
-        runs.setdefault("no_capture", []).extend([round(res["no_capture"], 1), round(res["no_capture_again"], 1)])
-        for _ in range(int(os.environ.get("BENCH_CAPTURE_ROUNDS", "2"))):
-            await _throughput(await generate(True), reps=1, runs=runs["capture"])
-            await _throughput(await generate(False), reps=1, runs=runs["no_capture"])
-            res["ratio_best"] = round(max(runs["capture"]) / max(runs["no_capture"]), 3)
-            res["ratio_mean"] = round(sum(runs["capture"]) / len(runs["capture"]) /
-                                      (sum(runs["no_capture"]) / len(runs["no_capture"])), 3)
-            report()
-        res["arena"] = await eng.capture_arena_stats.remote()  # mapped_segments > 0: the GPU wrote the rows
-        res["worker_calls"] = (await eng.capture_stats.remote()).get("worker_calls")  # round trips (coalesced)
-        if not quick:
-            await fetch("fetch_warm")  # the object store's pages recycled (a serving engine's steady state)
-
-    asyncio.run(main())
-    ray.kill(eng)
-    return res
 
 
 def child(args) -> None:
@@ -556,7 +369,7 @@ def main() -> None:
     if args.child:
         child(args)
         return
-    results = {"model": args.model, "n_prompts": N_PROMPTS, "prompt_len": PROMPT_LEN, "gen_len": GEN_LEN}
+    results = {"model": args.model, "nprompts": N_PROMPTS, "prompt_len": PROMPT_LEN, "gen_len": GEN_LEN}
     for run in args.runs.split(","):
         key = run if run not in results else f"{run}_again"
         results[key] = RUNS[run](args.model)

@@ -116,14 +116,14 @@ def part_app(res: dict, shape: str = "8b") -> dict:
     from ray import serve
 
     sys.path.insert(0, str(REPO / "bench"))
-    from gpu import _prompts, build_checkpoint  # noqa: E402
+    from gpu_common import build_checkpoint, token_prompts  # noqa: E402
 
     from deployments.app import build_app
     from steer_actors.handles import CaptureHandle, fetch_captures_batch
     from steer_actors.specs import AddSpec, LayerSteeringSpec, SteeringSpec
 
     subprocess.run([sys.executable, "-c", f"import sys; sys.path.insert(0, {str(REPO / 'bench')!r}); "
-                    f"import gpu; gpu.build_checkpoint({shape!r})"], check=True)
+                    f"import gpu_common; gpu_common.build_checkpoint({shape!r})"], check=True)
     model = build_checkpoint(shape)  # built above, in a process of its own (no CUDA context here)
     res["model"] = shape
     start_raylets("0,1", "2,3")
@@ -158,7 +158,7 @@ def part_app(res: dict, shape: str = "8b") -> dict:
         # of changes (session 7: one round of readers all ran before the first change: 1 version seen).
         async def reader(k):
             for j in range(4):
-                out = await app.generate.remote(_prompts(2, seed=1000 * j + k), sp)
+                out = await app.generate.remote(token_prompts(2, seed=1000 * j + k), sp)
                 seen.extend((r["spec_version"], r["spec_fingerprint"]) for r in out)
 
         async def writer(k):
@@ -182,16 +182,16 @@ def part_app(res: dict, shape: str = "8b") -> dict:
         "all_ranks_on_final_version": all(r["version"] == final["spec_version"] for r in ranks),
     }
     # capture on replica B, fetched here (raylet A)
-    outs = ray.get(engines[1].generate.remote(_prompts(16, seed=7), dict(sp, max_tokens=64), list(range(n_layers))))
+    outs = ray.get(engines[1].generate.remote(token_prompts(16, seed=7), dict(sp, max_tokens=64), list(range(n_layers))))
     handles = [CaptureHandle.from_wire(o["captures"]) for o in outs]
     t = time.perf_counter()
     fetch_captures_batch(handles)
     dt = time.perf_counter() - t
-    ref = ray.get(engines[0].generate.remote(_prompts(16, seed=7)[:1], dict(sp, max_tokens=64), [0, n_layers - 1]))
+    ref = ray.get(engines[0].generate.remote(token_prompts(16, seed=7)[:1], dict(sp, max_tokens=64), [0, n_layers - 1]))
     ref_h = fetch_captures_batch([CaptureHandle.from_wire(ref[0]["captures"])])[0]
     # bf16 random weights: another batch shape can flip a near-tied argmax, after which the two sequences (and
     # their rows) differ; compare the rows of the positions whose tokens agree
-    full_b, full_a = _prompts(16, seed=7)[0] + outs[0]["token_ids"], _prompts(16, seed=7)[0] + ref[0]["token_ids"]
+    full_b, full_a = token_prompts(16, seed=7)[0] + outs[0]["token_ids"], token_prompts(16, seed=7)[0] + ref[0]["token_ids"]
     agree = next((i for i, (x, y) in enumerate(zip(full_b, full_a)) if x != y), len(full_b))
     agree = min(agree, len(full_b) - 1)  # rows are prompt + generated - 1
     got, want = handles[0].captures[0][0]["hidden"][:agree], ref_h.captures[0][0]["hidden"][:agree]
@@ -213,7 +213,7 @@ def part_app(res: dict, shape: str = "8b") -> dict:
     big = dict(max_tokens=256, temperature=0.0, ignore_eos=True, detokenize=False)
 
     def chunks(seed, n):
-        ps = _prompts(n, seed=seed)
+        ps = token_prompts(n, seed=seed)
         return [ps[i:i + 8] for i in range(0, len(ps), 8)]
 
     async def one_replica(seed):
