@@ -50,15 +50,20 @@ def _to_vector(value: Any) -> torch.Tensor:
         t, owned = wire.decode_tensor(value).to(torch.float32), True
     elif isinstance(value, (list, tuple, np.ndarray)):
         try:
-            t = torch.as_tensor(np.asarray(value, dtype=np.float32))
+            arr = np.asarray(value)
         except (TypeError, ValueError) as e:
             raise ValueError(f"vector must be numbers: {e}") from None
+        if arr.dtype.kind not in "fiu":  # numpy would turn "1" into 1.0 and True into 1.0: a client bug
+            raise ValueError(f"vector must be numbers, got {arr.dtype.kind!r} values like {arr.flat[0]!r}"
+                             if arr.size else "vector must be 1-D and non-empty, got shape [0]")
+        with np.errstate(over="ignore"):  # past float32's range becomes inf, refused just below
+            t = torch.as_tensor(arr.astype(np.float32))
     else:
         raise ValueError(f"vector must be a tensor, array, list of floats or encoded tensor, not {type(value).__name__}")
     if t.dim() != 1 or t.numel() == 0:
         raise ValueError(f"vector must be 1-D and non-empty, got shape {list(t.shape)}")
     if not np.isfinite(t.numpy()).all():  # numpy: a fraction of torch's per-call cost at this size
-        raise ValueError("vector contains NaN or Inf")
+        raise ValueError("vector contains NaN or Inf (or values past float32's range)")
     return t if owned and t.is_contiguous() else t.contiguous().clone()
 
 
@@ -69,9 +74,13 @@ Vector = Annotated[
 ]
 
 
+_F32_MAX = float(np.finfo(np.float32).max)
+
+
 def _finite(name: str, v: float | None) -> float | None:
-    if v is not None and not math.isfinite(v):
-        raise ValueError(f"{name} must be finite, got {v}")
+    """The math runs in float32: a value finite in float64 but past float32's range would become inf there."""
+    if v is not None and not (math.isfinite(v) and abs(v) <= _F32_MAX):
+        raise ValueError(f"{name} must be finite in float32 (|{name}| <= {_F32_MAX:.4g}), got {v}")
     return v
 
 
@@ -88,6 +97,13 @@ class AddSpec(_OpBase):
 
     _check_scale = field_validator("scale")(classmethod(lambda cls, v: _finite("scale", v)))
 
+    @model_validator(mode="after")
+    def _product_finite(self) -> "AddSpec":
+        with np.errstate(over="ignore"):
+            if not np.isfinite(np.float32(self.scale) * self.vector.numpy()).all():
+                raise ValueError("scale * vector overflows float32; use a smaller scale or vector")
+        return self
+
     def to_op(self) -> Op:
         return Op("add", self.vector, scale=self.scale)
 
@@ -96,8 +112,15 @@ class _DirectionSpec(_OpBase):
     @field_validator("vector")
     @classmethod
     def _nonzero(cls, v: torch.Tensor) -> torch.Tensor:
-        if float(np.linalg.norm(v.numpy())) == 0.0:  # numpy: a fraction of torch's per-call cost here
-            raise ValueError("direction vector has zero norm")
+        # the squared norm as :func:`unit_rows` computes it (float32): past the range it is inf and the unit
+        # row would be all zeros, an op that silently does nothing
+        x = v.numpy()
+        with np.errstate(over="ignore", under="ignore"):
+            sq = float(np.add.reduce(x * x))
+        if sq == 0.0:
+            raise ValueError("direction vector has zero norm (or its squares underflow float32; rescale it)")
+        if not math.isfinite(sq):
+            raise ValueError("direction vector's norm overflows float32; rescale it")
         return v
 
     def unit(self) -> torch.Tensor:

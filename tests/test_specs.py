@@ -49,10 +49,27 @@ def test_wire_is_plain_msgpack_with_float32_bytes():
     (lambda: AddSpec(vector=[[1.0, 2.0]]), "1-D"),
     (lambda: SteeringSpec(layers={-1: LayerSteeringSpec(operations=[AddSpec(vector=[1.0])])}), ">= 0"),
     (lambda: AddSpec(vector={"data": b"\x00" * 3, "shape": [1], "dtype": "float32"}), "bytes"),
+    # finite in float64, not in the float32 the math runs in
+    (lambda: AddSpec(vector=[1.0, 0.0], scale=1e39), "finite in float32"),
+    (lambda: AddSpec(vector=[1e30, 0.0], scale=1e10), "overflows float32"),
+    (lambda: AddSpec(vector=[1e39, 0.0]), "NaN or Inf"),
+    (lambda: AblationSpec(vector=[1.0, 0.0], scale=-1e39), "finite in float32"),
+    (lambda: ProjectionCapSpec(vector=[1.0, 0.0], min=-1e39), "finite in float32"),
+    (lambda: ProjectionCapSpec(vector=[3e19, 4e19], min=1.0, max=1.0), "norm overflows"),
+    (lambda: AblationSpec(vector=[1e-30, 0.0]), "zero norm"),
+    # numpy would read these as numbers
+    (lambda: AddSpec(vector=["1", "2"]), "must be numbers"),
+    (lambda: AddSpec(vector=[True, False]), "must be numbers"),
 ])
 def test_invalid_specs_raise_value_error(make, message):
     with pytest.raises(ValueError, match=message):
         make()
+
+
+def test_large_but_representable_values_still_steer():
+    """The float32 checks refuse only what float32 cannot hold: a big direction still gives a unit row."""
+    u = ProjectionCapSpec(vector=[3e18, 4e18], min=1.0, max=1.0).unit()
+    assert torch.allclose(u, torch.tensor([0.6, 0.8])) and AddSpec(vector=[1e30, 0.0], scale=1e8).scale == 1e8
 
 
 def test_validate_for_engine():
