@@ -33,3 +33,8 @@ class OpBody(BaseModel):
 class SpecBody(BaseModel):
     layers: dict[int, dict[str, Any]] = Field(
         default_factory=dict, description='{"<layer>": {"operations": [{"kind": "add"|"cap"|"ablation", ...}]}}')
+
+
+class PopBody(BaseModel):
+    push_id: int | None = Field(default=None, description="the push to end (its reply's push_id); "
+                                                          "none: the newest")

@@ -16,7 +16,7 @@ from steer_actors import wire
 from steer_actors.coordinator import ReplicaUnavailableError
 from steer_actors.specs import SteeringSpec, plain_value_errors
 
-from .http_models import ChatRequest, GenerateRequest, OpBody, SpecBody
+from .http_models import ChatRequest, GenerateRequest, OpBody, PopBody, SpecBody
 
 MSGPACK = "application/msgpack"
 api = FastAPI(title="steer-actors", version="0.1.0",
@@ -70,8 +70,8 @@ class SteerIngress:
     async def push(self, spec_wire: dict[str, Any]) -> dict[str, Any]:
         return await self.coordinator.push.remote(spec_wire)
 
-    async def pop(self) -> dict[str, Any]:
-        return await self.coordinator.pop.remote()
+    async def pop(self, push_id: int | None = None) -> dict[str, Any]:
+        return await self.coordinator.pop.remote(push_id)
 
     async def get_capture(self, capture_id: str) -> dict[str, Any]:
         return await self.coordinator.get_capture.remote(capture_id)
@@ -87,9 +87,13 @@ class SteerIngress:
         length = request.headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > self.max_body_bytes:
             raise HTTPError(413, f"body of {length} bytes exceeds the limit of {self.max_body_bytes}")
-        raw = await request.body()
-        if len(raw) > self.max_body_bytes:
-            raise HTTPError(413, f"body of {len(raw)} bytes exceeds the limit of {self.max_body_bytes}")
+        chunks, size = [], 0
+        async for chunk in request.stream():  # a chunked body has no length to check first
+            size += len(chunk)
+            if size > self.max_body_bytes:
+                raise HTTPError(413, f"body exceeds the limit of {self.max_body_bytes} bytes")
+            chunks.append(chunk)
+        raw = b"".join(chunks)
         ctype = request.headers.get("content-type", "application/json").split(";")[0].strip()
         try:
             if ctype == MSGPACK:
@@ -102,9 +106,10 @@ class SteerIngress:
                 raise HTTPError(415, f"unsupported content type {ctype!r}; use application/json or {MSGPACK}")
             if model is not None:
                 with plain_value_errors():
-                    model.model_validate(data)
-        except (ValueError, TypeError) as e:
-            raise HTTPError(400, f"invalid body: {e}") from None
+                    # the validated values travel on ("3" in capture_layers becomes 3, or is refused here)
+                    data = model.model_validate(data).model_dump(exclude_unset=True)
+        except (ValueError, TypeError, RecursionError) as e:
+            raise HTTPError(400, f"invalid body: {str(e)[:500]}") from None
         return data
 
     async def _call(self, coro) -> Any:
@@ -188,9 +193,11 @@ class SteerIngress:
             raise HTTPError(400, "invalid body: a steering spec map is required")
         return self._reply(request, await self._call(self.push(body)))
 
-    @api.post("/v1/steering/pop")
+    @api.post("/v1/steering/pop", openapi_extra=_body_doc(PopBody))
     async def http_pop(self, request: Request) -> Response:
-        return self._reply(request, await self._call(self.pop()))
+        """No body: end the newest push; ``{"push_id": n}`` (from the push's reply): end that one."""
+        body = await self._body(request, PopBody) if await request.body() else {}
+        return self._reply(request, await self._call(self.pop(body.get("push_id"))))
 
     @api.put("/v1/steering/layers/{layer}/{kind}", openapi_extra=_body_doc(OpBody))
     async def http_set_op(self, layer: int, kind: str, request: Request) -> Response:

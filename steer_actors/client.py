@@ -7,6 +7,7 @@ ingress through a Serve handle, the same methods the HTTP routes use, so semanti
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from typing import Any, AsyncIterator, Sequence
 
@@ -32,6 +33,9 @@ def _sampling_dict(sampling_params: Any, overrides: dict[str, Any]) -> dict[str,
         base = {f: getattr(sampling_params, f) for f in fields if hasattr(sampling_params, f)}
     base.update(overrides)
     return base
+
+
+_BACKGROUND: set = set()  # tasks that must outlive their caller (asyncio keeps only weak references)
 
 
 async def _unwrap(response: Any) -> Any:
@@ -209,16 +213,38 @@ class VLLMSteerModel:
         return {k: v for k, v in state.items() if k != "spec"}
 
     async def push_steering_spec(self, spec: SteeringSpec):
+        """Make ``spec`` current, keeping what it replaces; the reply's ``push_id`` ends this push alone."""
         return await _unwrap(self._handle.push.remote(spec.to_wire()))
 
-    async def pop_steering_spec(self):
-        return await _unwrap(self._handle.pop.remote())
+    async def pop_steering_spec(self, push_id: int | None = None):
+        """End the newest push, or the one ``push_id`` names (see :meth:`SteeringCoordinator.pop`)."""
+        return await _unwrap(self._handle.pop.remote(push_id))
 
     @contextlib.asynccontextmanager
     async def steering(self, spec: SteeringSpec) -> AsyncIterator["VLLMSteerModel"]:
-        """Run the body under ``spec``; the previous spec comes back even if the body raises."""
-        await self.push_steering_spec(spec)
+        """Run the body under ``spec``; what it replaced comes back even if the body raises or the task is
+        cancelled. Contexts of other clients may interleave with this one: each ends its own push."""
+        push = asyncio.ensure_future(self.push_steering_spec(spec))
+        try:
+            state = await asyncio.shield(push)
+        except asyncio.CancelledError:
+            # The coordinator finishes a change it has begun (a caller going away must not leave the
+            # engines half-changed), so a push cancelled while it waits for the write lock still lands:
+            # end it once it has. A second cancel leaves that to the background.
+            undo = asyncio.ensure_future(self._end_when_landed(push))
+            _BACKGROUND.add(undo)
+            undo.add_done_callback(_BACKGROUND.discard)
+            with contextlib.suppress(Exception):
+                await asyncio.shield(undo)
+            raise
         try:
             yield self
         finally:
-            await self.pop_steering_spec()
+            await self.pop_steering_spec(state["push_id"])
+
+    async def _end_when_landed(self, push: "asyncio.Future[dict[str, Any]]") -> None:
+        try:
+            state = await push
+        except Exception:
+            return  # it did not land: nothing to end
+        await self.pop_steering_spec(state["push_id"])

@@ -17,7 +17,7 @@ from .engine import StaleReplicaError
 from .replicas import Replica, replace_replica, start_replicas, stop_replicas
 from .rwlock import AsyncRWLock
 from .specs import SteeringSpec, apply_edit
-from .state_store import StateStore, SteeringState
+from .state_store import StackEntry, StateStore, SteeringState
 
 
 def _cause(err: BaseException) -> BaseException:
@@ -32,6 +32,13 @@ def _spec_layers(steering_spec: Any) -> set[int]:
         if isinstance(s, dict) and isinstance(s.get("layers"), dict):
             out |= {int(k) for k in s["layers"] if str(k).lstrip("-").isdigit()}
     return out
+
+
+def runs(info: dict[str, Any], ranks: list[dict[str, Any]], want: tuple[int, str]) -> bool:
+    """Whether an engine and every TP rank of it run ``want`` (version, fingerprint). A commit that failed
+    part-way (one rank switched, another raised) leaves ranks apart while the engine's record is unchanged."""
+    return ((info["spec_version"], info["spec_fingerprint"]) == want
+            and all((k["version"], k["fingerprint"]) == want for k in ranks))
 
 
 EXPECTED = object()  # placeholder for the (version, fingerprint) a call expects its replica to run
@@ -81,8 +88,8 @@ class SteeringCoordinator:
                 infos[k] = ray.get(self.replicas[k].handle.info.remote())
         # Engines found by name may hold another version (restarted, or changed by a coordinator that
         # died mid-change): each loads the current one before it takes traffic.
-        stale = [r for r, i in zip(self.replicas, infos) if (i["spec_version"], i["spec_fingerprint"]) !=
-                 (self.version, self.fingerprint)]
+        ranks = ray.get([r.handle.worker_state.remote() for r in self.replicas])
+        stale = [r for r, i, k in zip(self.replicas, infos, ranks) if not runs(i, k, (self.version, self.fingerprint))]
         ray.get([r.handle.apply_spec.remote(self.spec.to_wire(), self.version) for r in stale])
         for r, i in zip(self.replicas, infos):
             r.layers, r.healthy = set(i["steerable_layers"]), True
@@ -120,11 +127,14 @@ class SteeringCoordinator:
         try:
             while True:
                 try:
-                    info = await asyncio.wait_for(asyncio.ensure_future(r.handle.info.remote()), timeout=900)
+                    await asyncio.wait_for(asyncio.ensure_future(r.handle.info.remote()), timeout=900)
                     async with self.lock.read():  # no change can land while the replica catches up
-                        if (info["spec_version"], info["spec_fingerprint"]) != (self.version, self.fingerprint):
+                        info, ranks = await asyncio.wait_for(asyncio.gather(r.handle.info.remote(),
+                                                                            r.handle.worker_state.remote()), 120)
+                        if not runs(info, ranks, (self.version, self.fingerprint)):
                             await r.handle.apply_spec.remote(self.spec.to_wire(), self.version)
-                        r.layers, r.healthy = set(info["steerable_layers"]), True
+                        # one step: a _lost() in the lock's release below must see no recovery running
+                        r.layers, r.healthy, r.recovering = set(info["steerable_layers"]), True, None
                     return
                 except Exception as e:
                     log.warning("replica %d not back yet (%s: %s); retrying in %.0f s", r.index,
@@ -132,7 +142,8 @@ class SteeringCoordinator:
                     await asyncio.sleep(delay)
                     delay = min(delay * 2, 30.0)
         finally:
-            r.recovering = None
+            if r.recovering is asyncio.current_task():
+                r.recovering = None
 
     async def wait_healthy(self, timeout_s: float = 600.0) -> list[bool]:
         """Wait until no replica is recovering (tests, rolling operations); health per replica."""
@@ -289,20 +300,38 @@ class SteeringCoordinator:
         return await self._write(lambda: self._commit_all(apply_edit(self.spec, edit)))
 
     async def push(self, spec_wire: dict[str, Any]) -> dict[str, Any]:
+        """Make ``spec`` current, keeping what it replaces; the reply's ``push_id`` names this push for
+        :meth:`pop`."""
         spec = SteeringSpec.from_wire(spec_wire)
+        pushed: dict[str, int] = {}
 
         async def change() -> None:
             previous = self.spec
             await self._commit_all(spec)
-            self.stack.append(previous)
+            self.stack.append(StackEntry(self.version, previous))
+            pushed["push_id"] = self.version
 
-        return await self._write(change)
+        return {**await self._write(change), **pushed}
 
-    async def pop(self) -> dict[str, Any]:
+    async def pop(self, push_id: int | None = None) -> dict[str, Any]:
+        """End a push: the top one, or the one ``push_id`` names. Pushes by clients that do not know of each
+        other interleave, so the named one may be below the top: then the push above it keeps its spec
+        current and, when it ends, restores what the named push had found."""
+        if push_id is not None and (isinstance(push_id, bool) or not isinstance(push_id, int)):
+            raise ValueError(f"push_id must be an integer, got {push_id!r}")
+
         async def change() -> None:
             if not self.stack:
                 raise ValueError("steering stack is empty: pop without a matching push")
-            await self._commit_all(self.stack[-1])
-            self.stack.pop()
+            ids = [e.push_id for e in self.stack]
+            if push_id is not None and push_id not in ids:
+                raise ValueError(f"push {push_id} is not on the steering stack (popped already?)")
+            i = len(ids) - 1 if push_id is None else ids.index(push_id)
+            if i == len(ids) - 1:
+                await self._commit_all(self.stack[-1].previous)
+                self.stack.pop()
+            else:
+                self.stack[i + 1].previous = self.stack[i].previous
+                del self.stack[i]
 
         return await self._write(change)

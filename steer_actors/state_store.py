@@ -16,20 +16,28 @@ NAMESPACE = "steer_actors"
 
 
 @dataclass
+class StackEntry:
+    push_id: int  # the version its push committed: its pop names it
+    previous: SteeringSpec  # what its pop restores
+
+
+@dataclass
 class SteeringState:
     spec: SteeringSpec = field(default_factory=SteeringSpec)
     version: int = 0
-    stack: list[SteeringSpec] = field(default_factory=list)
+    stack: list[StackEntry] = field(default_factory=list)
 
     def to_bytes(self) -> bytes:
         return wire.packb({"version": self.version, "spec": self.spec.to_wire(),
-                           "stack": [s.to_wire() for s in self.stack]})
+                           "stack": [{"push_id": e.push_id, "previous": e.previous.to_wire()} for e in self.stack]})
 
     @classmethod
     def from_bytes(cls, data: bytes) -> "SteeringState":
         obj = wire.unpackb(data)
-        return cls(SteeringSpec.from_wire(obj["spec"]), int(obj["version"]),
-                   [SteeringSpec.from_wire(s) for s in obj["stack"]])
+        # entries saved before pushes had ids are bare specs: id 0, popped only by an unnamed pop
+        stack = [StackEntry(int(e["push_id"]), SteeringSpec.from_wire(e["previous"])) if "previous" in e else
+                 StackEntry(0, SteeringSpec.from_wire(e)) for e in obj["stack"]]
+        return cls(SteeringSpec.from_wire(obj["spec"]), int(obj["version"]), stack)
 
 
 class StateStore:

@@ -174,6 +174,66 @@ def test_steering_context_and_stack(client, oracle_tokens):
     assert exported.fingerprint() == a.fingerprint() and mid.fingerprint() == b.fingerprint() and depth2 == 2
 
 
+def test_interleaved_contexts_each_end_their_own_push(client, oracle_tokens):
+    """Two clients' contexts interleave (A enters, B enters, A leaves): B's spec stays current until B leaves,
+    and then the spec from before both comes back."""
+    a, b = add_spec(71), add_spec(72, layer=2)
+
+    async def main():
+        await client.clear_all()
+        base = await client.steering_state()
+        ctx_a, ctx_b = client.steering(a), client.steering(b)
+        await ctx_a.__aenter__()
+        await ctx_b.__aenter__()
+        await ctx_a.__aexit__(None, None, None)
+        mid = (await client.generate([PROMPT], **SAMPLING))[0]
+        mid_state = await client.steering_state()
+        await ctx_b.__aexit__(None, None, None)
+        end = await client.steering_state()
+        pushed = await client.push_steering_spec(a)
+        with pytest.raises(ValueError, match="not on the steering stack"):
+            await client.pop_steering_spec(pushed["push_id"] + 1000)
+        await client.pop_steering_spec(pushed["push_id"])
+        return base, mid, mid_state, end
+
+    base, mid, mid_state, end = run(main())
+    assert mid.token_ids == oracle_tokens(b) and mid_state["stack_depth"] == 1
+    assert mid_state["spec_fingerprint"] == b.fingerprint()
+    assert end["spec_fingerprint"] == base["spec_fingerprint"] and end["stack_depth"] == 0
+
+
+def test_cancelled_steering_context_leaves_nothing_behind(client, oracle_tokens):
+    """A context cancelled while its push waits for the write lock (a long generation in flight): the
+    coordinator still lands the push, and the context ends it, so the spec and the stack are as before."""
+    b = add_spec(73)
+
+    async def main():
+        await client.clear_all()
+        base = await client.steering_state()
+        long_gen = asyncio.create_task(client.generate([PROMPT], max_tokens=300, temperature=0.0, ignore_eos=True))
+        await asyncio.sleep(1.0)
+
+        async def body():
+            async with client.steering(b):
+                raise AssertionError("the body must not run")
+
+        enter = asyncio.create_task(body())
+        await asyncio.sleep(0.5)
+        enter.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await enter
+        long_out = (await long_gen)[0]
+        end = await client.steering_state()
+        after = (await client.generate([PROMPT], **SAMPLING))[0]
+        return base, long_out, end, after
+
+    base, long_out, end, after = run(main())
+    assert long_out.spec_version == base["spec_version"]  # the push waited for it
+    assert end["spec_version"] == base["spec_version"] + 2  # the push landed, then its undo
+    assert end["stack_depth"] == 0 and end["spec_fingerprint"] == base["spec_fingerprint"]
+    assert after.token_ids == oracle_tokens(SteeringSpec())
+
+
 def test_two_replicas_steer_and_fail_atomically(client, oracle_tokens):
     spec = add_spec(31)
 
@@ -262,6 +322,13 @@ def test_http_handle_and_separate_driver_agree(served_app, client, oracles):
     ("put", "/v1/steering", dict(content=b"0" * (1 << 20 + 1), headers={"content-type": "application/json"}), 413,
      "exceeds"),
     ("post", "/v1/steering/pop", {}, 400, "stack is empty"),
+    ("post", "/v1/steering/pop", dict(json={"push_id": "first"}), 400, "push_id"),
+    ("post", "/v1/generate", dict(json={"prompts": ["hi"], "capture_layers": ["x"]}), 400, "capture_layers"),
+    ("post", "/v1/generate", dict(content=b"[" * 100_000, headers={"content-type": "application/json"}), 400,
+     "invalid"),
+    # chunked: no Content-Length to refuse it by
+    ("put", "/v1/steering", dict(content=iter([b"0" * 65536] * 20), headers={"content-type": "application/json"}),
+     413, "exceeds"),
     ("post", "/v1/generate", dict(json={"prompts": ["hi"], "sampling": {"temperature": -1.0}}), 400, "temperature"),
     ("post", "/v1/generate", dict(json={"prompts": ["hi"], "sampling": {"bogus_knob": 1}}), 400, "sampling"),
     ("delete", "/v1/steering/layers/-1", {}, 400, ">= 0"),
