@@ -6,6 +6,7 @@ shape). Bad input is a 4xx with ``{"error": message}``; nothing changes on the e
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -116,7 +117,9 @@ class SteerIngress:
         try:
             return await coro
         except ValueError as e:  # user error raised by the coordinator or an engine
-            raise HTTPError(400, str(getattr(e, "cause", None) or e).strip()) from None
+            msg = str(getattr(e, "cause", None) or e).strip()
+            # a capture released, expired or never made (its text is all that crosses the actors)
+            raise HTTPError(404 if re.search(r"unknown capture ['\"]", msg) else 400, msg) from None
         except ReplicaUnavailableError as e:  # an engine died or is restarting: the client may retry
             raise HTTPError(503, str(getattr(e, "cause", None) or e).strip()) from None
 

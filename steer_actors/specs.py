@@ -300,6 +300,10 @@ class SteeringSpec(BaseModel):
 _OP_TYPES = {"add": AddSpec, "cap": ProjectionCapSpec, "ablation": AblationSpec}
 
 
+def _is_index(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)  # True is an int to Python, not a layer to anyone
+
+
 def apply_edit(spec: SteeringSpec, edit: dict[str, Any]) -> SteeringSpec:
     """One setter as data, so the engine and the coordinator share it. ``edit["action"]`` is
 
@@ -316,7 +320,7 @@ def apply_edit(spec: SteeringSpec, edit: dict[str, Any]) -> SteeringSpec:
         return SteeringSpec.from_wire(edit["spec"])
     if action == "set":
         layer, op = edit.get("layer"), edit.get("op")
-        if not isinstance(layer, int) or not isinstance(op, dict) or op.get("kind") not in _OP_TYPES:
+        if not _is_index(layer) or not isinstance(op, dict) or op.get("kind") not in _OP_TYPES:
             raise ValueError("set edit needs an integer 'layer' and an 'op' with kind add, cap or ablation")
         if layer < 0:
             raise ValueError(f"layer indices must be >= 0, got {layer}")
@@ -328,7 +332,7 @@ def apply_edit(spec: SteeringSpec, edit: dict[str, Any]) -> SteeringSpec:
             raise ValueError(f"unknown op kind {kind!r}; use add, cap or ablation")
         if layer is None:
             return spec.without_kind(kind) if kind else SteeringSpec()
-        if not isinstance(layer, int) or layer < 0:
+        if not _is_index(layer) or layer < 0:
             raise ValueError(f"layer indices must be integers >= 0, got {layer!r}")
         return spec.without_layer_kind(layer, kind)
     raise ValueError(f"unknown edit action {action!r}; use set, clear or replace")

@@ -393,7 +393,7 @@ def test_capture_http_download_and_release(served_app, client, oracles):
     assert mp["token_ids"] == full[:-1] == st["token_ids"].tolist()
     assert httpx.delete(f"{served_app}/v1/captures/{cap['capture_id']}").status_code == 200
     gone = httpx.get(f"{served_app}/v1/captures/{cap['capture_id']}")
-    assert gone.status_code == 400 and "unknown capture" in gone.json()["error"]
+    assert gone.status_code == 404 and "unknown capture" in gone.json()["error"]
 
 
 def test_per_request_spec_through_client_and_http(served_app, client, oracle_tokens):

@@ -96,6 +96,10 @@ def test_edits_keep_order_and_replace_same_kind():
     assert apply_edit(s, {"action": "clear"}).is_empty()
     with pytest.raises(ValueError, match="unknown edit action"):
         apply_edit(s, {"action": "explode"})
+    with pytest.raises(ValueError, match="integer 'layer'"):
+        apply_edit(s, {"action": "set", "layer": True, "op": {"kind": "add", "vector": [1.0, 0.0]}})
+    with pytest.raises(ValueError, match="integers >= 0"):
+        apply_edit(s, {"action": "clear", "layer": False})
 
 
 def test_malformed_msgpack():
