@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, StrictInt
 
 
 class GenerateRequest(BaseModel):
     prompts: list[str | list[int]] = Field(min_length=1, description="texts or token-id lists")
     sampling: dict[str, Any] | None = Field(default=None, description="vLLM SamplingParams fields")
-    capture_layers: list[int] | None = Field(default=None, description="layers whose h + r to capture")
+    capture_layers: list[StrictInt] | None = Field(default=None, description="layers whose h + r to capture")
     steering_spec: Any = Field(default=None, description="per-request spec (applied after the global one), "
                                                          "or a list with one spec or null per prompt")
 
@@ -36,5 +36,5 @@ class SpecBody(BaseModel):
 
 
 class PopBody(BaseModel):
-    push_id: int | None = Field(default=None, description="the push to end (its reply's push_id); "
+    push_id: StrictInt | None = Field(default=None, description="the push to end (its reply's push_id); "
                                                           "none: the newest")

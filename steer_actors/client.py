@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import operator
 from typing import Any, AsyncIterator, Sequence
 
 import torch
@@ -36,6 +37,15 @@ def _sampling_dict(sampling_params: Any, overrides: dict[str, Any]) -> dict[str,
 
 
 _BACKGROUND: set = set()  # tasks that must outlive their caller (asyncio keeps only weak references)
+
+
+def _layer_index(x: Any) -> int:
+    if isinstance(x, bool):
+        raise ValueError(f"capture_layers must be layer indices (integers), got {x!r}")
+    try:
+        return operator.index(x)  # 2 and np.int64(2), never 2.7 truncated or "2" parsed
+    except TypeError:
+        raise ValueError(f"capture_layers must be layer indices (integers), got {x!r}") from None
 
 
 async def _unwrap(response: Any) -> Any:
@@ -128,7 +138,7 @@ class VLLMSteerModel:
         if isinstance(prompts, str):
             prompts = [prompts]
         prompts = [p if isinstance(p, str) else [int(t) for t in p] for p in prompts]
-        layers = sorted({int(x) for x in capture_layers}) if capture_layers else None
+        layers = sorted({_layer_index(x) for x in capture_layers}) if capture_layers else None
         if isinstance(steering_spec, SteeringSpec):
             per_request: Any = steering_spec.to_wire()
         elif steering_spec is not None:

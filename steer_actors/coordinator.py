@@ -16,7 +16,7 @@ from .config import VLLMSteeringConfig
 from .engine import StaleReplicaError
 from .replicas import Replica, replace_replica, start_replicas, stop_replicas
 from .rwlock import AsyncRWLock
-from .specs import SteeringSpec, apply_edit
+from .specs import SteeringSpec, apply_edit, check_capture_layers
 from .state_store import StackEntry, StateStore, SteeringState
 
 
@@ -209,7 +209,7 @@ class SteeringCoordinator:
                        capture_layers: list[int] | None = None, steering_spec: Any = None) -> list[dict[str, Any]]:
         if not isinstance(prompts, list) or not prompts:
             raise ValueError("prompts must be a non-empty list of strings or token-id lists")
-        layers = set(capture_layers or []) | _spec_layers(steering_spec)
+        layers = set(check_capture_layers(capture_layers) if capture_layers else []) | _spec_layers(steering_spec)
         i, results = await self._call_engine("generate", prompts, sampling, capture_layers, steering_spec,
                                              EXPECTED, layers=layers)
         return self._tag_captures(i, results)

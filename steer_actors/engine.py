@@ -332,19 +332,37 @@ class SteerEngine(EngineCaptureMixin):
                 raise
             if capture_layers:
                 await self._finish_capture(results, ids)
+        except BaseException:
+            if capture_layers:  # the caller gets no ids: nothing stored for this call may outlive it
+                self.captures.release(ids)
+            raise
         finally:
             self.captures.unreserve(reserved)
+            # Shielded, and run to its end if the caller is cancelled meanwhile: a drop that never reached
+            # the workers would leave its requests' regions theirs for good, an unrouted slot its spec.
+            end = asyncio.ensure_future(self._end_requests(ids if capture_layers else [], routed))
+            self._background(end)
             try:
+                await asyncio.shield(end)
+            except BaseException:
                 if capture_layers:
-                    await self._coalesced("steer_capture_drop")(ids, ids)
-            finally:
-                if routed:
-                    try:
-                        await self._workers("steer_unroute", [rid for rid, _, _ in routed])
-                    finally:
-                        # one slot reference per distinct spec, however many prompts shared it
-                        await asyncio.gather(*(self.slots.release(s) for s in {s for _, s, _ in routed}))
+                    self.captures.release(ids)
+                raise
         return [r.to_dict() for r in results]
+
+    async def _end_requests(self, capture_ids: list[str], routed: list) -> None:
+        """After a generate call: drop what the workers still hold for its requests (captures never taken,
+        routes) and release its slots."""
+        try:
+            if capture_ids:
+                await self._coalesced("steer_capture_drop")(capture_ids, capture_ids)
+        finally:
+            if routed:
+                try:
+                    await self._workers("steer_unroute", [rid for rid, _, _ in routed])
+                finally:
+                    # one slot reference per distinct spec, however many prompts shared it
+                    await asyncio.gather(*(self.slots.release(s) for s in {s for _, s, _ in routed}))
 
     def tokenizer(self):
         if self._tokenizer is None:

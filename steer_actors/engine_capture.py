@@ -14,6 +14,7 @@ from . import row_dtype
 from .capture_arena import is_segment_path, stored_rows
 from .capture_registry import current_actor
 from .results import GenerationResult
+from .specs import check_capture_layers
 
 # The object store's copy of a finished capture (tens of MB, Ray's parallel memcpy when the task's return is
 # stored) runs on this group's own thread and event loop: on the default one it held up vLLM's output
@@ -22,8 +23,29 @@ STORE_GROUP = "capture_store"
 CONCURRENCY_GROUPS = {STORE_GROUP: 2}
 
 
+async def _uncancelled(fut: "asyncio.Future[Any]") -> Any:
+    """Await ``fut`` to its end, then raise a cancellation that came meanwhile: a thread cannot be stopped,
+    and what it stores and the regions it reads are released only once it has finished."""
+    cancelled = False
+    while True:
+        try:
+            result = await asyncio.shield(fut)
+            break
+        except asyncio.CancelledError:
+            if fut.cancelled():
+                raise
+            if fut.done():
+                result = fut.result()
+                break
+            cancelled = True
+    if cancelled:
+        raise asyncio.CancelledError
+    return result
+
+
 class EngineCaptureMixin:
     async def _start_capture(self, prompts, params, layers: list[int], ids: list[str]) -> int:
+        layers = check_capture_layers(layers)
         info = await self.info()
         bad = sorted(set(layers) - set(info["steerable_layers"]))
         if bad:
@@ -109,7 +131,7 @@ class EngineCaptureMixin:
                     stored.append(rid)
 
             if eager:
-                await asyncio.to_thread(store)
+                await _uncancelled(asyncio.ensure_future(asyncio.to_thread(store)))
         except BaseException:
             self.captures.release(stored)  # the call fails whole: no entry of it lingers against the budget
             raise

@@ -39,16 +39,21 @@ def fetch_captures_batch(handles: list[CaptureHandle], timeout_s: float = 300.0)
     # A capture lives as long as its engine: a copy that happens to survive on this node after the
     # owner died is not served, so the answer never depends on where the bytes were cached.
     owners = {h.owner._actor_id: h.owner for h in handles if h.owner is not None}
+    timed_out = TimeoutError(f"fetching {len(handles)} captures took longer than {timeout_s}s")
     try:
         ray.get([o.__ray_ready__.remote() for o in owners.values()], timeout=timeout_s)
+    except ray.exceptions.ActorUnavailableError:  # not dead: unreachable for now (restarting, network)
+        raise
     except ray.exceptions.RayActorError:
         raise RuntimeError("capture is gone: the engine replica that owned it died") from None
+    except ray.exceptions.GetTimeoutError:
+        raise timed_out from None
     try:
         arrays = ray.get([h.ref for h in handles], timeout=timeout_s)
+    except (ray.exceptions.GetTimeoutError, ray.exceptions.ObjectFetchTimedOutError):  # the latter: a lost kind
+        raise timed_out from None
     except (ray.exceptions.OwnerDiedError, ray.exceptions.ObjectLostError) as e:
         raise RuntimeError(f"capture is gone: the engine replica that owned it died ({type(e).__name__})") from None
-    except ray.exceptions.GetTimeoutError:
-        raise TimeoutError(f"fetching {len(handles)} captures took longer than {timeout_s}s") from None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # object-store arrays are read-only; we never write to them
         for h, arr in zip(handles, arrays):

@@ -300,8 +300,16 @@ class SteeringSpec(BaseModel):
 _OP_TYPES = {"add": AddSpec, "cap": ProjectionCapSpec, "ablation": AblationSpec}
 
 
-def _is_index(x: Any) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)  # True is an int to Python, not a layer to anyone
+def is_index(x: Any) -> bool:
+    """A layer index: an int (numpy's too), never a bool (an int to Python, not a layer to anyone) or a
+    float (2.0 equals layer 2 in a set)."""
+    return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
+
+
+def check_capture_layers(layers: Any) -> list[int]:
+    if not isinstance(layers, (list, tuple)) or not all(is_index(x) for x in layers):
+        raise ValueError(f"capture_layers must be a list of layer indices (integers), got {layers!r}")
+    return [int(x) for x in layers]
 
 
 def apply_edit(spec: SteeringSpec, edit: dict[str, Any]) -> SteeringSpec:
@@ -320,7 +328,7 @@ def apply_edit(spec: SteeringSpec, edit: dict[str, Any]) -> SteeringSpec:
         return SteeringSpec.from_wire(edit["spec"])
     if action == "set":
         layer, op = edit.get("layer"), edit.get("op")
-        if not _is_index(layer) or not isinstance(op, dict) or op.get("kind") not in _OP_TYPES:
+        if not is_index(layer) or not isinstance(op, dict) or op.get("kind") not in _OP_TYPES:
             raise ValueError("set edit needs an integer 'layer' and an 'op' with kind add, cap or ablation")
         if layer < 0:
             raise ValueError(f"layer indices must be >= 0, got {layer}")
@@ -332,7 +340,7 @@ def apply_edit(spec: SteeringSpec, edit: dict[str, Any]) -> SteeringSpec:
             raise ValueError(f"unknown op kind {kind!r}; use add, cap or ablation")
         if layer is None:
             return spec.without_kind(kind) if kind else SteeringSpec()
-        if not _is_index(layer) or layer < 0:
+        if not is_index(layer) or layer < 0:
             raise ValueError(f"layer indices must be integers >= 0, got {layer!r}")
         return spec.without_layer_kind(layer, kind)
     raise ValueError(f"unknown edit action {action!r}; use set, clear or replace")

@@ -162,6 +162,44 @@ def test_release_frees_budget_and_unknown_capture_is_clear(ray_local, capture_en
         ray_local.get(capture_engine.generate.remote(PROMPTS[:1], SAMPLING, [7]))
 
 
+def test_capture_layers_must_be_layer_indices(ray_local, capture_engine):
+    # 2.0 and True would pass as layers 2 and 1 in a set; a scalar is not a list of layers
+    for bad in ([2.5], [2.0], [True], 5, [None]):
+        with pytest.raises(ValueError, match="capture_layers must be"):
+            ray_local.get(capture_engine.generate.remote(PROMPTS[:1], SAMPLING, bad))
+
+
+def test_cancelled_capturing_call_leaves_nothing_held(ray_local, capture_engine):
+    """A capturing call cancelled while its requests run (what the coordinator does when a client goes away):
+    the worker's regions go back to its arena, nothing counts against the budget, and the engine serves on."""
+    def held():
+        arena = ray_local.get(capture_engine.capture_arena_stats.remote())
+        stats = ray_local.get(capture_engine.capture_stats.remote())
+        return arena["regions_in_use"], stats["used_bytes"], stats["reserved_bytes"]
+
+    deadline = time.monotonic() + 30
+    while (base := held())[0]:  # earlier tests' regions are freed in the background, once stored
+        assert time.monotonic() < deadline, base
+        time.sleep(0.1)
+    # one prompt and layer: earlier tests of this engine hold most of its 4 MiB capture budget
+    ref = capture_engine.generate.remote(PROMPTS[:1], dict(SAMPLING, max_tokens=440), [0])
+    deadline = time.monotonic() + 60
+    while held()[0] == 0:  # registered: its regions are out
+        assert not ray_local.wait([ref], timeout=0)[0], ray_local.get(ref)  # it must not end (or fail) first
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    ray_local.cancel(ref)
+    with pytest.raises((ray_local.exceptions.TaskCancelledError, ray_local.exceptions.RayTaskError)):
+        ray_local.get(ref, timeout=60)
+    deadline = time.monotonic() + 30
+    while held() != base:
+        assert time.monotonic() < deadline, held()
+        time.sleep(0.1)
+    results, handles = capture(ray_local, capture_engine, prompts=PROMPTS[:1])
+    assert handles[0].positions == list(range(len(PROMPTS[0]) + SAMPLING["max_tokens"] - 1))
+    ray_local.get(capture_engine.release_captures.remote([h.capture_id for h in handles]))
+
+
 def test_no_region_outlives_its_capture(ray_local, capture_engine):
     """Rows travel from the worker to the object store through a region of a /dev/shm segment that the
     worker keeps for its life (warm pages); the engine frees the region once the object store holds the
