@@ -368,7 +368,12 @@ class SteerEngine(EngineCaptureMixin):
         if self._tokenizer is None:
             from transformers import AutoTokenizer
 
-            self._tokenizer = AutoTokenizer.from_pretrained(self.config.resolved_model())
+            # the one vLLM runs (a ``tokenizer`` or revision in engine_kwargs): capture regions are sized by
+            # its token counts, and a region sized short fails its request as incomplete
+            mc = self.engine.vllm_config.model_config
+            self._tokenizer = AutoTokenizer.from_pretrained(mc.tokenizer or self.config.resolved_model(),
+                                                            revision=mc.tokenizer_revision,
+                                                            trust_remote_code=mc.trust_remote_code)
         return self._tokenizer
 
     async def chat(self, conversations: list[list[dict[str, str]]], sampling: dict[str, Any] | None = None,
