@@ -301,7 +301,7 @@ def child(args) -> None:
 
         print("RESULT=" + json.dumps({"error": repr(e)[:2000], "trace": traceback.format_exc()[-3000:]}), flush=True)
         raise
-    res["card"] = torch.cuda.get_device_name(0)
+    res["card"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
     print("RESULT=" + json.dumps(res), flush=True)  # the parent keeps the last RESULT line
 
 

@@ -15,10 +15,18 @@ SHAPES = {
                intermediate_size=12288),
 }
 N_PROMPTS, PROMPT_LEN, GEN_LEN = 512, 128, 256
+VOCAB = 151936
+# BENCH_SMOKE=1: the same code on a tiny model and a few prompts, on the CPU, so a change to a benchmark is run
+# before it spends device time
+SMOKE = os.environ.get("BENCH_SMOKE") == "1"
+if SMOKE:
+    SHAPES = {k: dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=64,
+                      intermediate_size=512) for k in SHAPES}
+    N_PROMPTS, PROMPT_LEN, GEN_LEN, VOCAB = 8, 16, 8, 2048
 
 
-def build_checkpoint(shape: str, device: str = "cuda") -> str:
-    out = Path(f"/tmp/bench-qwen3-{shape}")
+def build_checkpoint(shape: str, device: str = "cpu" if SMOKE else "cuda") -> str:
+    out = Path(f"/tmp/bench-qwen3-{shape}{'-smoke' if SMOKE else ''}")
     if (out / "config.json").exists():
         return str(out)
     import shutil
@@ -26,7 +34,7 @@ def build_checkpoint(shape: str, device: str = "cuda") -> str:
     import torch
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
-    cfg = Qwen3Config(vocab_size=151936, max_position_embeddings=4096, rope_theta=1e6, tie_word_embeddings=False,
+    cfg = Qwen3Config(vocab_size=VOCAB, max_position_embeddings=4096, rope_theta=1e6, tie_word_embeddings=False,
                       **SHAPES[shape])
     cfg.dtype = "bfloat16"
     torch.manual_seed(0)
@@ -48,7 +56,7 @@ def token_prompts(n=N_PROMPTS, length=PROMPT_LEN, seed=0):
     import random
 
     rng = random.Random(seed)
-    return [[rng.randrange(100, 150000) for _ in range(length)] for _ in range(n)]
+    return [[rng.randrange(100, VOCAB - 100) for _ in range(length)] for _ in range(n)]
 
 
 _SEEDS = iter(range(1000))

@@ -36,6 +36,8 @@ for pid in $(nvidia-smi --query-compute-apps=pid --format=csv,noheader 2>/dev/nu
 sleep 2
 nvidia-smi --query-gpu=index,memory.used --format=csv,noheader | tr '\n' ' '; echo
 one="env CUDA_VISIBLE_DEVICES=0 BENCH_CHILD_TIMEOUT_S=280"
+# capture runs on GPU 1 beside a step on GPU 0; on a one-GPU machine, after it on GPU 0
+cap=$(( $(nvidia-smi -L 2>/dev/null | wc -l) > 1 ? 1 : 0 ))
 t0=$SECONDS
 job() {  # job <name> <gpus> <child timeout s> <timeout s> <script args...>: log under /tmp/<name>.log
   local name=$1 gpus=$2 child=$3 limit=$4; shift 4
@@ -67,7 +69,7 @@ profile_capture() {  # 8 s of py-spy (raw stacks, per thread) once the capture c
   sleep 1  # the batch takes ~7 s now
   local gpu="" eng p
   # the vLLM worker: the GPU's process that is not the benchmark's driver (session 7 sampled the driver)
-  for p in $(nvidia-smi --query-compute-apps=pid --format=csv,noheader -i 1); do
+  for p in $(nvidia-smi --query-compute-apps=pid --format=csv,noheader -i $cap); do
     tr '\0' ' ' </proc/$p/cmdline 2>/dev/null | grep -q "gpu.py" || { gpu=$p; break; }
   done
   eng=$(pgrep -f "ray::SteerEngine" | head -1)
@@ -83,15 +85,15 @@ case $step in
     # a fresh machine's first engine start took 225 s (cold caches): room for it
     job update 0 390 400 bench/gpu.py --model 0.6b --runs update_only --out "$OUT/update.json"; keep_log update
     profile_capture & prof=$!  # py-spy of the worker and the engine actor while every request captures every layer
-    job capture 1 440 450 bench/gpu.py --model 0.6b --runs capture --out "$OUT/capture.json"; keep_log capture
+    job capture $cap 440 450 bench/gpu.py --model 0.6b --runs capture --out "$OUT/capture.json"; keep_log capture
     [ -f /tmp/phase-capture ] || kill $prof 2>/dev/null; wait
     report update capture; exit 0 ;;
   C)
     profile_capture & prof=$!
-    job capture 1 440 450 bench/gpu.py --model 0.6b --runs capture --out "$OUT/capture.json"; keep_log capture
+    job capture $cap 440 450 bench/gpu.py --model 0.6b --runs capture --out "$OUT/capture.json"; keep_log capture
     [ -f /tmp/phase-capture ] || kill $prof 2>/dev/null; wait
     if ! grep -q capture_all_layers\" "$OUT/capture.json" 2>/dev/null; then  # the direct path failed: the host one
-      STEER_CAPTURE_DIRECT=0 job capture_host 1 440 450 bench/gpu.py --model 0.6b --runs capture --out "$OUT/capture_host.json"
+      STEER_CAPTURE_DIRECT=0 job capture_host $cap 440 450 bench/gpu.py --model 0.6b --runs capture --out "$OUT/capture_host.json"
       report capture capture_host; exit 0
     fi
     # the same without the device's writes (rows not written: benchmark only), to tell their cost from the
@@ -104,7 +106,7 @@ case $step in
     esac
     echo "capture_2: $second"
     ( export $second BENCH_CAPTURE_QUICK=1 VLLM_CACHE_SHARED=/tmp/vc-capture  # the first job's compile cache
-      job capture_2 1 440 450 bench/gpu.py --model 0.6b --runs capture --out "$OUT/capture_2.json" )
+      job capture_2 $cap 440 450 bench/gpu.py --model 0.6b --runs capture --out "$OUT/capture_2.json" )
     report capture capture_2; exit 0 ;;
   E)
     ( while sleep 10; do date +%T; nvidia-smi --query-compute-apps=pid,gpu_uuid,used_memory --format=csv,noheader
