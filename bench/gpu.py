@@ -131,8 +131,14 @@ async def run_ours(model: str, eager: bool, measure: list[str]) -> dict:
             await eng.apply_spec(SteeringSpec().to_wire())
             request_specs[:] = [one.to_wire()]
             steered_request = [list(t) for t in await generate(probeprompts, PROBE["sp"])]
+            # bf16 random weights: a greedy argmax flips with the batch alone (session 12, 8B: the idle engine
+            # matched stock on 1 of 8 prompts), so how many prompts agree says more than one boolean
+            same = lambda a, b: sum(x == y for x, y in zip(a, b))  # noqa: E731
             res["probe_checks"] = {"global_equals_request": steered_global == steered_request,
-                                   "steered_differs_from_idle": steered_global != res["probe_idle"]}
+                                   "steered_differs_from_idle": steered_global != res["probe_idle"],
+                                   "prompts_global_eq_request": same(steered_global, steered_request),
+                                   "prompts_global_eq_idle": same(steered_global, res["probe_idle"]),
+                                   "of": len(probeprompts)}
         except Exception as e:
             res["probe_checks"] = {"error": repr(e)[:500]}
         request_specs[:] = []
