@@ -19,10 +19,11 @@ import time
 
 async def child(freeze: bool) -> dict:
     import steer_actors.engine as engine
+    import steer_actors.engine_start as engine_start
     from steer_actors.testing import build_tiny_model
 
     if not freeze:
-        engine._freeze_gc_heap = lambda: None
+        engine_start.freeze_gc_heap = lambda: None
     eng = engine.SteerEngine(dict(model_name=build_tiny_model("qwen3"), dtype="float32", max_model_len=256,
                                   enforce_eager=True))
     await eng.generate([[5, 6, 7, 8]], dict(max_tokens=4, temperature=0.0))

@@ -10,14 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
-import os
 import time
 import uuid
 from typing import Any
 
-
-from . import row_dtype, vllm_compat
+from . import engine_start, row_dtype, vllm_compat
 from .capture_registry import CaptureRegistry
 from .engine_capture import EngineCaptureMixin
 from .config import VLLMSteeringConfig
@@ -25,18 +22,6 @@ from .slots import SlotPool
 from .results import GenerationResult, result_from_output
 from .change_rows import rows_payload
 from .specs import SteeringSpec, apply_edit
-
-def _data_plane_hash() -> str:
-    """Hash of the data-plane sources: it goes into vLLM's compile-cache key (via additional_config),
-    so graphs compiled by stock vLLM or by an older patch are never reused."""
-    import hashlib
-    from pathlib import Path
-
-    here = Path(__file__).parent
-    h = hashlib.sha256()
-    for name in ("ops.py", "kernels.py", "patch.py", "double_buffer.py", "vllm_compat.py", "capture.py", "routing.py"):
-        h.update((here / name).read_bytes())
-    return h.hexdigest()[:16]
 
 
 class StaleReplicaError(RuntimeError):
@@ -47,59 +32,7 @@ class SteerEngine(EngineCaptureMixin):
     def __init__(self, config: dict[str, Any] | VLLMSteeringConfig):
         self.config = cfg = VLLMSteeringConfig.model_validate(config)
         device = cfg.resolved_device()
-        os.environ.update(cfg.env)
-        if device == "cuda":  # never fork a process that may already hold a CUDA context
-            os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
-        if device == "cpu":
-            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(cfg.cpu_kvcache_space_gib))
-            if cfg.cpu_omp_threads_bind:
-                os.environ["VLLM_CPU_OMP_THREADS_BIND"] = cfg.cpu_omp_threads_bind
-        kwargs: dict[str, Any] = dict(
-            model=cfg.resolved_model(),
-            tensor_parallel_size=cfg.tensor_parallel_size,
-            dtype=cfg.dtype,
-            enforce_eager=cfg.enforce_eager,
-            seed=cfg.seed,
-            worker_extension_cls="steer_actors.worker_ext.SteerWorkerExtension",
-            additional_config={vllm_compat.CONFIG_KEY: {
-                "patch": _data_plane_hash(),
-                "layers": cfg.bootstrap_layers,
-                "max_ops_per_layer": cfg.max_ops_per_layer,
-                "request_slots": cfg.max_steering_slots,
-                "capture_rows": cfg.capture_rows_per_step,
-                "capture_dtype": cfg.capture_dtype,
-            }},
-        )
-        if device == "cuda":
-            kwargs["gpu_memory_utilization"] = cfg.gpu_memory_utilization
-        for name in ("max_model_len", "max_num_seqs", "max_num_batched_tokens", "enable_prefix_caching"):
-            if getattr(cfg, name) is not None:
-                kwargs[name] = getattr(cfg, name)
-        backend = cfg.distributed_executor_backend or ("ray" if device == "cuda" and cfg.tensor_parallel_size > 1
-                                                       else "mp")
-        kwargs["distributed_executor_backend"] = backend
-        kwargs.update(cfg.engine_kwargs)
-        pg = None
-        if backend == "ray":  # the group the coordinator scheduled this actor in (see replicas.py), if any
-            import ray
-
-            pg = ray.util.get_current_placement_group()
-        from .capture import sweep_orphan_files
-
-        swept = sweep_orphan_files()  # files of an engine that died here before it handed its captures on
-        if swept:
-            logging.getLogger(__name__).warning("removed %d capture files of dead engines", len(swept))
-        from . import reaper
-
-        swept = reaper.sweep_dead_engines()
-        if swept:
-            logging.getLogger(__name__).warning("removed %d shared-memory files of dead engines", len(swept))
-        self.engine = vllm_compat.make_async_llm(vllm_compat.engine_args(**kwargs), pg)
-        reaper.start_for_children()
-        try:
-            reaper.note_shared_memory()
-        except Exception as e:  # best effort: cleanup after a crash, never a reason not to serve
-            logging.getLogger(__name__).warning("could not note the engine's shared memory: %s", e)
+        self.engine = engine_start.start_async_llm(cfg, device)
         mc = self.engine.vllm_config.model_config
         self.hidden_size = mc.get_hidden_size()
         self.capture_dtype = row_dtype.resolve(cfg.capture_dtype, mc.dtype)  # as the workers resolve it
@@ -118,7 +51,7 @@ class SteerEngine(EngineCaptureMixin):
         self._channel: Any = None  # {lane: ChannelClient} once opened, False if it cannot be
         self._channel_lock = asyncio.Lock()
         self.slots = SlotPool(cfg.max_steering_slots, self._load_slot)
-        _freeze_gc_heap()
+        engine_start.freeze_gc_heap()
 
     async def _side_channel(self, lane: str = "steer") -> Any:
         """The workers' side channel for ``lane`` (opened on first use), or False where it cannot open."""
@@ -390,21 +323,6 @@ class SteerEngine(EngineCaptureMixin):
         for channel in (self._channel or {}).values():
             channel.close()
         self.engine.shutdown()
-
-
-def _freeze_gc_heap() -> None:
-    """What vLLM's own API server does once its engine is up: move the startup heap (the engine, its model
-    config, Ray's and torch's modules) out of the collector's sight, so a full collection while serving walks
-    only what serving made. Full collections of the whole heap are a suspect in the 8B update latency's
-    spikes (this actor's event loop runs the change's build)."""
-    try:
-        from vllm.utils.gc_utils import freeze_gc_heap
-    except ImportError:
-        import gc
-
-        gc.collect()
-        freeze_gc_heap = gc.freeze
-    freeze_gc_heap()
 
 
 def _node_id() -> str | None:
