@@ -23,7 +23,7 @@ import torch
 
 
 def old_files(args, rows: torch.Tensor, directory: str) -> list[float]:
-    from steer_actors.capture_arena import segment_name
+    from steer_actors.worker.capture.arena import segment_name
 
     R, L, H, max_rows = args.requests, args.layers, args.hidden, args.prompt + args.steps
     reqs = []
@@ -57,7 +57,7 @@ def old_files(args, rows: torch.Tensor, directory: str) -> list[float]:
 
 
 def arena_rounds(args, rows: torch.Tensor, directory: str) -> tuple[list[float], list[float], dict]:
-    from steer_actors.capture import CaptureStore
+    from steer_actors.worker.capture.store import CaptureStore
 
     R, L, H, max_rows = args.requests, args.layers, args.hidden, args.prompt + args.steps
     store = CaptureStore()

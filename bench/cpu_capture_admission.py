@@ -16,7 +16,7 @@ import time
 async def run(n: int, gen: int, reps: int) -> dict:
     import ray
 
-    from steer_actors.engine import engine_actor_class
+    from steer_actors.engine.actor import engine_actor_class
     from steer_actors.testing import build_tiny_model
 
     eng = engine_actor_class().remote(dict(model_name=build_tiny_model("qwen3"), dtype="float32",

@@ -18,8 +18,8 @@ import time
 
 
 async def child(freeze: bool) -> dict:
-    import steer_actors.engine as engine
-    import steer_actors.engine_start as engine_start
+    import steer_actors.engine.actor as engine
+    import steer_actors.engine.launch as engine_start
     from steer_actors.testing import build_tiny_model
 
     if not freeze:

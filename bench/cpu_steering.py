@@ -28,7 +28,7 @@ def _specs(hidden: int):
 
 
 async def measure(eager: bool, n: int, gen: int) -> dict:
-    from steer_actors.engine import SteerEngine
+    from steer_actors.engine.actor import SteerEngine
     from steer_actors.specs import SteeringSpec
     from steer_actors.testing import build_tiny_model
 

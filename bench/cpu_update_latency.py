@@ -17,7 +17,7 @@ async def run(n_requests: int, gen: int, n_updates: int) -> dict:
     import ray
     import torch
 
-    from steer_actors.engine import engine_actor_class
+    from steer_actors.engine.actor import engine_actor_class
     from steer_actors.specs import AddSpec, LayerSteeringSpec, ProjectionCapSpec, SteeringSpec
     from steer_actors.testing import build_tiny_model
 

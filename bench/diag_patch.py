@@ -23,7 +23,7 @@ def _probe(worker) -> dict:
     import vllm.plugins as plugins
 
     from steer_actors import vllm_compat
-    from steer_actors.patch import _PATCHED_ATTR
+    from steer_actors.worker.layer_patch import _PATCHED_ATTR
 
     model = vllm_compat.worker_model(worker)
     layers = [m for m in model.modules() if type(m).__name__.endswith("DecoderLayer")]
@@ -61,7 +61,7 @@ def main() -> None:
     def plugins():
         from vllm.plugins import load_general_plugins
 
-        from steer_actors.patch import _PATCHED_ATTR
+        from steer_actors.worker.layer_patch import _PATCHED_ATTR
         from steer_actors.vllm_compat import decoder_layer_classes
         load_general_plugins()
         return {c.__qualname__: bool(c.__dict__.get(_PATCHED_ATTR)) for c in decoder_layer_classes()}
@@ -72,7 +72,7 @@ def main() -> None:
     def engine():
         import asyncio
 
-        from steer_actors.engine import SteerEngine
+        from steer_actors.engine.actor import SteerEngine
         from steer_actors.testing import build_tiny_model
 
         eng = SteerEngine(dict(model_name=build_tiny_model("qwen3"), dtype="float32", max_model_len=256,

@@ -99,7 +99,7 @@ def _request_specs(hidden: int, layers: int, n: int = 16) -> list:
 
 
 async def run_ours(model: str, eager: bool, measure: list[str]) -> dict:
-    from steer_actors.engine import SteerEngine
+    from steer_actors.engine.actor import SteerEngine
     from steer_actors.specs import SteeringSpec
 
     t0 = time.perf_counter()
@@ -233,8 +233,8 @@ async def run_parity(eager: bool) -> dict:
     import ray
     import torch
 
-    from steer_actors.engine import SteerEngine
-    from steer_actors.handles import CaptureHandle, fetch_captures_batch
+    from steer_actors.engine.actor import SteerEngine
+    from steer_actors.client.handles import CaptureHandle, fetch_captures_batch
     from steer_actors.specs import AblationSpec, AddSpec, LayerSteeringSpec, ProjectionCapSpec, SteeringSpec
     from steer_actors.testing import build_tiny_model
 

@@ -16,8 +16,8 @@ def run_capture(model: str) -> dict:
     bytes/s of one batched fetch of 64 all-layer captures."""
     import ray
 
-    from steer_actors.engine import engine_actor_class
-    from steer_actors.handles import CaptureHandle, fetch_captures_batch
+    from steer_actors.engine.actor import engine_actor_class
+    from steer_actors.client.handles import CaptureHandle, fetch_captures_batch
 
     import psutil
 

@@ -1,5 +1,5 @@
 """GPU micro-benchmark of what capture costs the thread that launches forwards (no vLLM, no Ray: runs on the
-bare GPU image). The worker's real :class:`~steer_actors.capture.CaptureStore` sees the steps a serving engine
+bare GPU image). The worker's real :class:`~steer_actors.worker.capture.store.CaptureStore` sees the steps a serving engine
 would give it: 128 requests capturing all 28 layers of a 1024-wide model, two prefill steps of 64 prompts x 128
 tokens, then 256 decode steps; a stand-in forward (a bf16 matmul chain plus the capture op's row writes)
 runs on the main stream.
@@ -41,7 +41,7 @@ def child(pkg: str, capture: bool) -> dict:
     mod.__path__ = [pkg]
     sys.modules["steer_actors"] = mod
     sys.modules.setdefault("msgpack", types.ModuleType("msgpack"))
-    from steer_actors.capture import CaptureStore
+    from steer_actors.worker.capture.store import CaptureStore
 
     cuda = torch.cuda.is_available()
     dev = torch.device("cuda", 0) if cuda else torch.device("cpu")  # the CPU: a smoke test of this script

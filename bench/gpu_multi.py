@@ -4,7 +4,7 @@
     python bench/gpu_multi.py --part app --out $OUT/app.json    # 4 GPUs: two TP=2 replicas, one per raylet
 
 ``tp``: tiny fp32 Qwen3, steered greedy tokens of a TP=2 replica on vLLM's Ray executor (its own placement
-group, made by steer_actors.replicas) against a TP=1 replica.
+group, made by steer_actors.control.replicas) against a TP=1 replica.
 ``app``: the Serve app with two TP=2 replicas (8B shape by default: GPU-bound, as served; the 0.6B shape
 at TP=2 is bound by the host, which two replicas on one host share) pinned to raylets A and B: version
 atomicity under concurrent readers and writers, a capture made on B fetched by this driver (on A), and
@@ -50,7 +50,7 @@ def part_tp(res: dict) -> dict:
     import torch
 
     from steer_actors.config import VLLMSteeringConfig
-    from steer_actors.replicas import start_replicas, stop_replicas
+    from steer_actors.control.replicas import start_replicas, stop_replicas
     from steer_actors.specs import AddSpec, AblationSpec, LayerSteeringSpec, ProjectionCapSpec, SteeringSpec
     from steer_actors.testing import build_tiny_model
 
@@ -118,8 +118,8 @@ def part_app(res: dict, shape: str = "8b") -> dict:
     sys.path.insert(0, str(REPO / "bench"))
     from gpu_common import build_checkpoint, token_prompts  # noqa: E402
 
-    from deployments.app import build_app
-    from steer_actors.handles import CaptureHandle, fetch_captures_batch
+    from steer_actors.serve.app import build_app
+    from steer_actors.client.handles import CaptureHandle, fetch_captures_batch
     from steer_actors.specs import AddSpec, LayerSteeringSpec, SteeringSpec
 
     subprocess.run([sys.executable, "-c", f"import sys; sys.path.insert(0, {str(REPO / 'bench')!r}); "

@@ -1,5 +1,5 @@
 """GPU micro-benchmark of the capture write path alone (no vLLM, no Ray: runs on the bare GPU image):
-captured rows scattered by the device into a registered shared-memory arena (steer_actors.capture_direct).
+captured rows scattered by the device into a registered shared-memory arena (steer_actors.worker.capture.device_write).
 
 * correctness: every kept row lands at its request's (layer, position) row, seen from the host;
 * the scatter alone: ms and GB/s for a decode-like step (512 requests x 28 layers x 1024) and a
@@ -26,8 +26,8 @@ _pkg = types.ModuleType("steer_actors")
 _pkg.__path__ = [os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "steer_actors")]
 sys.modules.setdefault("steer_actors", _pkg)
 
-from steer_actors import capture_direct as cd  # noqa: E402
-from steer_actors.capture_arena import Arena  # noqa: E402
+from steer_actors.worker.capture import device_write as cd  # noqa: E402
+from steer_actors.worker.capture.arena import Arena  # noqa: E402
 
 L, H = 28, 1024
 

@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from steer_actors.change_rows import rows_payload
+from steer_actors.ops.change import rows_payload
 from steer_actors.specs import AddSpec, LayerSteeringSpec, ProjectionCapSpec, SteeringSpec
 from results_io import emit
 

@@ -19,10 +19,10 @@ import numpy as np
 import torch
 
 from steer_actors import wire
-from steer_actors.change_rows import rows_payload
-from steer_actors.patch import LayerSteerer, load_packed, pack_rows
+from steer_actors.ops.change import rows_payload
+from steer_actors.worker.layer_patch import LayerSteerer, load_packed, pack_rows
 from steer_actors.specs import AddSpec, LayerSteeringSpec, ProjectionCapSpec, SteeringSpec
-from steer_actors.worker_ext import SteerWorkerExtension
+from steer_actors.worker.extension import SteerWorkerExtension
 from results_io import emit
 
 

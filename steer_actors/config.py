@@ -86,7 +86,7 @@ class VLLMSteeringConfig(BaseModel):
     def resolved_model(self) -> str:
         """``tiny:qwen3`` / ``tiny:llama`` name the locally built tiny models; anything else goes to vLLM."""
         if self.model_name.startswith("tiny:"):
-            from .testing import build_tiny_model
+            from steer_actors.testing import build_tiny_model
 
             return build_tiny_model(self.model_name.split(":", 1)[1])
         return self.model_name

@@ -22,7 +22,7 @@ def _token_direction(model_path: str, word: str) -> torch.Tensor:
 
 
 async def _run(model, path: str) -> None:
-    from . import AblationSpec, AddSpec, LayerSteeringSpec, ProjectionCapSpec, SteeringSpec
+    from steer_actors import AblationSpec, AddSpec, LayerSteeringSpec, ProjectionCapSpec, SteeringSpec
 
     prompts = ["The sea is", "Beautiful is better than"]
     sampling = dict(max_tokens=16, temperature=0.0)
@@ -56,8 +56,8 @@ async def _run(model, path: str) -> None:
 
 
 def main() -> None:
-    from . import VLLMSteerModel, VLLMSteeringConfig
-    from .testing import build_tiny_model
+    from steer_actors import VLLMSteerModel, VLLMSteeringConfig
+    from steer_actors.testing import build_tiny_model
 
     t0 = time.time()
     path = build_tiny_model("qwen3")

@@ -21,8 +21,8 @@ import torch
 from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer, ValidationError,
                       field_validator, model_validator)
 
-from . import wire
-from .ops import Op, unit_rows
+from steer_actors import wire
+from steer_actors.ops.rows import Op, unit_rows
 
 
 @contextlib.contextmanager

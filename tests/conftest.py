@@ -53,7 +53,7 @@ def llama_path() -> str:
 
 def start_engine(ray, env: dict | None = None, **config):
     """``env``: environment of the engine actor and so of its vLLM workers."""
-    from steer_actors.engine import engine_actor_class
+    from steer_actors.engine.actor import engine_actor_class
 
     config.setdefault("dtype", "float32")
     config.setdefault("enforce_eager", True)  # compiled mode has its own tests; eager starts twice as fast
@@ -68,7 +68,7 @@ def start_engine(ray, env: dict | None = None, **config):
 
 def engine_lifetime(ray, **config):
     """Body of an engine fixture: ``yield from engine_lifetime(ray_local, model_name=...)``. The
-    engine's vLLM processes go with its actor (see steer_actors.reaper)."""
+    engine's vLLM processes go with its actor (see steer_actors.engine.reaper)."""
     actor = start_engine(ray, **config)
     yield actor
     ray.kill(actor)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import engine_lifetime, rand_vec
-from steer_actors.handles import CaptureHandle, fetch_captures_batch
+from steer_actors.client.handles import CaptureHandle, fetch_captures_batch
 from steer_actors.specs import AddSpec, LayerSteeringSpec, ProjectionCapSpec, SteeringSpec
 
 pytestmark = pytest.mark.engine
@@ -242,7 +242,7 @@ def test_unset_max_tokens_captures_the_whole_sequence(ray_local, capture_engine)
 def test_captures_expire_after_their_ttl(ray_local, qwen3_path):
     """A separate short-TTL registry check on the same engine process type: entries past the TTL are
     dropped and their bytes return to the budget."""
-    from steer_actors.capture_registry import CaptureRegistry
+    from steer_actors.engine.capture_registry import CaptureRegistry
 
     reg = CaptureRegistry(budget_bytes=1 << 20, ttl_s=0.2)
     handle = reg.put("c1", {0: torch.ones(4, 8)}, [0, 1, 2, 3], [5, 6, 7, 8])

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from steer_actors.capture_arena import Arena, is_segment_path
+from steer_actors.worker.capture.arena import Arena, is_segment_path
 
 H = 4
 ROW = H * 4
@@ -96,7 +96,7 @@ def test_a_killed_worker_leaves_no_shared_memory_behind(tmp_path):
     import subprocess
     import sys
 
-    code = ("import sys, time; from steer_actors.capture_arena import Arena; a = Arena(4); "
+    code = ("import sys, time; from steer_actors.worker.capture.arena import Arena; a = Arena(4); "
             f"r = a.alloc(8, {str(tmp_path)!r}); r.view().fill_(1.0); print(r.path, flush=True); time.sleep(60)")
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     path = proc.stdout.readline().strip()
@@ -174,7 +174,7 @@ def test_a_mapped_segment_keeps_row_0_for_the_scatter_and_maps_what_it_reserves(
     starts there; a file segment is registered page by page as its rows are reserved, never beyond."""
     import mmap
 
-    from steer_actors.capture_direct import HostMapper
+    from steer_actors.worker.capture.device_write import HostMapper
 
     H = 256  # 1 KiB rows: four to a page
     a = Arena(H, segment_bytes=100 * H * 4, mapper=HostMapper(torch.device("cpu")))
@@ -198,7 +198,7 @@ def test_the_bounded_scatter_kernel_writes_what_index_copy_writes(interpret):
 
     code = """
 import numpy as np, torch
-from steer_actors import capture_direct as cd
+from steer_actors.worker.capture import device_write as cd
 torch.manual_seed(0)
 L, n, H = 3, 7, 40
 snap = torch.randn(L, n, H)
@@ -231,7 +231,7 @@ print("ok")
 def test_a_mapped_arena_fits_a_region_as_large_as_a_segment(tmp_path):
     """Row 0 of a mapped segment is the scatter's: a region of a whole segment's rows (or more) still gets a
     segment of its own, in shared memory and in host memory, and no failed attempt leaves a segment behind."""
-    from steer_actors.capture_direct import HostMapper
+    from steer_actors.worker.capture.device_write import HostMapper
 
     a = Arena(H, segment_bytes=32 * ROW, mapper=HostMapper(torch.device("cpu")))
     for rows, where in ((32, None), (40, None), (32, str(tmp_path))):
@@ -248,7 +248,7 @@ def test_the_scatter_kernel_compiles_for_an_h100():
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from steer_actors import capture_direct as cd
+    from steer_actors.worker.capture import device_write as cd
 
     sig = {"snap_ptr": "*fp32", "pos_ptr": "*i64", "off_ptr": "*i64", "maxr_ptr": "*i64", "dest_ptr": "*fp32",
            "a": "i32", "n_run": "i32", "n_step": "i32", "n_items": "i32", "H": "i32", "BLOCK_H": "constexpr"}
@@ -267,7 +267,7 @@ def test_write_run_lands_rows_counts_and_tokens_and_sends_the_rest_to_row_0():
     the host arrays): every kept (layer, position) row at its region's place, a count of 1 (2 once the same
     position lands again: recomputed) and its token beside it; a layer a request does not capture and a
     position past its max_rows touch nothing but row 0."""
-    from steer_actors import capture_direct as cd
+    from steer_actors.worker.capture import device_write as cd
 
     class Reg:
         def __init__(self, base):

@@ -9,15 +9,15 @@ import numpy as np
 import pytest
 import torch
 
-from steer_actors.capture import CaptureStore
-from steer_actors.kernels import steer_residual_
-from steer_actors.ops import neutral_rows
+from steer_actors.worker.capture.store import CaptureStore
+from steer_actors.ops.kernel import steer_residual_
+from steer_actors.ops.rows import neutral_rows
 
 
 @pytest.fixture(autouse=True, params=["host", "direct"])
 def path(request, monkeypatch):
     """Every test on both write paths: the host scattering rows, and the device writing them into the
-    mapped arena (:mod:`steer_actors.capture_direct`; on the CPU the same logic over host memory)."""
+    mapped arena (:mod:`steer_actors.worker.capture.device_write`; on the CPU the same logic over host memory)."""
     monkeypatch.setattr(sys.modules[__name__], "DIRECT", request.param == "direct", raising=False)
     return request.param
 
@@ -190,7 +190,7 @@ def test_sweep_removes_only_old_files_of_dead_processes_in_this_pid_namespace(tm
     import sys
     import time
 
-    from steer_actors.capture import _pid_namespace, sweep_orphan_files
+    from steer_actors.worker.capture.store import _pid_namespace, sweep_orphan_files
 
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()  # a pid that no longer runs
@@ -241,7 +241,7 @@ def test_a_step_whose_writes_fail_fails_its_captures_clearly_and_the_forward_goe
         raise RuntimeError("no room on the device")
 
     with monkeypatch.context() as m:
-        m.setattr("steer_actors.capture_step.write_run" if DIRECT else "steer_actors.capture_write._write_run", boom)
+        m.setattr("steer_actors.worker.capture.step.write_run" if DIRECT else "steer_actors.worker.capture.host_write._write_run", boom)
         step(store, ["a-1"], [2], [0, 1], torch.ones(2, H))  # returns: the forward is not the capture's
     with pytest.raises(ValueError, match="no room on the device"):
         store.take("a")

@@ -9,7 +9,8 @@ import time
 
 import pytest
 
-from steer_actors import channel, channel_client
+from steer_actors.worker import channel
+from steer_actors.engine import channel_client
 
 
 @pytest.fixture(autouse=True, params=["asyncio", "uvloop"])

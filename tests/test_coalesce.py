@@ -5,7 +5,7 @@ import asyncio
 
 import pytest
 
-from steer_actors.coalesce import Coalescer
+from steer_actors.engine.coalesce import Coalescer
 
 
 def test_calls_while_one_is_in_flight_share_the_next_round_trip():

@@ -1,4 +1,4 @@
-"""Global rows in two copies (steer_actors.double_buffer) on real layer modules and the real op (CPU
+"""Global rows in two copies (steer_actors.worker.double_buffer) on real layer modules and the real op (CPU
 path): a change written while a forward runs waits for nothing, that forward reads one version on every
 layer, and the next forward reads the change."""
 
@@ -8,9 +8,9 @@ import threading
 
 import torch
 
-from steer_actors.double_buffer import SELECTOR
-from steer_actors.ops import Op, ops_to_flat
-from steer_actors.patch import LayerSteerer, load_packed, pack_rows
+from steer_actors.worker.double_buffer import SELECTOR
+from steer_actors.ops.rows import Op, ops_to_flat
+from steer_actors.worker.layer_patch import LayerSteerer, load_packed, pack_rows
 
 H, L = 16, 3
 
@@ -58,7 +58,7 @@ def test_a_change_during_a_forward_lands_whole_at_the_next_one():
 
 def test_a_writer_never_waits_for_a_forward_being_enqueued():
     """The runner holds its forward lock while it enqueues; a change does not need that lock."""
-    from steer_actors.channel import LOCK
+    from steer_actors.worker.channel import LOCK
 
     layers = make_layers()
     v = torch.randn(H, generator=torch.Generator().manual_seed(1))
@@ -78,9 +78,9 @@ def test_engine_rows_land_as_the_workers_own_build():
     import pytest
 
     from steer_actors import wire
-    from steer_actors.change_rows import rows_payload
+    from steer_actors.ops.change import rows_payload
     from steer_actors.specs import AblationSpec, AddSpec, LayerSteeringSpec, ProjectionCapSpec, SteeringSpec
-    from steer_actors.worker_ext import SteerWorkerExtension
+    from steer_actors.worker.extension import SteerWorkerExtension
 
     layers = make_layers()
     g = torch.Generator().manual_seed(3)

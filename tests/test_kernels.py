@@ -8,12 +8,12 @@ import sys
 import pytest
 import torch
 
-from steer_actors.ops import Op, apply_reference, neutral_rows, ops_to_rows
+from steer_actors.ops.rows import Op, apply_reference, neutral_rows, ops_to_rows
 
 CHECK = r"""
 import os, sys, torch
-from steer_actors.kernels import steer_residual_
-from steer_actors.ops import Op, apply_reference, ops_to_rows
+from steer_actors.ops.kernel import steer_residual_
+from steer_actors.ops.rows import Op, apply_reference, ops_to_rows
 g = torch.Generator().manual_seed(0)
 H = 96
 u = lambda: (lambda v: v / v.norm())(torch.randn(H, generator=g))
@@ -93,7 +93,7 @@ def test_custom_op_matches_reference(interpret):
 def test_custom_op_compiles_with_inplace_buffer_updates():
     """torch.compile keeps reading the buffers: rows written into the unread copy, then the selector
     switched in place after compiling, take effect (and switching back undoes them)."""
-    from steer_actors.kernels import steer_residual_
+    from steer_actors.ops.kernel import steer_residual_
 
     H = 32
     rows = neutral_rows(2, H)

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from steer_actors.ops import Op, apply_reference, apply_slots, neutral_rows, ops_to_rows
+from steer_actors.ops.rows import Op, apply_reference, apply_slots, neutral_rows, ops_to_rows
 
 
 def _unit(seed, h=32):
@@ -66,7 +66,7 @@ def test_several_layers_pack_as_each_alone():
     ops_to_flat lays that layer out alone."""
     import numpy as np
 
-    from steer_actors.ops import CompactRows, ops_to_compact, ops_to_flat, pack_flat, rows_from_flat
+    from steer_actors.ops.rows import CompactRows, ops_to_compact, ops_to_flat, pack_flat, rows_from_flat
 
     g = torch.Generator().manual_seed(5)
     u = lambda: (lambda v: v / v.norm())(torch.randn(8, generator=g))  # noqa: E731
@@ -92,8 +92,8 @@ def test_engine_payload_rows_equal_op_by_op_rows_at_full_width():
     equal, bit for bit, what each op gives alone (the unit of a direction does not depend on its neighbours)."""
     import numpy as np
 
-    from steer_actors.change_rows import rows_payload
-    from steer_actors.ops import ops_to_compact
+    from steer_actors.ops.change import rows_payload
+    from steer_actors.ops.rows import ops_to_compact
     from steer_actors.specs import AblationSpec, AddSpec, LayerSteeringSpec, ProjectionCapSpec, SteeringSpec
 
     H, L = 4096, 36

@@ -17,11 +17,11 @@ PROBE = """
 import json
 from vllm.plugins import load_general_plugins
 load_general_plugins()  # VLLM_PLUGINS="": our entry point is skipped, as if it were never found
-from steer_actors.patch import _PATCHED_ATTR
+from steer_actors.worker.layer_patch import _PATCHED_ATTR
 from steer_actors.vllm_compat import decoder_layer_classes
 before = {c.__qualname__: bool(c.__dict__.get(_PATCHED_ATTR)) for c in decoder_layer_classes()}
 from vllm.utils.import_utils import resolve_obj_by_qualname
-resolve_obj_by_qualname("steer_actors.worker_ext.SteerWorkerExtension")  # what a worker does next
+resolve_obj_by_qualname("steer_actors.worker.extension.SteerWorkerExtension")  # what a worker does next
 after = {c.__qualname__: bool(c.__dict__.get(_PATCHED_ATTR)) for c in decoder_layer_classes()}
 print("RESULT=" + json.dumps({"before": before, "after": after}))
 """

@@ -6,7 +6,7 @@ import sys
 import time
 from multiprocessing import shared_memory
 
-from steer_actors import reaper
+from steer_actors.engine import reaper
 
 # as vLLM's message queues: no resource tracker that would unlink the file when the holder dies
 HOLD = ("import sys, time; from multiprocessing import resource_tracker, shared_memory; "
@@ -28,7 +28,7 @@ def test_killed_children_leave_no_shared_memory_but_shared_files_stay():
     survivor = hold(f"{tag}-shared", False)
     try:
         assert f"/dev/shm/{tag}-own" in reaper.shm_files(own.pid)
-        proc = subprocess.Popen([sys.executable, "-c", "import sys, json; from steer_actors import reaper; "
+        proc = subprocess.Popen([sys.executable, "-c", "import sys, json; from steer_actors.engine import reaper; "
                                  "print(json.dumps(reaper.watch(int(sys.argv[1]), [int(x) for x in sys.argv[2:]], 0.05)))",
                                  str(parent.pid), str(own.pid), str(shared.pid)], stdout=subprocess.PIPE, text=True)
         time.sleep(0.3)
@@ -49,7 +49,7 @@ def test_killed_children_leave_no_shared_memory_but_shared_files_stay():
             pass
 
 
-ENGINE = ("import subprocess, sys, time; from steer_actors import reaper; reaper.NOTES = sys.argv[1]; "
+ENGINE = ("import subprocess, sys, time; from steer_actors.engine import reaper; reaper.NOTES = sys.argv[1]; "
           "child = subprocess.Popen([sys.executable, '-c', sys.argv[2], sys.argv[3], '1'], stdout=subprocess.PIPE, text=True); "
           "child.stdout.readline(); print(reaper.note_shared_memory(), child.pid, flush=True); time.sleep(120)")
 

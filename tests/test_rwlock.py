@@ -5,7 +5,7 @@ import random
 
 import pytest
 
-from steer_actors.rwlock import AsyncRWLock
+from steer_actors.control.rwlock import AsyncRWLock
 
 
 def run(coro):

@@ -40,7 +40,7 @@ def served_app(ray_local, qwen3_path, tmp_path_factory):
         "proxy_location": "HeadOnly",
         "http_options": {"host": "127.0.0.1", "port": 8000},
         "applications": [{
-            "name": "steer", "route_prefix": "/steer", "import_path": "deployments.app:build_app",
+            "name": "steer", "route_prefix": "/steer", "import_path": "steer_actors.serve.app:build_app",
             "args": {"model_name": qwen3_path, "dtype": "float32", "max_model_len": 512, "num_replicas": 2,
                      "enforce_eager": True,
                      "replica_overrides": [{}, {"bootstrap_layers": [0, 1, 2]}], "max_body_bytes": 1 << 20},

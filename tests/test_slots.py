@@ -4,7 +4,7 @@ import asyncio
 
 import pytest
 
-from steer_actors.slots import SlotPool
+from steer_actors.engine.slot_pool import SlotPool
 
 
 def run(coro):

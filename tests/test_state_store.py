@@ -1,9 +1,9 @@
 """The coordinator's durable state and its replica check (pure: no engine)."""
 
 from steer_actors import wire
-from steer_actors.coordinator import runs
+from steer_actors.control.coordinator import runs
 from steer_actors.specs import AddSpec, LayerSteeringSpec, SteeringSpec
-from steer_actors.state_store import StackEntry, SteeringState
+from steer_actors.control.state_store import StackEntry, SteeringState
 
 
 def _spec(x: float) -> SteeringSpec:

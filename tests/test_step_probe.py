@@ -8,7 +8,8 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from steer_actors import channel, vllm_compat
+from steer_actors.worker import channel
+from steer_actors import vllm_compat
 
 
 class V2Shaped:

@@ -6,8 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..ops import apply_reference
-from ..specs import SteeringSpec
+from steer_actors.ops.rows import apply_reference
+from steer_actors.specs import SteeringSpec
 
 
 @dataclass

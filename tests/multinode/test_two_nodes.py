@@ -13,7 +13,7 @@ import time
 import pytest
 
 from conftest import rand_vec
-from steer_actors.handles import CaptureHandle, fetch_captures_batch
+from steer_actors.client.handles import CaptureHandle, fetch_captures_batch
 from steer_actors.specs import AddSpec, LayerSteeringSpec, ProjectionCapSpec, SteeringSpec
 
 pytestmark = pytest.mark.engine
@@ -51,7 +51,7 @@ def cluster(qwen3_path):
 def app(cluster, qwen3_path):
     from ray import serve
 
-    from deployments.app import build_app
+    from steer_actors.serve.app import build_app
 
     APP_CONFIG.update(model_name=qwen3_path)
     handle = serve.run(build_app(APP_CONFIG), name=APP, route_prefix=f"/{APP}")
@@ -139,7 +139,7 @@ def test_capture_made_on_node_b_is_fetched_on_node_a(cluster, app, oracles):
 def test_replica_killed_under_load_fails_clearly_and_comes_back_current(cluster, app, oracles):
     import ray
 
-    from steer_actors.coordinator import ReplicaUnavailableError
+    from steer_actors.control.coordinator import ReplicaUnavailableError
 
     state = app.edit.remote({"action": "replace", "spec": spec_a().to_wire()}).result()
     long = dict(SAMPLING, max_tokens=200)
@@ -218,7 +218,7 @@ def test_redeploy_with_another_engine_config_replaces_engines_and_keeps_the_spec
     replaced, the spec and version survive (the app was never deleted), and the new engines run it."""
     from ray import serve
 
-    from deployments.app import build_app
+    from steer_actors.serve.app import build_app
 
     state = app.edit.remote({"action": "replace", "spec": spec_a().to_wire()}).result()
     old_ids = [engine(i)._actor_id for i in (0, 1)]
@@ -235,7 +235,7 @@ def test_deleting_the_app_stops_its_engines_and_forgets_its_state(cluster, app):
     """Engines are detached (they outlive a coordinator crash), so the app's deletion must stop them."""
     from ray import serve
 
-    from steer_actors.state_store import StateStore
+    from steer_actors.control.state_store import StateStore
 
     app.edit.remote({"action": "replace", "spec": spec_a().to_wire()}).result()
     assert StateStore(APP).load() is not None

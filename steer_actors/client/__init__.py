@@ -1,0 +1,1 @@
+"""The researcher's side: ``VLLMSteerModel`` (embedded or connected) and capture handles."""
