@@ -4,6 +4,7 @@ accumulation across steps, dedupe after recompute, overflow of the per-step buff
 
 import os
 import sys
+import threading
 
 import numpy as np
 import pytest
@@ -26,7 +27,7 @@ DIRECT = False
 
 
 def new_store(**kw):
-    return CaptureStore(direct=DIRECT, **kw)
+    return CaptureStore(threading.RLock(), direct=DIRECT, **kw)
 
 
 def file_rows(d, n, H=4):
@@ -190,11 +191,11 @@ def test_sweep_removes_only_old_files_of_dead_processes_in_this_pid_namespace(tm
     import sys
     import time
 
-    from steer_actors.worker.capture.store import _pid_namespace, sweep_orphan_files
+    from steer_actors.worker.capture.arena import pid_namespace, sweep_orphan_files
 
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()  # a pid that no longer runs
-    ns = _pid_namespace()
+    ns = pid_namespace()
     old = time.time() - 3600
 
     def make(name, age=old):

@@ -9,8 +9,9 @@ import time
 
 import pytest
 
-from steer_actors.worker import channel
 from steer_actors.engine import channel_client
+from steer_actors.worker import channel
+from steer_actors.worker.runtime import ForwardGate
 
 
 @pytest.fixture(autouse=True, params=["asyncio", "uvloop"])
@@ -54,7 +55,7 @@ class Worker:
 
 
 def _lanes(workers, timeout_s=1.0):
-    chans = {lane: [channel.WorkerChannel(w, lane) for w in workers] for lane in channel.LANES}
+    chans = {lane: [channel.WorkerChannel(w, ForwardGate(), lane) for w in workers] for lane in channel.LANES}
     return {lane: channel_client.ChannelClient([c.address for c in cs], timeout_s=timeout_s) for lane, cs in chans.items()}
 
 
@@ -186,11 +187,12 @@ def test_busy_runner_picks_a_change_up_at_its_next_forward():
     """A runner that releases the forward lock and takes it again at once (as under load) still lets a
     change land within about one forward, never inside one: the runner runs it at its next step start."""
     stop, inside, log = threading.Event(), threading.Event(), []
+    gate = ForwardGate()
 
     def runner():
         while not stop.is_set():
-            with channel.LOCK:
-                channel.run_pending()
+            with gate.lock:
+                gate.run_pending()
                 inside.set()
                 time.sleep(0.01)  # a forward being enqueued
                 inside.clear()
@@ -206,7 +208,7 @@ def test_busy_runner_picks_a_change_up_at_its_next_forward():
     waits = []
     for _ in range(20):
         t = time.perf_counter()
-        assert channel.between_forwards(change) == 42
+        assert gate.between_forwards(change) == 42
         waits.append(time.perf_counter() - t)
     stop.set()
     th.join()
@@ -218,18 +220,20 @@ def test_idle_runner_change_runs_at_once_and_errors_come_back():
     def bad():
         raise ValueError("nope")
 
+    gate = ForwardGate()
     t = time.perf_counter()
-    assert channel.between_forwards(lambda: threading.current_thread().name) == threading.current_thread().name
+    assert gate.between_forwards(lambda: threading.current_thread().name) == threading.current_thread().name
     assert time.perf_counter() - t < 0.05
     with pytest.raises(ValueError, match="nope"):
-        channel.between_forwards(bad)
+        gate.between_forwards(bad)
 
 
 def test_a_change_that_finds_no_gap_is_withdrawn_not_applied_late():
     ran, held, release = [], threading.Event(), threading.Event()
+    gate = ForwardGate()
 
     def stuck_runner():
-        with channel.LOCK:
+        with gate.lock:
             held.set()
             release.wait(5)
 
@@ -237,11 +241,11 @@ def test_a_change_that_finds_no_gap_is_withdrawn_not_applied_late():
     th.start()
     held.wait(5)
     with pytest.raises(RuntimeError, match="no gap between forwards"):
-        channel.between_forwards(lambda: ran.append(1), timeout_s=0.1)
+        gate.between_forwards(lambda: ran.append(1), timeout_s=0.1)
     release.set()
     th.join()
-    with channel.LOCK:
-        channel.run_pending()  # the next forward: nothing left to land
+    with gate.lock:
+        gate.run_pending()  # the next forward: nothing left to land
     assert ran == []
 
 

@@ -8,24 +8,30 @@ import threading
 
 import torch
 
-from steer_actors.worker.double_buffer import SELECTOR
 from steer_actors.ops.rows import Op, ops_to_flat
-from steer_actors.worker.layer_patch import LayerSteerer, load_packed, pack_rows
+from steer_actors.worker.layer_patch import LayerSteerer, pack_rows
+from steer_actors.worker.runtime import WorkerRuntime
 
 H, L = 16, 3
 
 
 def make_layers():
-    return [LayerSteerer(i, H, 2, max_tokens=8, num_layers=L) for i in range(L)]
+    rt = WorkerRuntime()
+    return [LayerSteerer(rt, i, H, 2, max_tokens=8, num_layers=L) for i in range(L)]
+
+
+def write(layers, rows, active):
+    rt = layers[0].runtime
+    rt.selector.write(lambda copy: rt.staging.load(pack_rows([(layer, rows, active) for layer in layers],
+                                                             ("global", copy))))
 
 
 def commit(layers, v):
-    rows = ops_to_flat([Op("add", v, scale=1.0)], 2, H)
-    SELECTOR.write(lambda copy: load_packed(pack_rows([(layer, rows, True) for layer in layers], ("global", copy))))
+    write(layers, ops_to_flat([Op("add", v, scale=1.0)], 2, H), True)
 
 
 def forward(layers, x, after_first_layer=None):
-    SELECTOR.at_forward_start()  # what the runner hook does before it enqueues a forward
+    layers[0].runtime.selector.at_forward_start()  # what the runner hook does before it enqueues a forward
     for i, layer in enumerate(layers):
         d = torch.zeros_like(x)
         layer(d, x)
@@ -51,19 +57,16 @@ def test_a_change_during_a_forward_lands_whole_at_the_next_one():
     commit(layers, v1)
     torch.testing.assert_close(forward(layers, x), x + L * v1)
     # an empty change turns every layer off in the copy it writes
-    SELECTOR.write(lambda copy: load_packed(pack_rows([(layer, ops_to_flat([], 2, H), False) for layer in layers],
-                                                      ("global", copy))))
+    write(layers, ops_to_flat([], 2, H), False)
     torch.testing.assert_close(forward(layers, x), x)
 
 
 def test_a_writer_never_waits_for_a_forward_being_enqueued():
     """The runner holds its forward lock while it enqueues; a change does not need that lock."""
-    from steer_actors.worker.channel import LOCK
-
     layers = make_layers()
     v = torch.randn(H, generator=torch.Generator().manual_seed(1))
     done = threading.Event()
-    with LOCK:  # a forward being enqueued, for as long as it takes
+    with layers[0].runtime.gate.lock:  # a forward being enqueued, for as long as it takes
         th = threading.Thread(target=lambda: (commit(layers, v), done.set()), daemon=True)
         th.start()
         assert done.wait(5), "the change waited for the forward lock"

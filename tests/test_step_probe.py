@@ -8,15 +8,15 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from steer_actors.worker import channel
 from steer_actors import vllm_compat
+from steer_actors.worker.runtime import WorkerRuntime
 
 
 class V2Shaped:
     """``execute_model`` prepares inputs (real steps only), then launches the forward."""
 
-    def __init__(self):
-        self.seen_locked = []
+    def __init__(self, lock):
+        self.lock, self.seen_locked = lock, []
 
     def prepare_inputs(self, sched, desc):
         return SimpleNamespace(num_reqs=2, req_ids=["a-1", "b-2"], query_start_loc_np=np.array([0, 3, 4, 4]),
@@ -25,19 +25,19 @@ class V2Shaped:
     def execute_model(self, sched, dummy=False):
         if not dummy:
             self.prepare_inputs(sched, None)
-        self.seen_locked.append(_locked_elsewhere())
+        self.seen_locked.append(_locked_elsewhere(self.lock))
         return "out"
 
 
-def _locked_elsewhere() -> bool:
+def _locked_elsewhere(lock) -> bool:
     """Would the side channel's thread have to wait?"""
     got = []
 
     def try_lock():
-        ok = channel.LOCK.acquire(timeout=0.05)
+        ok = lock.acquire(timeout=0.05)
         got.append(ok)
         if ok:
-            channel.LOCK.release()
+            lock.release()
 
     t = threading.Thread(target=try_lock)
     t.start()
@@ -57,11 +57,13 @@ class Listener:
 
 
 def test_v2_hook_locks_only_from_prepared_inputs_to_launch():
-    runner = V2Shaped()
+    rt = WorkerRuntime()
+    lock = rt.gate.lock
+    runner = V2Shaped(lock)
     lst = Listener()
-    vllm_compat.install_step_probe(SimpleNamespace(model_runner=runner), lst)
+    vllm_compat.install_step_probe(SimpleNamespace(model_runner=runner), rt, lst)
     assert runner.execute_model("s") == "out"
     assert lst.calls == [("begin", ["a-1", "b-2"], [0, 3, 4], "P", "I", 8), ("end",)]
-    assert runner.seen_locked == [True] and not _locked_elsewhere()
+    assert runner.seen_locked == [True] and not _locked_elsewhere(lock)
     runner.execute_model("s", dummy=True)  # no prepared inputs: no lock, listeners still closed
-    assert runner.seen_locked[-1] is False and lst.calls[-1] == ("end",) and not _locked_elsewhere()
+    assert runner.seen_locked[-1] is False and lst.calls[-1] == ("end",) and not _locked_elsewhere(lock)

@@ -82,7 +82,7 @@ def start_async_llm(cfg: VLLMSteeringConfig, device: str) -> Any:
 
         pg = ray.util.get_current_placement_group()
     from steer_actors.engine import reaper
-    from steer_actors.worker.capture.store import sweep_orphan_files
+    from steer_actors.worker.capture.arena import sweep_orphan_files
 
     swept = sweep_orphan_files()  # files of an engine that died here before it handed its captures on
     if swept:

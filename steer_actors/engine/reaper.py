@@ -85,9 +85,9 @@ NOTES = "/tmp/steer-actors-engines"
 
 
 def _note_path(pid: int) -> str:
-    from steer_actors.worker.capture.arena import _pid_namespace
+    from steer_actors.worker.capture.arena import pid_namespace
 
-    return os.path.join(NOTES, f"{_pid_namespace()}-{pid}.json")
+    return os.path.join(NOTES, f"{pid_namespace()}-{pid}.json")
 
 
 def note_shared_memory() -> str | None:
@@ -116,14 +116,14 @@ def sweep_dead_engines() -> list[str]:
     process maps them; best effort, never raises. Returns the files removed."""
     import json
 
-    from steer_actors.worker.capture.arena import _pid_namespace
+    from steer_actors.worker.capture.arena import pid_namespace
 
     removed: list[str] = []
     try:
         names = os.listdir(NOTES)
     except OSError:
         return removed
-    ns = str(_pid_namespace())
+    ns = str(pid_namespace())
     mapped = None
     for name in names:
         stem, _, ext = name.rpartition(".")

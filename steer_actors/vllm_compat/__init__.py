@@ -10,7 +10,7 @@ from steer_actors.vllm_compat.engine import client_error_types, engine_args, kee
 from steer_actors.vllm_compat.layers import (
     CONFIG_KEY, DECODER_LAYERS, decoder_layer_classes, hidden_size_at_construction, layer_index_from_prefix,
     max_batched_tokens_at_construction, num_layers_at_construction, scheduler_tokens_at_construction,
-    steering_config_at_construction, tp_rank_at_construction,
+    steering_config_at_construction, tp_rank_at_construction, vllm_config_at_construction,
 )
 from steer_actors.vllm_compat.runner import install_step_probe, tp_rank, worker_model
 
@@ -19,5 +19,5 @@ __all__ = [
     "hidden_size_at_construction", "install_step_probe", "keep_off_multicast", "layer_index_from_prefix",
     "make_async_llm", "max_batched_tokens_at_construction", "num_layers_at_construction",
     "scheduler_tokens_at_construction", "steering_config_at_construction", "tp_rank", "tp_rank_at_construction",
-    "worker_model",
+    "vllm_config_at_construction", "worker_model",
 ]

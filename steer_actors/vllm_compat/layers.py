@@ -52,13 +52,18 @@ def layer_index_from_prefix(prefix: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
-def steering_config_at_construction() -> dict[str, Any] | None:
-    """The ``additional_config[CONFIG_KEY]`` of the model being built, or None for a stock engine."""
+def vllm_config_at_construction() -> Any:
+    """The ``VllmConfig`` the model being built is built under (None outside a construction)."""
     try:
         from vllm.config import get_current_vllm_config_or_none
     except ImportError:  # older layout
         from vllm.config.vllm import get_current_vllm_config_or_none
-    cfg = get_current_vllm_config_or_none()
+    return get_current_vllm_config_or_none()
+
+
+def steering_config_at_construction() -> dict[str, Any] | None:
+    """The ``additional_config[CONFIG_KEY]`` of the model being built, or None for a stock engine."""
+    cfg = vllm_config_at_construction()
     if cfg is None:
         return None
     extra = cfg.additional_config
@@ -72,6 +77,7 @@ def hidden_size_at_construction(layer: torch.nn.Module) -> int:
 
         size = get_current_vllm_config().model_config.get_hidden_size()
     return int(size)
+
 
 def tp_rank_at_construction() -> int:
     try:
@@ -100,4 +106,3 @@ def max_batched_tokens_at_construction() -> int:
 
     sched = get_current_vllm_config().scheduler_config
     return int(max(sched.max_num_batched_tokens, getattr(sched, "max_num_seqs", 0), 8192)) + 512
-

@@ -18,17 +18,18 @@ def worker_model(worker: Any) -> torch.nn.Module:
     return model
 
 
-
 def tp_rank(worker: Any) -> int:
     return int(getattr(worker, "rank", 0))
 
 
-def install_step_probe(worker: Any, listener: Any = None) -> None:
-    """Hook the model runner once: every forward is enqueued under :data:`steer_actors.worker.channel.LOCK`
-    (so request-slot loads land between forwards) after switching to the newest committed copy of the
-    global rows (:mod:`steer_actors.worker.double_buffer`), and ``listener`` learns the batch layout of each
-    forward: ``begin_step(req_ids, query_start_loc, positions, input_ids, num_padded)`` after the
-    runner built its inputs, ``end_step()`` once the forward is enqueued.
+def install_step_probe(worker: Any, runtime: Any, listener: Any = None) -> None:
+    """Hook the model runner once, for ``runtime`` (the worker's
+    :class:`~steer_actors.worker.runtime.WorkerRuntime`): every forward is enqueued under ``runtime.gate.lock``
+    (so request-slot loads land between forwards; the jobs waiting for that gap run first) after switching to
+    the newest committed copy of the global rows (``runtime.selector``, see
+    :mod:`steer_actors.worker.double_buffer`), and ``listener`` learns the batch layout of each forward:
+    ``begin_step(req_ids, query_start_loc, positions, input_ids, num_padded)`` after the runner built its
+    inputs, ``end_step()`` once the forward is enqueued.
 
     * V1 runner (vLLM 0.32 CPU; 0.26 GPU with the V1 runner): ``_model_forward`` is the hook point
       vLLM documents for subclasses; the batch is ``input_batch`` + ``query_start_loc``.
@@ -46,7 +47,7 @@ def install_step_probe(worker: Any, listener: Any = None) -> None:
         else:
             raise RuntimeError(f"steer_actors does not know this model runner ({type(runner)})")
         listeners = runner._steer_listeners = []
-        wrap(runner, listeners)
+        wrap(runner, runtime.gate, runtime.selector, listeners)
     if listener is not None and listener not in listeners:
         listeners.append(listener)
 
@@ -56,17 +57,16 @@ def _end(listeners: list) -> None:
         lst.end_step()
 
 
-def _probe_v1(runner: Any, listeners: list) -> None:
-    from steer_actors.worker.channel import LOCK, note_forward_stream, run_pending
-    from steer_actors.worker.double_buffer import SELECTOR
-
+def _probe_v1(runner: Any, gate: Any, selector: Any, listeners: list) -> None:
     orig = runner._model_forward
+    lock, note_forward_stream, run_pending, at_forward_start = (gate.lock, gate.note_forward_stream,
+                                                               gate.run_pending, selector.at_forward_start)
 
     def probed(*args: Any, **kwargs: Any) -> Any:
-        with LOCK:
+        with lock:
             note_forward_stream()
             run_pending()  # changes waiting for a gap between forwards land before this one
-            SELECTOR.at_forward_start()  # the newest committed copy of the global rows
+            at_forward_start()  # the newest committed copy of the global rows
             n = runner.input_batch.num_reqs
             req_ids = list(runner.input_batch.req_ids[:n])
             qsl = runner.query_start_loc.np[: n + 1]
@@ -82,22 +82,21 @@ def _probe_v1(runner: Any, listeners: list) -> None:
     runner._model_forward = probed
 
 
-def _probe_v2(runner: Any, listeners: list) -> None:
+def _probe_v2(runner: Any, gate: Any, selector: Any, listeners: list) -> None:
     """The lock is taken once the step's inputs are prepared and released when the forward is enqueued:
     the rest of ``execute_model`` (request bookkeeping, which may wait for the previous step's results
     under async scheduling) runs without it, so a change waits for a forward's launch, not for a step."""
-    from steer_actors.worker.channel import LOCK, note_forward_stream, run_pending
-    from steer_actors.worker.double_buffer import SELECTOR
-
     orig_prepare, orig_execute = runner.prepare_inputs, runner.execute_model
+    lock, note_forward_stream, run_pending, at_forward_start = (gate.lock, gate.note_forward_stream,
+                                                               gate.run_pending, selector.at_forward_start)
 
     def prepare_inputs(*args: Any, **kwargs: Any) -> Any:
         batch = orig_prepare(*args, **kwargs)
-        LOCK.acquire()
+        lock.acquire()
         runner._steer_locked = True
         note_forward_stream()
         run_pending()  # changes waiting for a gap between forwards land before this one
-        SELECTOR.at_forward_start()  # the newest committed copy of the global rows
+        at_forward_start()  # the newest committed copy of the global rows
         n = batch.num_reqs
         for lst in listeners:
             lst.begin_step(list(batch.req_ids[:n]), batch.query_start_loc_np[: n + 1], batch.positions,
@@ -112,7 +111,7 @@ def _probe_v2(runner: Any, listeners: list) -> None:
                 _end(listeners)
             finally:
                 if runner.__dict__.pop("_steer_locked", False):
-                    LOCK.release()
+                    lock.release()
 
     runner.prepare_inputs, runner.execute_model = prepare_inputs, execute_model
 

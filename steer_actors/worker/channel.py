@@ -5,14 +5,14 @@ so under load a change waits for the step in flight and often the next one (H100
 requests: p99 52 ms). Each worker also serves its ``steer_*`` methods on ZMQ sockets from threads (one
 per lane). A global change is written into the copy of the rows no forward reads and the runner switches
 copies at its next forward's start (:mod:`.double_buffer`): it waits for no forward. A request slot's rows
-are copied where no forward is being enqueued (the model runner holds :data:`LOCK` while it enqueues one),
+are copied where no forward is being enqueued (the model runner holds the forward lock while it enqueues one),
 by the channel thread when the lock is free or by the runner at its next forward's start
-(:func:`between_forwards`). Payloads are msgpack (no pickle on the network).
+(:meth:`~steer_actors.worker.runtime.ForwardGate.between_forwards`). Payloads are msgpack (no pickle on the
+network).
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import threading
 import time
@@ -21,9 +21,6 @@ from typing import Any
 from steer_actors import wire
 
 log = logging.getLogger(__name__)
-
-LOCK = threading.RLock()  # held by the runner while it enqueues a forward, and around every change's copy
-_forward_stream: Any = None  # the CUDA stream forwards run on (seen by the runner hook)
 
 # Two lanes per worker, each a socket and thread of its own, so that a steering change never queues
 # behind a capture's bookkeeping (registering a request's shared-memory region, taking a finished one).
@@ -46,90 +43,6 @@ UNLOCKED = frozenset({"steer_info", "steer_stage", "steer_commit", "steer_abort"
                       "steer_capture_take", "steer_capture_drop", "steer_capture_free", "steer_capture_stats"})
 
 
-class _Job:
-    __slots__ = ("fn", "done", "result", "error")
-
-    def __init__(self, fn):
-        self.fn, self.done, self.result, self.error = fn, threading.Event(), None, None
-
-
-# One queue per process: vLLM runs one worker (one runner thread) per process.
-_jobs: list[_Job] = []
-_jobs_mutex = threading.Lock()
-
-
-def between_forwards(fn, timeout_s: float = 60.0):
-    """Run ``fn()`` where no forward is being enqueued, and return its result (or raise its error).
-
-    Whichever comes first runs it: this thread, whenever it finds :data:`LOCK` free, or the runner's
-    thread at the start of its next forward (:func:`run_pending`, called with the lock held). Under
-    load the runner releases the lock and takes it again within microseconds, and a waiting thread
-    must also win the GIL to get it, so waiting for the lock alone could miss several steps; the
-    runner picking the job up bounds the wait by one forward's launch."""
-    job = _Job(fn)
-    with _jobs_mutex:
-        _jobs.append(job)
-    deadline = time.monotonic() + timeout_s
-    while not job.done.is_set():
-        if LOCK.acquire(blocking=False):  # no forward being enqueued (an idle runner never comes)
-            try:
-                run_pending()
-            finally:
-                LOCK.release()
-        elif job.done.wait(0.002):
-            break
-        elif time.monotonic() > deadline:
-            with _jobs_mutex:
-                if job in _jobs:  # never started: withdraw it, so it cannot land after the caller gave up
-                    _jobs.remove(job)
-                    raise RuntimeError(f"no gap between forwards in {timeout_s:.0f} s (is the runner stuck?)")
-    if job.error is not None:
-        raise job.error
-    return job.result
-
-
-def run_pending() -> None:
-    """Run the queued :func:`between_forwards` jobs; the caller holds :data:`LOCK`."""
-    if not _jobs:
-        return
-    with _jobs_mutex:
-        jobs = _jobs[:]
-        _jobs.clear()
-    for i, job in enumerate(jobs):
-        try:
-            with on_forward_stream():
-                job.result = job.fn()
-        except Exception as e:  # goes back to the caller's thread
-            job.error = e
-        except BaseException:  # the runner is being stopped: the jobs not yet run wait for the next taker
-            with _jobs_mutex:
-                _jobs[:0] = jobs[i + 1:]
-            job.error = RuntimeError("the worker stopped while applying this change")
-            job.done.set()
-            raise
-        job.done.set()
-
-
-def note_forward_stream() -> None:
-    """Called by the runner hook (main thread) before each forward."""
-    global _forward_stream
-    import torch
-
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        _forward_stream = torch.cuda.current_stream()
-
-
-@contextlib.contextmanager
-def on_forward_stream():
-    if _forward_stream is None:
-        yield
-        return
-    import torch
-
-    with torch.cuda.stream(_forward_stream):
-        yield
-
-
 def _bind_host() -> str:
     try:
         import ray
@@ -144,10 +57,11 @@ def _bind_host() -> str:
 class WorkerChannel:
     """Serves one lane of a worker's ``steer_*`` methods (thread + REP socket)."""
 
-    def __init__(self, worker: Any, lane: str = "steer"):
+    def __init__(self, worker: Any, gate: Any, lane: str = "steer"):
+        """``gate``: the worker's :class:`~steer_actors.worker.runtime.ForwardGate`."""
         import zmq
 
-        self.worker, self.lane, self.methods = worker, lane, LANES[lane]
+        self.worker, self.gate, self.lane, self.methods = worker, gate, lane, LANES[lane]
         self.sock = zmq.Context.instance().socket(zmq.REP)
         host = _bind_host()
         self.address = f"tcp://{host}:{self.sock.bind_to_random_port(f'tcp://{host}')}"
@@ -194,7 +108,7 @@ class WorkerChannel:
                         finally:
                             ran.append(time.perf_counter() - t)
 
-                    reply = {"ok": between_forwards(job)}
+                    reply = {"ok": self.gate.between_forwards(job)}
                     copy_s = ran[0] if ran else 0.0
                     # where a change's latency goes: building rows, waiting for a gap between forwards, copying
                     reply["t"] = [round((t1 - t0) * 1e3, 3), round((time.perf_counter() - t1 - copy_s) * 1e3, 3),

@@ -58,5 +58,3 @@ class Selector:
             self.sel.fill_(self.pending)
             self.current = self.pending
 
-
-SELECTOR = Selector()

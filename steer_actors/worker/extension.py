@@ -12,16 +12,13 @@ from __future__ import annotations
 
 from typing import Any
 
-
-from steer_actors.worker.capture import store as capture
 from steer_actors import vllm_compat
-from steer_actors.worker.double_buffer import SELECTOR
 from steer_actors.ops.change import rows_from_payload
 from steer_actors.ops.rows import ops_to_flat
-from steer_actors.worker.layer_patch import LayerSteerer, install as install_patch, load_packed, pack_rows, steerers
-from steer_actors.worker.plugin import dump_stacks_on_signal
-from steer_actors.worker.routing import ROUTER
 from steer_actors.specs import SteeringSpec
+from steer_actors.worker.layer_patch import LayerSteerer, install as install_patch, pack_rows, steerers
+from steer_actors.worker.plugin import dump_stacks_on_signal
+from steer_actors.worker.runtime import WorkerRuntime
 
 # vLLM imports this class in every worker before the worker builds its model, so the decoder layers are
 # patched here whether or not the ``vllm.general_plugins`` entry point was discovered (on the GPU host an
@@ -36,6 +33,21 @@ class SteerWorkerExtension:
         if cached is None:
             cached = self._steer_layer_cache = steerers(vllm_compat.worker_model(self))
         return cached
+
+    def _steer_runtime(self) -> WorkerRuntime:
+        """The runtime this worker's layers were built with (see :mod:`.runtime`); one of its own where the
+        model has no steerable layer (nothing reads it then, and every change is refused)."""
+        rt = self.__dict__.get("_steer_runtime_")
+        if rt is None:
+            layer = next(iter(self._steer_layers().values()), None)
+            rt = self._steer_runtime_ = layer.runtime if layer is not None else WorkerRuntime()
+        return rt
+
+    def _steer_probe(self, listener: Any = None) -> WorkerRuntime:
+        """The runtime, with the runner hooked (once) and ``listener`` told of every forward."""
+        rt = self._steer_runtime()
+        vllm_compat.install_step_probe(self, rt, listener)
+        return rt
 
     def _steer_state(self) -> dict[str, Any]:
         st = self.__dict__.get("_steer_state_")
@@ -60,11 +72,11 @@ class SteerWorkerExtension:
         ``switch_interval_s``: see :meth:`steer_switch_interval`."""
         from steer_actors.worker.channel import LANES, WorkerChannel
 
-        vllm_compat.install_step_probe(self)
+        gate = self._steer_probe().gate
         self.steer_switch_interval(switch_interval_s)
         chans = self.__dict__.get("_steer_channels")
         if chans is None:
-            chans = self._steer_channels = {lane: WorkerChannel(self, lane) for lane in LANES}
+            chans = self._steer_channels = {lane: WorkerChannel(self, gate, lane) for lane in LANES}
         return {lane: ch.address for lane, ch in chans.items()}
 
     def steer_switch_interval(self, seconds: float | None) -> float:
@@ -126,17 +138,16 @@ class SteerWorkerExtension:
     def steer_commit(self, version: int) -> str:
         """Write the staged rows into the copy of the global rows no forward reads; every forward that starts
         after this returns reads them (see :mod:`.double_buffer`). Never waits for a forward."""
-        from steer_actors.worker.channel import on_forward_stream
-
         st = self._steer_state()
         try:
             fp, rows = st["staged"].pop(int(version))
         except KeyError:
             raise ValueError(f"no staged steering version {version}") from None
-        vllm_compat.install_step_probe(self)  # the switch happens at a forward's start
+        rt = self._steer_probe()  # the switch happens at a forward's start
+        selector = rt.selector
         layers = self._steer_layers()
         any_layer = next(iter(layers.values()), None)
-        if any_layer is not None and SELECTOR.sel is not None and any_layer.sel.data_ptr() != SELECTOR.sel.data_ptr():
+        if any_layer is not None and selector.sel is not None and any_layer.sel.data_ptr() != selector.sel.data_ptr():
             # the layers would read a copy of the selector that never switches: half the changes would land in
             # the copy in use
             raise RuntimeError("the layers' steering selector is not the one commits switch (were buffers moved?)")
@@ -145,15 +156,15 @@ class SteerWorkerExtension:
             loaded = st["loaded"][copy]  # only layers whose rows differ from what this copy holds
             changed = [(idx, key, r) for idx, (key, r) in rows.items() if loaded.get(idx) != key]
             try:
-                load_packed(pack_rows([(layers[idx], r, bool(key)) for idx, key, r in changed], ("global", copy)))
+                rt.staging.load(pack_rows([(layers[idx], r, bool(key)) for idx, key, r in changed], ("global", copy)))
             except BaseException:
                 loaded.clear()  # what this copy holds is unknown now: the next change rewrites every layer
                 raise
             for idx, key, _ in changed:
                 loaded[idx] = key
 
-        with on_forward_stream():  # the copies and the event the switch waits for, on the forwards' stream
-            SELECTOR.write(write)
+        with rt.gate.on_forward_stream():  # the copies and the event the switch waits for, on the forwards' stream
+            selector.write(write)
         # Older staged versions can never commit after a newer one.
         for v in [v for v in st["staged"] if v < int(version)]:
             del st["staged"][v]
@@ -183,14 +194,14 @@ class SteerWorkerExtension:
 
         from steer_actors.worker.capture.arena import shared_memory_key
 
-        vllm_compat.install_step_probe(self, capture.STORE)
-        if capture.STORE.rows_per_step == 0:
+        store = self._steer_probe(self._steer_runtime().store).store
+        if store.rows_per_step == 0:
             raise ValueError("this engine was started with capture disabled (capture_rows_per_step=0)")
         to_dir = "/dev/shm" if host == shared_memory_key() and os.access("/dev/shm", os.W_OK) else None
         failed = {}
         for request_id, layers, max_rows in requests:
             try:
-                capture.STORE.register(request_id, layers, int(max_rows), to_dir, shared_cap_bytes)
+                store.register(request_id, layers, int(max_rows), to_dir, shared_cap_bytes)
             except Exception as e:
                 failed[request_id] = str(e) if isinstance(e, ValueError) else f"{type(e).__name__}: {e}"
         return failed
@@ -200,28 +211,29 @@ class SteerWorkerExtension:
         the engine frees with :meth:`steer_capture_free` once it copied them out; else inline)."""
         if vllm_compat.tp_rank(self) != 0:
             return None
-        out = {}
+        store, out = self._steer_runtime().store, {}
         for rid in request_ids:  # take every request, so none is left behind when one failed
             try:
-                out[rid] = capture.STORE.take(rid)
+                out[rid] = store.take(rid)
             except Exception as e:  # this request's error; the others' files still reach the engine
                 out[rid] = {"error": f"{type(e).__name__}: {e}" if not isinstance(e, ValueError) else str(e)}
         return out
 
     def steer_capture_drop(self, request_ids: list[str]) -> None:
+        store = self._steer_runtime().store
         for rid in request_ids:
-            capture.STORE.drop(rid)
+            store.drop(rid)
 
     def steer_capture_free(self, region_ids: list[int]) -> int:
         """Regions handed over by :meth:`steer_capture_take`, once the engine has copied their rows."""
         if vllm_compat.tp_rank(self) != 0:
             return 0
-        return capture.STORE.free(region_ids)
+        return self._steer_runtime().store.free(region_ids)
 
     def steer_capture_stats(self) -> dict[str, int] | None:
         if vllm_compat.tp_rank(self) != 0:
             return None
-        return capture.STORE.stats()
+        return self._steer_runtime().store.stats()
 
     # ---- per-request steering ---------------------------------------------------------------------
     def _slot_build(self, slot: int, spec_wire: dict[str, Any]):
@@ -235,7 +247,8 @@ class SteerWorkerExtension:
     def _slot_write(self, slot: int, built) -> str:
         fp, rows = built
         layers = self._steer_layers()
-        load_packed(pack_rows([(layers[idx], r, True) for idx, (_, r) in rows.items()], ("request", int(slot))))
+        self._steer_runtime().staging.load(pack_rows([(layers[idx], r, True) for idx, (_, r) in rows.items()],
+                                                     ("request", int(slot))))
         return fp
 
     def steer_slot_load(self, slot: int, spec_wire: dict[str, Any]) -> str:
@@ -243,9 +256,10 @@ class SteerWorkerExtension:
         return self._slot_write(slot, self._slot_build(slot, spec_wire))
 
     def steer_route(self, pairs: list[tuple[str, int]]) -> None:
-        vllm_compat.install_step_probe(self, ROUTER)
-        ROUTER.bind(pairs)
+        router = self._steer_runtime().router
+        self._steer_probe(router)
+        router.bind(pairs)
 
     def steer_unroute(self, request_ids: list[str]) -> None:
-        ROUTER.unbind(request_ids)
+        self._steer_runtime().router.unbind(request_ids)
 

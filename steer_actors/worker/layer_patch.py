@@ -1,8 +1,10 @@
-"""Decoder-layer patch: installs a :class:`LayerSteerer` in each steerable layer at construction.
+"""Decoder-layer patch: installs a :class:`LayerSteerer` in each steerable layer at construction, and packs
+changes to the layers' rows (:func:`pack_rows`).
 
 The patch is inert for stock engines: a layer gets a steerer only when the engine was started with
 ``additional_config["steer_actors"]`` (see :mod:`steer_actors.vllm_compat`), and only for the layers
-listed there, so unpatched layers and stock vLLM pay nothing.
+listed there, so unpatched layers and stock vLLM pay nothing. Every steerer of a worker shares one
+:class:`~steer_actors.worker.runtime.WorkerRuntime` (found by the config being built, see there).
 """
 
 from __future__ import annotations
@@ -15,13 +17,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from steer_actors.worker.capture import store as capture
-from steer_actors import row_dtype
-from steer_actors import vllm_compat
-from steer_actors.worker.double_buffer import SELECTOR
+from steer_actors import row_dtype, vllm_compat
 from steer_actors.ops.kernel import steer_residual_
 from steer_actors.ops.rows import pack_flat
-from steer_actors.worker.routing import ROUTER
+from steer_actors.worker import runtime as worker_runtime
+from steer_actors.worker.runtime import WorkerRuntime
 
 _PATCHED_ATTR = "__steer_actors_patched__"
 
@@ -33,9 +33,11 @@ class LayerSteerer(nn.Module):
     created inside the first forward; in-place ``copy_`` into these buffers is seen by both.
     """
 
-    def __init__(self, layer_idx: int, hidden: int, num_slots: int, request_slots: int = 0, max_tokens: int = 8192,
-                 num_layers: int | None = None, capture_rows: int = 0, capture_dtype: torch.dtype = torch.float32):
+    def __init__(self, runtime: WorkerRuntime, layer_idx: int, hidden: int, num_slots: int, request_slots: int = 0,
+                 max_tokens: int = 8192, num_layers: int | None = None, capture_rows: int = 0,
+                 capture_dtype: torch.dtype = torch.float32):
         super().__init__()
+        self.runtime = runtime  # a plain attribute: not a submodule, never moved with the layer's buffers
         self.layer_idx = layer_idx
         self.hidden = hidden
         self.num_slots = num_slots
@@ -50,7 +52,7 @@ class LayerSteerer(nn.Module):
         # 0 while the copy has no ops: the op then does no work (read on the device at replay time).
         # float32 (a flag, 0 or 1), so a change's flags travel in the same float32 buffer as its rows
         self.register_buffer("active", torch.zeros(2, dtype=torch.float32), persistent=False)
-        self.register_buffer("sel", SELECTOR.buffer(), persistent=False)
+        self.register_buffer("sel", runtime.selector.buffer(), persistent=False)
         # Per-request specs: S = request_slots + 1 tables of K ops (slot 0 = identity), applied after the
         # global ops to the tokens the shared per-token slot index routes to them.
         S = request_slots + 1
@@ -60,11 +62,11 @@ class LayerSteerer(nn.Module):
         self.register_buffer("rlo", torch.full((S, num_slots), -math.inf, **f32), persistent=False)
         self.register_buffer("rhi", torch.full((S, num_slots), math.inf, **f32), persistent=False)
         self.register_buffer("rgamma", torch.ones(S, num_slots, **f32), persistent=False)
-        slot_idx, any_bound = ROUTER.buffers(max_tokens)
+        slot_idx, any_bound = runtime.router.buffers(max_tokens)
         self.register_buffer("slot_idx", slot_idx, persistent=False)
         self.register_buffer("any_bound", any_bound, persistent=False)
         # Capture: this layer's view of the shared capture buffer and flag (see steer_actors.worker.capture.store).
-        buf, dst, layer_on, any_on = capture.STORE.buffers(num_layers or layer_idx + 1, capture_rows, hidden,
+        buf, dst, layer_on, any_on = runtime.store.buffers(num_layers or layer_idx + 1, capture_rows, hidden,
                                                            max_tokens, capture_dtype)
         self.register_buffer("cap_buf", buf[layer_idx], persistent=False)
         self.register_buffer("cap_dst", dst, persistent=False)
@@ -123,49 +125,6 @@ def pack_rows(items: list[tuple[LayerSteerer, Any, bool]], table: tuple[str, int
     return PackedRows([layer for layer, _, _ in items], table, flat)
 
 
-class _Staging:
-    """Per kind of table ("global", "request"), a device buffer every change of that kind is copied into in one
-    copy, and its views cut once per set of destinations, so a change costs two torch calls: each lets go of the
-    GIL, which the runner's thread may then hold for a whole switch interval (cutting 216 views anew took
-    several such waits under a Python-bound runner, ``bench/worker_update.py``). Changes of one kind never
-    overlap (global ones hold the selector's lock, request slots the forward lock) and are enqueued on the
-    forwards' stream, so a change overwrites the buffer only after the copies that read the last one."""
-
-    def __init__(self) -> None:
-        self.bufs: dict[str, torch.Tensor] = {}
-        self.cuts: dict[tuple, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
-
-    def sources(self, kind: str, dsts: list[torch.Tensor], n: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        buf = self.bufs.get(kind)
-        if buf is None or buf.numel() < n or buf.device != dsts[0].device:
-            buf = self.bufs[kind] = torch.empty(n, dtype=torch.float32, device=dsts[0].device)
-            self.cuts = {k: v for k, v in self.cuts.items() if k[0] != kind}
-        key = (kind, *map(id, dsts))  # the entry holds ``dsts``: no id is reused while it lives
-        got = self.cuts.get(key)
-        if got is None:
-            if len(self.cuts) >= 64:
-                self.cuts.clear()
-            got = self.cuts[key] = (dsts, list(buf[:n].split([d.shape[0] for d in dsts])))
-        return buf[:n], got[1]
-
-
-_STAGING = _Staging()
-
-
-@torch.inference_mode()
-def load_packed(packed: PackedRows | None) -> None:
-    """One host-to-device copy and one multi-tensor device copy, whatever the number of layers (see
-    :class:`_Staging`). Per-layer copies cost six CUDA calls per layer (H100, 28 layers: 5.8 ms median, 16 ms
-    p99)."""
-    if packed is None:
-        return
-    views = [layer.flat_views(packed.table) for layer in packed.targets]
-    dsts = [v for vs in views for v in vs[:5]] + [vs[5] for vs in views if len(vs) > 5]
-    staging, srcs = _STAGING.sources(packed.table[0], dsts, packed.flat.shape[0])
-    staging.copy_(packed.flat, non_blocking=True)  # stream-ordered; the pinned block is kept until done
-    torch._foreach_copy_(dsts, srcs)
-
-
 def _wrap_init(orig_init):
     @functools.wraps(orig_init)
     def __init__(self, *args, **kwargs):
@@ -182,7 +141,8 @@ def _wrap_init(orig_init):
             capture_rows = vllm_compat.scheduler_tokens_at_construction()
         if vllm_compat.tp_rank_at_construction() != 0:  # only TP rank 0 captures: no buffer elsewhere
             capture_rows = 0
-        self.steerer = LayerSteerer(idx, vllm_compat.hidden_size_at_construction(self), int(cfg["max_ops_per_layer"]),
+        runtime = worker_runtime.for_config(vllm_compat.vllm_config_at_construction())
+        self.steerer = LayerSteerer(runtime, idx, vllm_compat.hidden_size_at_construction(self), int(cfg["max_ops_per_layer"]),
                                     int(cfg.get("request_slots", 0)), vllm_compat.max_batched_tokens_at_construction(),
                                     vllm_compat.num_layers_at_construction(), int(capture_rows),
                                     # vLLM builds the model under its dtype as torch's default

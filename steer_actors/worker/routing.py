@@ -63,5 +63,3 @@ class Router:
     def end_step(self) -> None:
         pass
 
-
-ROUTER = Router()

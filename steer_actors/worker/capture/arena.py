@@ -58,7 +58,7 @@ class Segment:
     reserved: int = 0  # rows [0, reserved) of the file are backed (fallocated)
     _map: Any = field(default=None, repr=False)  # keeps the mapping alive as long as ``rows``
     array: Any = field(default=None, repr=False)  # ``rows`` as numpy (the host write scatters with numpy)
-    # Direct writes (see capture_direct): ``rows`` as a device tensor, None where the segment is not
+    # Direct writes (see device_write): ``rows`` as a device tensor, None where the segment is not
     # mapped; the first ``mapped`` bytes are registered. Row 0 is the scatter's trash row, never handed out.
     device_rows: Any = field(default=None, repr=False)
     mapped: int = 0
@@ -305,7 +305,7 @@ def stored_rows(keep: int, max_rows: int) -> int:
 
 def segment_name() -> str:
     """``steer-capture-<pid namespace>-<pid>-<uuid>.f32``: what :func:`sweep_orphan_files` recognises."""
-    return f"steer-capture-{_pid_namespace()}-{os.getpid()}-{uuid.uuid4().hex}.f32"
+    return f"steer-capture-{pid_namespace()}-{os.getpid()}-{uuid.uuid4().hex}.f32"
 
 
 def is_segment_path(path: str, directory: str = "/dev/shm") -> bool:
@@ -335,7 +335,7 @@ def shared_memory_key() -> str:
             boot = f.read().strip()
     except OSError:
         boot = "?"
-    return f"{socket.gethostname()}:{boot}:{_pid_namespace()}"
+    return f"{socket.gethostname()}:{boot}:{pid_namespace()}"
 
 
 def _unlink(path: str) -> None:
@@ -345,7 +345,7 @@ def _unlink(path: str) -> None:
         pass
 
 
-def _pid_namespace() -> int:
+def pid_namespace() -> int:
     """Containers sharing /dev/shm (``--ipc=host``) need not share pids: a file's pid means something only
     in the namespace that wrote it."""
     try:
@@ -366,7 +366,7 @@ def sweep_orphan_files(directory: str = "/dev/shm", min_age_s: float = 600.0) ->
         names = os.listdir(directory)
     except OSError:
         return removed
-    ns, now = str(_pid_namespace()), time.time()
+    ns, now = str(pid_namespace()), time.time()
     for name in names:
         parts = name.split("-")
         if not (name.startswith("steer-capture-") and name.endswith(".f32") and len(parts) == 5 and parts[2] == ns):

@@ -1,5 +1,5 @@
 """The host side of a capture step: which positions of which requests arrived (and their tokens) and, on
-the host write path, the rows themselves into each request's region (see :mod:`.capture`; on the direct
+the host write path, the rows themselves into each request's region (see :mod:`.store`; on the direct
 path the device wrote the rows already).
 
 Which positions arrived and their tokens go to each segment's ``counts``/``tokens`` (one entry per segment

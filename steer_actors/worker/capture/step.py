@@ -1,6 +1,6 @@
 """One step of a capture on the worker: its plan (which captured rows of the batch go to which request's
 region, kept while the batch repeats) and the work that writes them: on the direct path a few launches on a
-side stream (:mod:`.capture_direct`), else a copy thread (the host path). :mod:`.capture` holds the store."""
+side stream (:mod:`.device_write`), else a copy thread (the host path). :mod:`.store` holds the store."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from steer_actors.worker.transfer import to_device
 
 @dataclass(eq=False)
 class Plan:
-    """A step's capture layout, kept while the batch repeats (see :meth:`.capture.CaptureStore.begin_step`)."""
+    """A step's capture layout, kept while the batch repeats (see :meth:`.store.CaptureStore.begin_step`)."""
     key: tuple | None
     layout: list  # (pending, first, end) per capturing request: its tokens first..end-1 of the captured rows
     layers: list[int]  # every layer any of them captures
@@ -50,7 +50,7 @@ class Landed:
 def launch_direct(plan: Plan, pos: torch.Tensor, input_ids: Any, snap: torch.Tensor, maps: dict, side: Any,
                   host_steps: int) -> None:
     """The device writes the rows, and which positions arrived with their tokens, into the mapped segment
-    (see :mod:`.capture_direct`): the host keeps no books per step, so no thread of ours competes with
+    (see :mod:`.device_write`): the host keeps no books per step, so no thread of ours competes with
     the runner's for the GIL. A plan's targets go to the device once; a repeated batch reuses them, and its
     requests' :class:`Landed` (one ``done`` event, recorded again each step: a wait is for its latest record).
     ``side``: (stream, ready event, done event), or None on a CPU."""

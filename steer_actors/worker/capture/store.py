@@ -6,9 +6,9 @@ Graph-safe: the steering op itself writes captured rows into a buffer allocated 
 flags that the host fills before each forward. A CUDA graph replay runs the same kernel, so capture
 works with graphs on. After the forward, the step's rows are gathered on the device (stream-ordered,
 before the next step overwrites the buffer). On a GPU whose arena pages are registered with it
-(:mod:`.capture_direct`), a scatter on a side stream then writes every captured row straight into its
-request's region of the capture arena (:mod:`.capture_arena`: recycled shared memory on the engine actor's
-host, else host memory), with which positions landed and their tokens (:mod:`.capture_step`). Otherwise a copy thread (own
+(:mod:`.device_write`), a scatter on a side stream then writes every captured row straight into its
+request's region of the capture arena (:mod:`.arena`: recycled shared memory on the engine actor's
+host, else host memory), with which positions landed and their tokens (:mod:`.step`). Otherwise a copy thread (own
 CUDA stream, pinned host memory) brings the rows to host and scatters them there with numpy. Either way
 the copy overlaps the next step, the runner never waits for it, and a finished request has nothing left
 to assemble: only the segment's path and the region's place travel.
@@ -31,10 +31,9 @@ import torch
 from steer_actors import row_dtype
 from steer_actors import wire
 from steer_actors.worker.capture.arena import DEFAULT_SEGMENT_BYTES, DEFAULT_SHARED_SEGMENT_BYTES, Arena, Region, stored_rows
-from steer_actors.worker.capture.arena import _pid_namespace, sweep_orphan_files  # noqa: F401 (their home was here)
 from steer_actors.worker.capture.step import Plan, launch_direct, launch_host
 from steer_actors.worker.capture.host_write import write_step
-from steer_actors.worker.transfer import h2d, to_device  # noqa: F401 (h2d's home was here)
+from steer_actors.worker.transfer import h2d, to_device
 
 
 @dataclass(eq=False)
@@ -52,10 +51,13 @@ class _Pending:
 
 
 class CaptureStore:
-    def __init__(self, segment_bytes: int = DEFAULT_SEGMENT_BYTES, shared_segment_bytes: int | None = None,
-                 direct: bool | None = None) -> None:
-        """``direct``: the device writes rows into the arena itself (:mod:`.capture_direct`); None: where the
-        buffers are on a GPU and ``STEER_CAPTURE_DIRECT`` is not 0 (True runs the same logic on the CPU)."""
+    def __init__(self, forward_lock: Any, segment_bytes: int = DEFAULT_SEGMENT_BYTES,
+                 shared_segment_bytes: int | None = None, direct: bool | None = None) -> None:
+        """``forward_lock``: the lock the runner holds while it enqueues a forward (the runtime's, see
+        :class:`~steer_actors.worker.runtime.ForwardGate`); what the runner's thread reads each step is changed
+        under it. ``direct``: the device writes rows into the arena itself (:mod:`.device_write`); None: where
+        the buffers are on a GPU and ``STEER_CAPTURE_DIRECT`` is not 0 (True runs the same logic on the CPU)."""
+        self._lock = forward_lock
         self._direct = direct
         self.wanted: dict[str, _Pending] = {}  # external request id -> what it accumulated
         # Device buffers shared by every layer (created on the construction-time device).
@@ -71,7 +73,7 @@ class CaptureStore:
         # tests shrink both; the default makes shared segments large (sparse: only address space)
         self._shared_segment_bytes = shared_segment_bytes or (DEFAULT_SHARED_SEGMENT_BYTES if segment_bytes ==
                                                               DEFAULT_SEGMENT_BYTES else segment_bytes)
-        self.arena: Arena | None = None  # where the rows land on this host (see capture_arena)
+        self.arena: Arena | None = None  # where the rows land on this host (see arena)
         self._ctl: torch.Tensor | None = None  # layer_on, any_on and dst in one buffer: one copy per step
         self._layer_index: dict[tuple, torch.Tensor | None] = {}  # step layers -> their index on the device
         self._plan: Plan | None = None  # the last step's (reset whenever ``wanted`` changes)
@@ -101,12 +103,12 @@ class CaptureStore:
         return self.buf, self.dst, self.layer_on, self.any_on
 
     def _mapper(self, device: torch.device):
-        from steer_actors.worker.capture import device_write as capture_direct
+        from steer_actors.worker.capture import device_write
 
-        want = self._direct if self._direct is not None else capture_direct.enabled(device)
+        want = self._direct if self._direct is not None else device_write.enabled(device)
         if not want:
             return None
-        mapper = capture_direct.HostMapper(device)
+        mapper = device_write.HostMapper(device)
         return mapper if mapper.ok else None
 
     def register(self, request_id: str, layers: list[int], max_rows: int, to_dir: str | None = None,
@@ -124,9 +126,7 @@ class CaptureStore:
         seg.counts[region.base:region.base + max_rows] = 0
         seg.tokens[region.base:region.base + max_rows] = -1
         pend = _Pending(ids, region, max_rows)
-        from steer_actors.worker.channel import LOCK
-
-        with LOCK:  # made outside the lock, published under it
+        with self._lock:  # made outside the lock, published under it
             old = self.wanted.pop(request_id, None)
             self.wanted[request_id] = pend
             self._forget(request_id)
@@ -246,7 +246,7 @@ class CaptureStore:
     def end_step(self) -> None:
         """After the forward is enqueued: snapshot the rows (device gather, stream-ordered before the next
         step's writes). Then either the device scatters them into each request's region itself (mapped
-        arena, :mod:`.capture_direct`) on a side stream, or a thread of its own copies them to host and
+        arena, :mod:`.device_write`) on a side stream, or a thread of its own copies them to host and
         into each request's region; either way the copy overlaps the next forward, and a finished request
         has nothing left to assemble."""
         if self._step is None:
@@ -304,16 +304,14 @@ class CaptureStore:
 
     def write_step(self, layout: list, layers: list[int], rows: np.ndarray | torch.Tensor | None, pos: np.ndarray,
                    tok: np.ndarray) -> None:
-        """The host part of a step (see :func:`.capture_write.write_step`)."""
+        """The host part of a step (see :func:`.host_write.write_step`)."""
         write_step(layout, layers, rows, pos, tok)
 
     def take(self, request_id: str) -> dict[str, Any] | None:
         """Everything captured for ``request_id``, one row per absolute position, sorted by position;
         msgpack-safe. Rows in a shared-memory segment stay there: the segment's path, the region's first
         row and id travel, and the region is the engine's until it frees it (:meth:`free`)."""
-        from steer_actors.worker.channel import LOCK
-
-        with LOCK:  # the runner's thread reads ``wanted`` every step (and adds copies under the lock)
+        with self._lock:  # the runner's thread reads ``wanted`` every step (and adds copies under the lock)
             pend = self.wanted.pop(request_id, None)
             self._forget(request_id)
         if pend is None:
@@ -354,9 +352,7 @@ class CaptureStore:
         return out
 
     def drop(self, request_id: str) -> None:
-        from steer_actors.worker.channel import LOCK
-
-        with LOCK:
+        with self._lock:
             pend = self.wanted.pop(request_id, None)
             self._forget(request_id)
         if pend is not None:
@@ -393,5 +389,3 @@ class CaptureStore:
                 pass
         self.arena.free(pend.region.id)
 
-
-STORE = CaptureStore()
