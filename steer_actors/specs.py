@@ -6,11 +6,14 @@ operations applied to the residual stream ``s = h + r`` after that layer:
 * :class:`AddSpec`: ``s += scale * vector``
 * :class:`ProjectionCapSpec`: ``p = s·û; s += (clamp(p, min, max) - p) û``
 * :class:`AblationSpec`: ``s += (scale - 1)(s·û) û`` (0 removes the direction, > 1 amplifies it)
+
+A layer's ops are written either as a list (``operations=[...]``, any order, several of a kind) or
+in chatspace's form (``add=``, ``projection_cap=``, ``ablation=``, applied in that order); both build
+the same model, with the same wire form and fingerprint. Every model refuses unknown fields.
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import hashlib
 import math
@@ -18,74 +21,18 @@ from typing import Annotated, Any, Literal, Union
 
 import numpy as np
 import torch
-from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer, ValidationError,
-                      field_validator, model_validator)
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from steer_actors import wire
 from steer_actors.ops.rows import Op, unit_rows
+from steer_actors.spec_values import Vector, finite as _finite, plain_value_errors
 
-
-@contextlib.contextmanager
-def plain_value_errors():
-    """Re-raise pydantic's ValidationError as a short plain ValueError.
-
-    Ray cannot re-raise ValidationError on the caller's side (it cannot be subclassed), and HTTP
-    clients want the message, not a dump of a 4096-float input.
-    """
-    try:
-        yield
-    except ValidationError as e:
-        parts = []
-        for err in e.errors(include_url=False, include_input=False):
-            loc = ".".join(str(x) for x in err["loc"])
-            parts.append(f"{loc}: {err['msg']}" if loc else err["msg"])
-        raise ValueError("; ".join(parts)) from None
-
-
-def _to_vector(value: Any) -> torch.Tensor:
-    owned = False  # a tensor of our own already (no copy needed to stop the caller's edits reaching it)
-    if isinstance(value, torch.Tensor):
-        t = value.detach().to("cpu", torch.float32)
-    elif wire.is_encoded_tensor(value):  # the hot path: every change over the wire, every layer
-        t, owned = wire.decode_tensor(value).to(torch.float32), True
-    elif isinstance(value, (list, tuple, np.ndarray)):
-        try:
-            arr = np.asarray(value)
-        except (TypeError, ValueError) as e:
-            raise ValueError(f"vector must be numbers: {e}") from None
-        if arr.dtype.kind not in "fiu":  # numpy would turn "1" into 1.0 and True into 1.0: a client bug
-            raise ValueError(f"vector must be numbers, got {arr.dtype.kind!r} values like {arr.flat[0]!r}"
-                             if arr.size else "vector must be 1-D and non-empty, got shape [0]")
-        with np.errstate(over="ignore"):  # past float32's range becomes inf, refused just below
-            t = torch.as_tensor(arr.astype(np.float32))
-    else:
-        raise ValueError(f"vector must be a tensor, array, list of floats or encoded tensor, not {type(value).__name__}")
-    if t.dim() != 1 or t.numel() == 0:
-        raise ValueError(f"vector must be 1-D and non-empty, got shape {list(t.shape)}")
-    if not np.isfinite(t.numpy()).all():  # numpy: a fraction of torch's per-call cost at this size
-        raise ValueError("vector contains NaN or Inf (or values past float32's range)")
-    return t if owned and t.is_contiguous() else t.contiguous().clone()
-
-
-Vector = Annotated[
-    torch.Tensor,
-    BeforeValidator(_to_vector),
-    PlainSerializer(lambda t: t.tolist(), return_type=list[float], when_used="json"),
-]
-
-
-_F32_MAX = float(np.finfo(np.float32).max)
-
-
-def _finite(name: str, v: float | None) -> float | None:
-    """The math runs in float32: a value finite in float64 but past float32's range would become inf there."""
-    if v is not None and not (math.isfinite(v) and abs(v) <= _F32_MAX):
-        raise ValueError(f"{name} must be finite in float32 (|{name}| <= {_F32_MAX:.4g}), got {v}")
-    return v
+__all__ = ["AddSpec", "ProjectionCapSpec", "AblationSpec", "LayerSteeringSpec", "SteeringSpec", "apply_edit",
+           "check_capture_layers", "is_index", "plain_value_errors"]
 
 
 class _OpBase(BaseModel):
-    model_config = ConfigDict(arbitrary_types_allowed=True, frozen=True)
+    model_config = ConfigDict(arbitrary_types_allowed=True, frozen=True, extra="forbid")
     vector: Vector
 
 
@@ -148,10 +95,11 @@ class ProjectionCapSpec(_DirectionSpec):
 
 
 class AblationSpec(_DirectionSpec):
-    """Scale the component of ``s`` along ``vector``'s direction by ``scale`` (0 = remove)."""
+    """Scale the component of ``s`` along ``vector``'s direction by ``scale``: 0 removes it, 0.1 keeps 10%,
+    2 doubles it. The default, 1.0, changes nothing (as in chatspace): give the scale you mean."""
 
     kind: Literal["ablation"] = "ablation"
-    scale: float = 0.0
+    scale: float = 1.0
 
     _check_scale = field_validator("scale")(classmethod(lambda cls, v: _finite("scale", v)))
 
@@ -169,9 +117,75 @@ def _map_header(n: int) -> bytes:
     return packer.pack_map_header(n)
 
 
+_CHATSPACE_SLOTS = {"add": "add", "projection_cap": "cap", "ablation": "ablation"}  # field -> kind, in order
+
+
 class LayerSteeringSpec(BaseModel):
-    model_config = ConfigDict(frozen=True)
+    """The ops of one decoder layer, applied in order to ``s = h + r`` after the layer.
+
+    Two ways to write it (not both at once: that is a ``ValueError``, since no order between the two
+    would be obvious):
+
+    * ``LayerSteeringSpec(operations=[AddSpec(...), AblationSpec(...), ...])``: any order, any number;
+    * ``LayerSteeringSpec(add=AddSpec(...), projection_cap=ProjectionCapSpec(...), ablation=AblationSpec(...))``
+      (chatspace's form, each optional): applied in the order add, projection cap, ablation.
+
+    The second is stored as the first (``operations``), so both have one wire form and one fingerprint.
+    ``.add`` / ``.projection_cap`` / ``.ablation`` read the layer's op of that kind (None if it has none).
+    Over HTTP/msgpack, ``{"add": {"vector": [...], "scale": 2.0}}`` is accepted the same way.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
     operations: list[SteeringOpSpec] = Field(default_factory=list)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _chatspace_form(cls, data: Any) -> Any:
+        if not isinstance(data, dict) or not (_CHATSPACE_SLOTS.keys() & data.keys()):
+            return data
+        data = dict(data)
+        if data.get("operations"):
+            named = sorted(_CHATSPACE_SLOTS.keys() & data.keys())
+            raise ValueError(f"give either operations=[...] or {', '.join(named)}=..., not both")
+        ops = []
+        for name, kind in _CHATSPACE_SLOTS.items():
+            op = data.pop(name, None)
+            if op is None:
+                continue
+            want = _OP_TYPES[kind]
+            if isinstance(op, dict):
+                try:
+                    with plain_value_errors():
+                        op = want.model_validate({"kind": kind, **op})
+                except ValueError as e:
+                    raise ValueError(f"{name}: {e}") from None
+            elif not isinstance(op, want):
+                raise ValueError(f"{name} must be an {want.__name__} (or its fields as a map), "
+                                 f"got {type(op).__name__}")
+            ops.append(op)
+        data["operations"] = ops
+        return data
+
+    def _only(self, kind: str) -> Any:
+        found = [o for o in self.operations if o.kind == kind]
+        if len(found) > 1:
+            raise ValueError(f"this layer has {len(found)} {kind} operations; read .operations")
+        return found[0] if found else None
+
+    @property
+    def add(self) -> "AddSpec | None":
+        return self._only("add")
+
+    @property
+    def projection_cap(self) -> "ProjectionCapSpec | None":
+        return self._only("cap")
+
+    @property
+    def ablation(self) -> "AblationSpec | None":
+        return self._only("ablation")
+
+    def is_empty(self) -> bool:
+        return not self.operations
 
     def to_ops(self) -> list[Op]:
         return [o.to_op() for o in self.operations]
@@ -199,9 +213,10 @@ class LayerSteeringSpec(BaseModel):
 
 
 class SteeringSpec(BaseModel):
-    """Ops per decoder layer. Layers absent or with no operations are unsteered."""
+    """Ops per decoder layer. Layers absent or with no operations are unsteered (and left out of
+    ``layers``). Two specs are equal when their fingerprints are (same ops, same float32 bytes)."""
 
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, extra="forbid")
     layers: dict[int, LayerSteeringSpec] = Field(default_factory=dict)
 
     @field_validator("layers")
@@ -214,6 +229,14 @@ class SteeringSpec(BaseModel):
 
     def is_empty(self) -> bool:
         return not self.layers
+
+    def __eq__(self, other: Any) -> bool:
+        if not isinstance(other, SteeringSpec):
+            return NotImplemented
+        return self.fingerprint() == other.fingerprint()
+
+    def __hash__(self) -> int:
+        return hash(self.fingerprint())
 
     # ---- wire forms ------------------------------------------------------------------------
     def to_wire(self) -> dict[str, Any]:
@@ -307,6 +330,9 @@ def is_index(x: Any) -> bool:
 
 
 def check_capture_layers(layers: Any) -> list[int]:
+    """Layer indices to capture: a list of integers, or one integer."""
+    if is_index(layers):
+        return [int(layers)]
     if not isinstance(layers, (list, tuple)) or not all(is_index(x) for x in layers):
         raise ValueError(f"capture_layers must be a list of layer indices (integers), got {layers!r}")
     return [int(x) for x in layers]
@@ -317,7 +343,8 @@ def apply_edit(spec: SteeringSpec, edit: dict[str, Any]) -> SteeringSpec:
 
     * ``set``: ``layer``, ``op`` (an op dict with ``kind``): replace that layer's op of the same kind or append;
     * ``clear``: optional ``layer`` and ``kind``: drop matching ops (no layer = every layer; no kind = all kinds);
-    * ``replace``: ``spec`` (wire or dict form): the whole spec.
+    * ``replace``: ``spec`` (wire or dict form): the whole spec;
+    * ``merge``: ``spec``: each layer it names replaces that layer; other layers are kept.
     """
     if not isinstance(edit, dict):
         raise ValueError("edit must be a map")
@@ -326,6 +353,10 @@ def apply_edit(spec: SteeringSpec, edit: dict[str, Any]) -> SteeringSpec:
         if not isinstance(edit.get("spec"), dict):
             raise ValueError("replace needs a steering spec map (use clear to remove all steering)")
         return SteeringSpec.from_wire(edit["spec"])
+    if action == "merge":
+        if not isinstance(edit.get("spec"), dict):
+            raise ValueError("merge needs a steering spec map")
+        return SteeringSpec(layers={**spec.layers, **SteeringSpec.from_wire(edit["spec"]).layers})
     if action == "set":
         layer, op = edit.get("layer"), edit.get("op")
         if not is_index(layer) or not isinstance(op, dict) or op.get("kind") not in _OP_TYPES:
@@ -343,4 +374,4 @@ def apply_edit(spec: SteeringSpec, edit: dict[str, Any]) -> SteeringSpec:
         if not is_index(layer) or layer < 0:
             raise ValueError(f"layer indices must be integers >= 0, got {layer!r}")
         return spec.without_layer_kind(layer, kind)
-    raise ValueError(f"unknown edit action {action!r}; use set, clear or replace")
+    raise ValueError(f"unknown edit action {action!r}; use set, clear, replace or merge")
