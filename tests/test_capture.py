@@ -9,15 +9,13 @@ import time
 import pytest
 import torch
 
-from conftest import engine_lifetime, rand_vec
 from steer_actors.client.handles import CaptureHandle, fetch_captures_batch
 from steer_actors.specs import AddSpec, LayerSteeringSpec, ProjectionCapSpec, SteeringSpec
+from steer_actors.testing.captures import (LAYERS, PROMPTS, SAMPLING, assert_matches_hf,
+                                           assert_steered_capture_matches_hf, capture)
+from steer_actors.testing.engines import engine_lifetime, rand_vec
 
 pytestmark = pytest.mark.engine
-
-PROMPTS = [list(range(10, 50)), list(range(100, 107)), list(range(200, 270))]  # 40, 7 and 70 tokens
-SAMPLING = dict(max_tokens=6, temperature=0.0, ignore_eos=True)
-LAYERS = [0, 2, 3]
 
 
 @pytest.fixture(scope="module")
@@ -28,31 +26,6 @@ def capture_engine(ray_local, qwen3_path):
     yield from engine_lifetime(ray_local, model_name=qwen3_path, max_num_batched_tokens=32,
                                enable_prefix_caching=True, capture_budget_bytes=4 << 20,
                                env={"STEER_CAPTURE_DIRECT": "always"})
-
-
-def capture(ray, engine, prompts=PROMPTS, layers=LAYERS, sampling=SAMPLING):
-    results = ray.get(engine.generate.remote(prompts, sampling, layers))
-    handles = fetch_captures_batch([CaptureHandle.from_wire(r["captures"]) for r in results])
-    return results, handles
-
-
-def assert_matches_hf(oracle, prompts, results, handles, spec=None):
-    for prompt, res, h in zip(prompts, results, handles):
-        full = prompt + res["token_ids"]
-        assert h.positions == list(range(len(full) - 1))  # prompt + generated - 1 rows
-        assert h.token_ids == full[:-1]
-        assert h.layer_indices == LAYERS
-        ref = oracle.hidden_states(full[:-1], spec)
-        for layer in LAYERS:
-            got = h.captures[layer][0]["hidden"]
-            assert got.shape == (len(full) - 1, 256)
-            # 1e-5 relative to the stream's scale (|h + r| reaches ~17 here): what remains is fp32 matmul
-            # accumulation order between vLLM's CPU kernels and HF's
-            diff = (got - ref[layer]).abs()
-            err = diff.max().item()
-            worst_row = int(diff.max(dim=1).values.argmax())
-            assert err <= 1e-5 * max(1.0, ref[layer].abs().max().item()), (
-                f"layer {layer}: max error {err:.2e} at position {h.positions[worst_row]} of {len(full) - 1}")
 
 
 def test_capture_matches_hf_under_chunked_prefill(ray_local, capture_engine, oracles, qwen3_path):
@@ -116,16 +89,6 @@ def test_capture_sees_prompt_positions_already_in_prefix_cache(ray_local, captur
     assert_matches_hf(oracles["qwen3"], PROMPTS, results, handles)
 
 
-def assert_steered_capture_matches_hf(ray, engine, oracle, spec):
-    """Under a global ``spec``, captured rows equal HF run with the same hooks; the spec is cleared after."""
-    ray.get(engine.apply_spec.remote(spec.to_wire()))
-    try:
-        results, handles = capture(ray, engine)
-        assert_matches_hf(oracle, PROMPTS, results, handles, spec)
-    finally:
-        ray.get(engine.apply_spec.remote(SteeringSpec().to_wire()))
-
-
 def test_capture_with_steering_equals_hf_with_hooks(ray_local, capture_engine, oracles):
     spec = SteeringSpec(layers={
         0: LayerSteeringSpec(operations=[AddSpec(vector=rand_vec(3), scale=4.0)]),
@@ -134,7 +97,7 @@ def test_capture_with_steering_equals_hf_with_hooks(ray_local, capture_engine, o
     assert_steered_capture_matches_hf(ray_local, capture_engine, oracles["qwen3"], spec)
 
 
-def test_budget_overflow_is_clear_and_engine_keeps_serving(ray_local, capture_engine):
+def test_budget_overflow_is_clear_and_engine_keeps_serving(ray_local, capture_engine, oracles):
     def stats():  # less the round-trip counters (the failed call's cleanup is one)
         return {k: v for k, v in ray_local.get(capture_engine.capture_stats.remote()).items() if k != "worker_calls"}
 
@@ -144,7 +107,7 @@ def test_budget_overflow_is_clear_and_engine_keeps_serving(ray_local, capture_en
         ray_local.get(capture_engine.generate.remote(big, dict(max_tokens=100), [0, 1, 2, 3]))
     assert stats() == stats0
     out = ray_local.get(capture_engine.generate.remote(PROMPTS[:1], SAMPLING))
-    assert len(out[0]["token_ids"]) == SAMPLING["max_tokens"]
+    assert out[0]["token_ids"] == oracles["qwen3"].greedy(PROMPTS[0], SAMPLING["max_tokens"]).token_ids
 
 
 def test_release_frees_budget_and_unknown_capture_is_clear(ray_local, capture_engine):
@@ -239,16 +202,21 @@ def test_unset_max_tokens_captures_the_whole_sequence(ray_local, capture_engine)
     ray_local.get(capture_engine.release_captures.remote([h.capture_id]))
 
 
-def test_captures_expire_after_their_ttl(ray_local, qwen3_path):
-    """A separate short-TTL registry check on the same engine process type: entries past the TTL are
-    dropped and their bytes return to the budget."""
-    from steer_actors.engine.capture_registry import CaptureRegistry
+def test_captures_expire_after_their_ttl(ray_local, monkeypatch):
+    """The registry on its own, on a clock the test moves: an entry lives through its TTL, is dropped
+    past it, and its bytes return to the budget."""
+    from types import SimpleNamespace
 
-    reg = CaptureRegistry(budget_bytes=1 << 20, ttl_s=0.2)
+    from steer_actors.engine import capture_registry
+
+    now = [1000.0]
+    monkeypatch.setattr(capture_registry, "time", SimpleNamespace(monotonic=lambda: now[0]))
+    reg = capture_registry.CaptureRegistry(budget_bytes=1 << 20, ttl_s=5.0)
     handle = reg.put("c1", {0: torch.ones(4, 8)}, [0, 1, 2, 3], [5, 6, 7, 8])
+    now[0] += 5.0  # at the TTL: still there
     got = asyncio.run(reg.get("c1"))
     assert reg.stats()["used_bytes"] == 128 and torch.equal(got["layers"][0], torch.ones(4, 8))
-    time.sleep(0.3)
+    now[0] += 0.01
     with pytest.raises(ValueError, match="unknown capture"):
         asyncio.run(reg.get("c1"))
     assert reg.stats()["used_bytes"] == 0 and handle["nbytes"] == 128

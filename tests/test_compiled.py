@@ -9,8 +9,10 @@ import sys
 
 import pytest
 
-from conftest import engine_lifetime
-from test_engine_steering import SAMPLING, against_reference, apply, generate, parity_specs
+from steer_actors.specs import AddSpec, LayerSteeringSpec, SteeringSpec
+from steer_actors.testing import captures
+from steer_actors.testing.engines import engine_lifetime, rand_vec
+from steer_actors.testing.parity import SAMPLING, against_reference, apply, generate, parity_specs
 
 pytestmark = pytest.mark.engine
 
@@ -70,11 +72,7 @@ def test_stock_compile_cache_does_not_disable_steering(ray_local, compiled_engin
 def test_capture_in_compiled_mode_matches_hf(ray_local, compiled_engine, oracles):
     """Capture is written by the steering op itself (graph-safe), so a compiled engine captures the
     same rows as HF, steered or not."""
-    from conftest import rand_vec
-    from steer_actors.specs import AddSpec, LayerSteeringSpec, SteeringSpec
-    from test_capture import PROMPTS, assert_matches_hf, assert_steered_capture_matches_hf, capture
-
-    results, handles = capture(ray_local, compiled_engine)
-    assert_matches_hf(oracles["qwen3"], PROMPTS, results, handles)
+    results, handles = captures.capture(ray_local, compiled_engine)
+    captures.assert_matches_hf(oracles["qwen3"], captures.PROMPTS, results, handles)
     spec = SteeringSpec(layers={2: LayerSteeringSpec(operations=[AddSpec(vector=rand_vec(5), scale=3.0)])})
-    assert_steered_capture_matches_hf(ray_local, compiled_engine, oracles["qwen3"], spec)
+    captures.assert_steered_capture_matches_hf(ray_local, compiled_engine, oracles["qwen3"], spec)

@@ -1,5 +1,6 @@
-"""Issue 6's two-node scenarios (tests/multinode/), run by a pytest process of their own: a
-``ray.cluster_utils.Cluster`` needs that process's Ray driver, which this session's engines use."""
+"""The two-node scenarios (tests/multinode/), run by a pytest process of their own: a
+``ray.cluster_utils.Cluster`` needs that process's Ray driver, while this process's driver belongs to the
+local Ray its engines run on."""
 
 from __future__ import annotations
 

@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import engine_lifetime, rand_vec
 from steer_actors.specs import AblationSpec, AddSpec, LayerSteeringSpec, ProjectionCapSpec, SteeringSpec
+from steer_actors.testing.engines import engine_lifetime, rand_vec
+from steer_actors.testing.hf_oracle import combine
 
 pytestmark = pytest.mark.engine
 
@@ -23,15 +24,6 @@ def request_specs() -> list[SteeringSpec | None]:
         SteeringSpec(layers={0: L(AblationSpec(vector=rand_vec(203), scale=4.0)),
                              3: L(AddSpec(vector=rand_vec(204), scale=-5.0))}),
     ]
-
-
-def combined(g: SteeringSpec | None, r: SteeringSpec | None) -> SteeringSpec | None:
-    """What HF runs: at each layer the global ops, then the request's."""
-    layers = {}
-    for spec in (g, r):
-        for i, ls in (spec.layers.items() if spec else []):
-            layers.setdefault(i, []).extend(ls.operations)
-    return SteeringSpec(layers={i: L(*ops) for i, ops in layers.items()}) if layers else None
 
 
 def run_concurrently(ray, engine, prompts, specs):
@@ -57,7 +49,7 @@ def test_mixed_batch_matches_alone_and_hf(ray_local, qwen3_engine, oracles, with
         for p, s, out in zip(prompts, specs, mixed):
             alone = ray_local.get(qwen3_engine.generate.remote([p], SAMPLING, None, s.to_wire() if s else None))[0]
             assert out["token_ids"] == alone["token_ids"]
-            assert out["token_ids"] == oracle.greedy(p, SAMPLING["max_tokens"], combined(g, s)).token_ids
+            assert out["token_ids"] == oracle.greedy(p, SAMPLING["max_tokens"], combine(g, s)).token_ids
             assert out["request_spec_fingerprint"] == (s.fingerprint() if s else None)
         # the request specs really change tokens (or parity above proves nothing)
         assert sum(mixed[i]["token_ids"] != oracle.greedy(prompts[i], SAMPLING["max_tokens"], g).token_ids
@@ -97,20 +89,22 @@ def test_prefix_cache_never_serves_kv_of_other_steering(ray_local, two_slot_comp
     assert per_request["token_ids"] == want and global_["token_ids"] == want
 
 
-def test_bad_request_spec_is_clear(ray_local, qwen3_engine):
+def test_bad_request_spec_is_clear(ray_local, qwen3_engine, oracles):
     bad = {"layers": {"1": {"operations": [{"kind": "add", "vector": [1.0] * 3}]}}}
     with pytest.raises(ValueError, match="hidden size"):
         ray_local.get(qwen3_engine.generate.remote([[1, 2, 3]], SAMPLING, None, bad))
     out = ray_local.get(qwen3_engine.generate.remote([[1, 2, 3]], SAMPLING))
-    assert len(out[0]["token_ids"]) == SAMPLING["max_tokens"]
+    assert out[0]["token_ids"] == oracles["qwen3"].greedy([1, 2, 3], SAMPLING["max_tokens"]).token_ids
 
 
-def test_one_call_with_more_distinct_specs_than_slots_is_refused_not_hung(ray_local, two_slot_compiled):
-    specs = [SteeringSpec(layers={1: L(AddSpec(vector=rand_vec(600 + i), scale=2.0))}).to_wire() for i in range(3)]
+def test_one_call_with_more_distinct_specs_than_slots_is_refused_not_hung(ray_local, two_slot_compiled, oracles):
+    specs = [SteeringSpec(layers={1: L(AddSpec(vector=rand_vec(600 + i), scale=6.0))}) for i in range(3)]
+    wires = [s.to_wire() for s in specs]
     with pytest.raises(ValueError, match="max_steering_slots"):
-        ray_local.get(two_slot_compiled.generate.remote([[1, 2, 3]] * 3, SAMPLING, None, specs), timeout=60)
-    out = ray_local.get(two_slot_compiled.generate.remote([[1, 2, 3]] * 2, SAMPLING, None, specs[:2]), timeout=120)
-    assert len(out) == 2
+        ray_local.get(two_slot_compiled.generate.remote([[1, 2, 3]] * 3, SAMPLING, None, wires), timeout=60)
+    out = ray_local.get(two_slot_compiled.generate.remote([[1, 2, 3]] * 2, SAMPLING, None, wires[:2]), timeout=120)
+    want = [oracles["qwen3"].greedy([1, 2, 3], SAMPLING["max_tokens"], s).token_ids for s in specs[:2]]
+    assert [o["token_ids"] for o in out] == want and want[0] != want[1]
 
 
 def test_one_call_mixing_specs_across_its_prompts(ray_local, qwen3_engine, oracles):

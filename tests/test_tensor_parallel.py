@@ -3,8 +3,8 @@ exactly like TP=1 eager: every rank commits each change into the graph's buffers
 
 import pytest
 
-from conftest import engine_lifetime
-from test_engine_steering import against_reference
+from steer_actors.testing.engines import engine_lifetime
+from steer_actors.testing.parity import against_reference
 
 pytestmark = pytest.mark.engine
 

@@ -12,9 +12,9 @@ import time
 
 import pytest
 
-from conftest import rand_vec
 from steer_actors.client.handles import CaptureHandle, fetch_captures_batch
 from steer_actors.specs import AddSpec, LayerSteeringSpec, ProjectionCapSpec, SteeringSpec
+from steer_actors.testing.engines import rand_vec
 
 pytestmark = pytest.mark.engine
 
@@ -145,9 +145,15 @@ def test_replica_killed_under_load_fails_clearly_and_comes_back_current(cluster,
     long = dict(SAMPLING, max_tokens=200)
     want = [oracles["qwen3"].greedy(p, 200, spec_a()).token_ids for p in PROMPTS]
 
+    def regions_in_use() -> int:  # a capturing request holds regions of its worker's arena while it runs
+        return ray.get(engine(1).capture_arena_stats.remote(), timeout=30)["regions_in_use"]
+
+    wait_until(lambda: regions_in_use() == 0, timeout_s=60, every=0.1)  # earlier captures' regions are freed
+
     async def load():
-        calls = [app.generate.remote([PROMPTS[k % 2]], long) for k in range(20)]
-        await asyncio.sleep(1.0)
+        # every call captures one layer, so replica 1 shows when requests run on it
+        calls = [app.generate.remote([PROMPTS[k % 2]], long, [0]) for k in range(20)]
+        await asyncio.to_thread(wait_until, lambda: regions_in_use() > 0, 120, 0.05)
         ray.kill(engine(1), no_restart=False)  # Ray restarts it in place, empty
         return await asyncio.wait_for(asyncio.gather(*calls, return_exceptions=True), timeout=240)
 
