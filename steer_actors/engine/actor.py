@@ -1,7 +1,7 @@
 """``SteerEngine``: one vLLM ``AsyncLLM`` with steering, run as a Ray actor (``EngineActor``).
 
 Steering changes reach every TP rank's :class:`steer_actors.worker.extension.SteerWorkerExtension` through
-the workers' side channel (:mod:`.channel`; ``collective_rpc`` opens it, and is the fallback), as
+the workers' side channel (:mod:`steer_actors.worker.channel`; ``collective_rpc`` opens it, and is the fallback), as
 stage-then-commit so a coordinator can make a change atomic across replicas. Every result carries
 the spec version and fingerprint it ran under.
 """
@@ -14,15 +14,15 @@ import time
 import uuid
 from typing import Any
 
-from steer_actors.engine import launch as engine_start
-from steer_actors import row_dtype
-from steer_actors import vllm_compat
-from steer_actors.engine.capture_registry import CaptureRegistry
-from steer_actors.engine.capture import EngineCaptureMixin
+import ray
+
+from steer_actors import row_dtype, vllm_compat
 from steer_actors.config import VLLMSteeringConfig
+from steer_actors.engine import launch as engine_start
+from steer_actors.engine.capture import CONCURRENCY_GROUPS, STORE_GROUP, EngineCapture
 from steer_actors.engine.slot_pool import SlotPool
-from steer_actors.results import GenerationResult, result_from_output
 from steer_actors.ops.change import rows_payload
+from steer_actors.results import GenerationResult, result_from_output
 from steer_actors.specs import SteeringSpec, apply_edit
 
 
@@ -30,7 +30,7 @@ class StaleReplicaError(RuntimeError):
     """This engine does not run the spec version its caller expects (it was restarted)."""
 
 
-class SteerEngine(EngineCaptureMixin):
+class SteerEngine:
     def __init__(self, config: dict[str, Any] | VLLMSteeringConfig):
         self.config = cfg = VLLMSteeringConfig.model_validate(config)
         device = cfg.resolved_device()
@@ -48,8 +48,9 @@ class SteerEngine(EngineCaptureMixin):
         self._max_ops = cfg.max_ops_per_layer
         self._worker_switch_interval_s = cfg.worker_switch_interval_s
         self._device = device
-        self.captures = CaptureRegistry(cfg.capture_budget_bytes, cfg.capture_ttl_s)
-        self._recomputed_rows = 0
+        self.capture = EngineCapture(self._workers, self._steerable_layers,
+                                     lambda text: len(self.tokenizer()(text).input_ids), mc.max_model_len,
+                                     self.hidden_size, self.capture_dtype, cfg.capture_budget_bytes, cfg.capture_ttl_s)
         self._channel: Any = None  # {lane: ChannelClient} once opened, False if it cannot be
         self._channel_lock = asyncio.Lock()
         self.slots = SlotPool(cfg.max_steering_slots, self._load_slot)
@@ -103,6 +104,9 @@ class SteerEngine(EngineCaptureMixin):
             "node_id": _node_id(),
             "config_hash": self.config.engine_hash(),
         }
+
+    async def _steerable_layers(self) -> list[int]:
+        return (await self.info())["steerable_layers"]
 
     async def worker_state(self) -> list[dict[str, Any]]:
         """Per-rank view (version and fingerprint each TP rank has committed)."""
@@ -169,8 +173,6 @@ class SteerEngine(EngineCaptureMixin):
 
     async def _route(self, ids: list[str], specs: list[dict[str, Any] | None]) -> list[tuple[str, int, str]]:
         """Give each request with its own spec a slot; returns (request id, slot, spec fingerprint)."""
-        import asyncio
-
         want, wires = [], {}
         for rid, wire_spec in zip(ids, specs):
             if wire_spec is None:
@@ -211,8 +213,6 @@ class SteerEngine(EngineCaptureMixin):
         """``steering_spec``: one spec (wire form) for every prompt, or one per prompt (None = none).
         A request's own ops run after the global ops at each layer. ``expected`` = the (version,
         fingerprint) the caller believes is live: a restarted engine refuses rather than run unsteered."""
-        import asyncio
-
         from vllm import SamplingParams
 
         self._expect(expected)
@@ -254,7 +254,7 @@ class SteerEngine(EngineCaptureMixin):
 
         try:
             if capture_layers:
-                reserved = await self._start_capture(prompts, params, capture_layers, ids)
+                reserved = await self.capture.start(prompts, params.max_tokens, capture_layers, ids)
             tasks = [asyncio.ensure_future(one(p, rid)) for p, rid in zip(prompts, ids)]
             try:
                 results = await asyncio.gather(*tasks)
@@ -266,22 +266,22 @@ class SteerEngine(EngineCaptureMixin):
                 await asyncio.gather(*tasks, return_exceptions=True)
                 raise
             if capture_layers:
-                await self._finish_capture(results, ids)
+                await self.capture.finish(results, ids)
         except BaseException:
             if capture_layers:  # the caller gets no ids: nothing stored for this call may outlive it
-                self.captures.release(ids)
+                self.capture.release(ids)
             raise
         finally:
-            self.captures.unreserve(reserved)
+            self.capture.unreserve(reserved)
             # Shielded, and run to its end if the caller is cancelled meanwhile: a drop that never reached
             # the workers would leave its requests' regions theirs for good, an unrouted slot its spec.
             end = asyncio.ensure_future(self._end_requests(ids if capture_layers else [], routed))
-            self._background(end)
+            self.capture.background(end)
             try:
                 await asyncio.shield(end)
             except BaseException:
                 if capture_layers:
-                    self.captures.release(ids)
+                    self.capture.release(ids)
                 raise
         return [r.to_dict() for r in results]
 
@@ -290,7 +290,7 @@ class SteerEngine(EngineCaptureMixin):
         routes) and release its slots."""
         try:
             if capture_ids:
-                await self._coalesced("steer_capture_drop")(capture_ids, capture_ids)
+                await self.capture.drop(capture_ids)
         finally:
             if routed:
                 try:
@@ -321,6 +321,28 @@ class SteerEngine(EngineCaptureMixin):
         prompts = [list(p["input_ids"]) if isinstance(p, dict) or hasattr(p, "keys") else list(p) for p in prompts]
         return await self.generate(prompts, sampling)
 
+    # ---- captures (see engine.capture) ------------------------------------------------------------
+    @ray.method(concurrency_group=STORE_GROUP)
+    async def materialize_capture(self, path: str, offset_rows: int, shape: list[int], rows: int,
+                                  dtype: str = "float32") -> Any:
+        """One finished capture's rows into the object store: this task's return value is its entry (see
+        :meth:`EngineCapture.materialize`); runs in its own concurrency group, off the main event loop."""
+        return await self.capture.materialize(path, offset_rows, shape, rows, dtype)
+
+    async def get_capture(self, capture_id: str) -> dict[str, Any]:
+        return await self.capture.get(capture_id)
+
+    async def release_captures(self, capture_ids: list[str]) -> int:
+        return self.capture.release(capture_ids)
+
+    async def capture_stats(self) -> dict[str, Any]:
+        return self.capture.stats()
+
+    async def capture_arena_stats(self) -> dict[str, int]:
+        """The capturing worker's arena: segments, regions in use (0 once every capture is stored and
+        nothing is running), bytes of shared memory reserved (its peak: segments are kept)."""
+        return await self.capture.arena_stats()
+
     async def shutdown(self) -> None:
         for channel in (self._channel or {}).values():
             channel.close()
@@ -328,15 +350,9 @@ class SteerEngine(EngineCaptureMixin):
 
 
 def _node_id() -> str | None:
-    import ray
-
     return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
 
 
 def engine_actor_class(num_cpus: float = 0, num_gpus: float = 0):
     """The Ray actor class for :class:`SteerEngine` (GPUs are claimed by vLLM's own workers)."""
-    import ray
-
-    from steer_actors.engine.capture import CONCURRENCY_GROUPS
-
     return ray.remote(num_cpus=num_cpus, num_gpus=num_gpus, concurrency_groups=CONCURRENCY_GROUPS)(SteerEngine)
