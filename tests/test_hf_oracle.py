@@ -55,6 +55,12 @@ def test_reads_a_spec_in_both_forms_by_its_public_fields():
                                            projection_cap=NS(vector=V, min=None, max=1.0))}))
     assert [op[0] for op in named[3]] == ["add", "cap", "ablation"]
     torch.testing.assert_close(apply_ops(S, named[3]), apply_ops(S, listed[3]), rtol=0, atol=0)
+    real = steering_plan(SteeringSpec(layers={3: LayerSteeringSpec(
+        ablation=AblationSpec(vector=V, scale=0.5), projection_cap=ProjectionCapSpec(vector=V, max=1.0),
+        add=AddSpec(vector=V, scale=2.0))}))
+    torch.testing.assert_close(apply_ops(S, real[3]), apply_ops(S, listed[3]), rtol=0, atol=0)
+    twice = steering_plan(SteeringSpec(layers={0: LayerSteeringSpec(operations=ops[:1] * 2)}))
+    assert [op[0] for op in twice[0]] == ["add", "add"]  # two ops of a kind: `operations` is the whole truth
     # named fields that mirror `operations` are read once; ones that differ are refused
     mirrored = NS(layers={3: NS(operations=ops, add=NS(vector=V, scale=2.0), projection_cap=None, ablation=None)})
     assert len(steering_plan(mirrored)[3]) == 3

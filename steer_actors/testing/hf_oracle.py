@@ -71,13 +71,21 @@ def _layer_ops(ls: Any) -> list[tuple]:
     already in ``operations`` are read once, in ``operations``' order; ops in both forms that differ have no
     order the oracle can know, so they are refused."""
     listed = [_op_from_object(o) for o in (getattr(ls, "operations", None) or [])]
-    named = [_op_from_object(o, kind) for field, kind in NAMED_FIELDS
-             if (o := getattr(ls, field, None)) is not None]
     if not listed:
-        return named
+        return [_op_from_object(o, kind) for field, kind in NAMED_FIELDS if (o := getattr(ls, field, None)) is not None]
+    named = [_op_from_object(o, kind) for field, kind in NAMED_FIELDS if (o := _mirror(ls, field)) is not None]
     if all(any(_same_op(n, op) for op in listed) for n in named):
         return listed
     raise ValueError("oracle: a layer sets both operations=[...] and add/projection_cap/ablation with different ops")
+
+
+def _mirror(ls: Any, field: str) -> Any:
+    """A named field beside ``operations``: a spec may expose it as a view of ``operations`` that refuses
+    (ValueError) when the layer holds several ops of that kind; such a view mirrors ``operations``."""
+    try:
+        return getattr(ls, field, None)
+    except ValueError:
+        return None
 
 
 def _same_op(x: tuple, y: tuple) -> bool:
