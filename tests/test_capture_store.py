@@ -32,7 +32,7 @@ def new_store(**kw):
 
 def file_rows(d, n, H=4):
     """Rows ``[0, n)`` of a taken capture's region, read from its (sparse, 16 GiB) segment file."""
-    return np.fromfile(d["file"], dtype=np.float32, count=n * H, offset=d["offset_rows"] * H * 4).reshape(n, H)
+    return np.fromfile(d.file, dtype=np.float32, count=n * H, offset=d.offset_rows * H * 4).reshape(n, H)
 
 
 def layer0(store, hidden, residual, i=0):
@@ -79,11 +79,11 @@ def test_slices_accumulates_and_dedupes():
     a, b = store.take("a"), store.take("b")
     from steer_actors.wire import decode_tensor
 
-    assert a["positions"] == [0, 1, 2, 3, 4] and a["token_ids"] == [1000, 1001, 1002, 1003, 1004]
-    assert a["recomputed"] == 2 and b["recomputed"] == 0
-    assert decode_tensor(a["layers"]["0"])[:, 0].tolist() == [0, 1, 20, 30, 4]
-    assert b["positions"] == [0, 1, 2, 3]
-    assert decode_tensor(b["layers"]["0"])[:, 0].tolist() == [0.5, 1.5, 2.5, 3.5]
+    assert a.positions == [0, 1, 2, 3, 4] and a.token_ids == [1000, 1001, 1002, 1003, 1004]
+    assert a.recomputed == 2 and b.recomputed == 0
+    assert decode_tensor(a.layers["0"])[:, 0].tolist() == [0, 1, 20, 30, 4]
+    assert b.positions == [0, 1, 2, 3]
+    assert decode_tensor(b.layers["0"])[:, 0].tolist() == [0.5, 1.5, 2.5, 3.5]
     assert store.take("a") is None and not store.wanted
 
 
@@ -94,7 +94,7 @@ def test_step_larger_than_the_buffer_is_a_clear_error_not_a_silent_drop():
     H = 4
     step(store, ["a-1", "b-2"], [3, 3], [0, 1, 2, 0, 1, 2], torch.arange(6.0)[:, None].expand(6, H).contiguous())
     a = store.take("a")
-    assert a["positions"] == [0, 1, 2]
+    assert a.positions == [0, 1, 2]
     with pytest.raises(ValueError, match="capture_rows_per_step=4"):
         store.take("b")
 
@@ -115,14 +115,14 @@ def test_rows_go_to_a_shared_segment_by_position_and_regions_are_freed_and_reuse
     step(store, ["a-1", "b-2"], [3, 1], [0, 1, 2, 0], torch.arange(4.0)[:, None].expand(4, H).contiguous())
     step(store, ["a-1"], [2], [3, 4], torch.tensor([[7.0] * H, [8.0] * H]))
     a = store.take("a")
-    assert a["positions"] == [0, 1, 2, 3] and a["recomputed"] == 0 and "layers" not in a
-    assert a["shape"] == [1, 4, H] and os.readlink(a["file"]).startswith(str(tmp_path))
+    assert a.positions == [0, 1, 2, 3] and a.recomputed == 0 and a.layers is None
+    assert a.shape == [1, 4, H] and os.readlink(a.file).startswith(str(tmp_path))
     rows = file_rows(a, 4)
     assert rows[:, 0].tolist() == [0.0, 1.0, 2.0, 7.0]
     assert store.stats()["regions_in_use"] == 2  # a's region is the engine's until it frees it
     store.drop("b")
     assert store.stats()["regions_in_use"] == 1
-    assert store.free([a["region"]]) == 1 and store.free([a["region"]]) == 0  # a stale id frees nothing
+    assert store.free([a.region]) == 1 and store.free([a.region]) == 0  # a stale id frees nothing
     assert store.stats()["regions_in_use"] == 0
     # one segment holds every region, and outlives them: the next capture reuses its warm rows (its name
     # is gone from the directory: it is reached through the worker's descriptor)
@@ -130,8 +130,8 @@ def test_rows_go_to_a_shared_segment_by_position_and_regions_are_freed_and_reuse
     store.register("c", [0], 4, str(tmp_path))
     step(store, ["c-1"], [2], [0, 1], torch.tensor([[5.0] * H, [6.0] * H]))
     c = store.take("c")
-    assert c["file"] == a["file"] and c["offset_rows"] == a["offset_rows"]
-    assert c["positions"] == [0, 1] and c["token_ids"] == [1000, 1001]  # nothing of a's is seen again
+    assert c.file == a.file and c.offset_rows == a.offset_rows
+    assert c.positions == [0, 1] and c.token_ids == [1000, 1001]  # nothing of a's is seen again
     store.arena.close()
 
 
@@ -150,10 +150,10 @@ def test_requests_with_different_layer_sets_share_a_step():
     a, b = store.take("a"), store.take("b")
     from steer_actors.wire import decode_tensor
 
-    assert a["layer_ids"] == [0, 1] and b["layer_ids"] == [1] and b["token_ids"] == [1000]
-    assert decode_tensor(a["layers"]["0"])[:, 0].tolist() == [1.0, 2.0]
-    assert decode_tensor(a["layers"]["1"])[:, 0].tolist() == [10.0, 20.0]
-    assert decode_tensor(b["layers"]["1"])[:, 0].tolist() == [30.0]
+    assert a.layer_ids == [0, 1] and b.layer_ids == [1] and b.token_ids == [1000]
+    assert decode_tensor(a.layers["0"])[:, 0].tolist() == [1.0, 2.0]
+    assert decode_tensor(a.layers["1"])[:, 0].tolist() == [10.0, 20.0]
+    assert decode_tensor(b.layers["1"])[:, 0].tolist() == [30.0]
     assert store.stats()["regions_in_use"] == 0  # host-memory regions are free once encoded
 
 
@@ -166,12 +166,12 @@ def test_one_step_across_segments_and_host_fallback(tmp_path):
     step(store, ["a-1", "b-2", "c-3"], [2, 3, 1], [0, 1, 0, 1, 2, 0],
          torch.arange(6.0)[:, None].expand(6, H).contiguous())
     a, b, c = store.take("a"), store.take("b"), store.take("c")
-    assert a["file"] != b["file"] and "file" not in c
-    got = lambda d: file_rows(d, len(d["positions"]))[:, 0]  # noqa: E731
+    assert a.file != b.file and c.file is None
+    got = lambda d: file_rows(d, len(d.positions))[:, 0]  # noqa: E731
     assert got(a).tolist() == [0.0, 1.0] and got(b).tolist() == [2.0, 3.0, 4.0]
     from steer_actors.wire import decode_tensor
 
-    assert decode_tensor(c["layers"]["0"])[:, 0].tolist() == [5.0]
+    assert decode_tensor(c.layers["0"])[:, 0].tolist() == [5.0]
     assert store.stats()["segments"] == 3
     store.arena.close()
 
@@ -221,11 +221,11 @@ def test_a_region_stored_whole_carries_nothing_of_an_earlier_capture(tmp_path):
     store.register("a", [0], 8, str(tmp_path))
     step(store, ["a-1"], [8], list(range(8)), torch.full((8, H), 9.0))
     a = store.take("a")
-    assert store.free([a["region"]]) == 1
+    assert store.free([a.region]) == 1
     store.register("b", [0], 8, str(tmp_path))  # the same rows again
     step(store, ["b-1"], [7], list(range(7)), torch.full((7, H), 5.0))  # stopped one row short of max_tokens
     b = store.take("b")
-    assert (b["offset_rows"], b["file"]) == (a["offset_rows"], a["file"])
+    assert (b.offset_rows, b.file) == (a.offset_rows, a.file)
     rows = file_rows(b, 8)
     assert rows[:7].tolist() == [[5.0] * H] * 7 and rows[7].tolist() == [0.0] * H
     store.arena.close()
@@ -248,7 +248,7 @@ def test_a_step_whose_writes_fail_fails_its_captures_clearly_and_the_forward_goe
         store.take("a")
     store.register("b", [0], 8)
     step(store, ["b-1"], [2], [0, 1], torch.ones(2, H))
-    assert store.take("b")["positions"] == [0, 1]
+    assert store.take("b").positions == [0, 1]
 
 
 def test_a_repeated_batch_reuses_its_plan_and_a_new_request_gets_a_new_one():
@@ -284,14 +284,14 @@ def test_a_repeated_batch_reuses_its_plan_and_a_new_request_gets_a_new_one():
     step(store, ["a-1", "c-3"], [1, 1], [2, 4], torch.stack([row(2, "a"), row(4, "c")]))
     step(store, ["a-1", "c-3"], [1, 1], [3, 5], torch.stack([row(3, "a"), row(5, "c")]))
     a, c = store.take("a"), store.take("c")
-    assert a["positions"] == [0, 1, 2, 3] and b["positions"] == [0, 1, 2] and c["positions"] == list(range(6))
-    assert a["recomputed"] == b["recomputed"] == c["recomputed"] == 0
-    if "layers" in a:
+    assert a.positions == [0, 1, 2, 3] and b.positions == [0, 1, 2] and c.positions == list(range(6))
+    assert a.recomputed == b.recomputed == c.recomputed == 0
+    if a.layers is not None:
         from steer_actors.wire import decode_tensor
 
-        assert decode_tensor(a["layers"]["0"])[:, 0].tolist() == [0, 1, 2, 3]
-        assert decode_tensor(b["layers"]["0"])[:, 0].tolist() == [0.5, 1.5, 2.5]
-        assert decode_tensor(c["layers"]["0"])[:, 0].tolist() == [0, 1, 2, 3, 4, 5]
+        assert decode_tensor(a.layers["0"])[:, 0].tolist() == [0, 1, 2, 3]
+        assert decode_tensor(b.layers["0"])[:, 0].tolist() == [0.5, 1.5, 2.5]
+        assert decode_tensor(c.layers["0"])[:, 0].tolist() == [0, 1, 2, 3, 4, 5]
 
 
 def test_a_region_the_engine_never_frees_is_reclaimed_after_its_lease(tmp_path):
@@ -302,15 +302,15 @@ def test_a_region_the_engine_never_frees_is_reclaimed_after_its_lease(tmp_path):
     store.register("a", [0], 8, str(tmp_path))
     step(store, ["a-1"], [2], [0, 1], torch.ones(2, H))
     a = store.take("a")
-    assert store.stats()["regions_handed"] == 1 and store.arena.get(a["region"]) is not None
+    assert store.stats()["regions_handed"] == 1 and store.arena.get(a.region) is not None
     store.register("b", [0], 8, str(tmp_path))  # within the lease: the region stays the engine's
-    assert store.arena.get(a["region"]) is not None
+    assert store.arena.get(a.region) is not None
     store.handed_lease_s = 0.0
     store.register("c", [0], 8, str(tmp_path))
-    assert store.arena.get(a["region"]) is None and store.stats()["regions_handed"] == 0
-    assert store.free([a["region"]]) == 0
+    assert store.arena.get(a.region) is None and store.stats()["regions_handed"] == 0
+    assert store.free([a.region]) == 0
     b = store.take("b")
-    assert store.free([b["region"]]) == 1 and store.stats()["regions_handed"] == 0
+    assert store.free([b.region]) == 1 and store.stats()["regions_handed"] == 0
     store.arena.close()
 
 
@@ -333,11 +333,11 @@ def test_a_region_stored_whole_carries_nothing_of_its_last_capture(tmp_path):
     both_layers(["a-1"], [8], list(range(8)), 5.0)
     a = store.take("a")
     assert file_rows(a, 16)[:, 0].tolist() == [5.0] * 8 + [6.0] * 8
-    store.free([a["region"]])
+    store.free([a.region])
     store.register("c", [0, 1], 8, str(tmp_path))
     both_layers(["c-1"], [7], list(range(7)), 1.0)  # one row short: the region is still stored whole
     c = store.take("c")
-    assert c["offset_rows"] == a["offset_rows"] and c["shape"] == [2, 8, H]
+    assert c.offset_rows == a.offset_rows and c.shape == [2, 8, H]
     assert file_rows(c, 16)[:, 0].tolist() == [1.0] * 7 + [0.0] + [2.0] * 7 + [0.0]
     store.arena.close()
 
@@ -360,9 +360,9 @@ def test_rows_are_stored_in_the_capture_dtype(tmp_path, dtype):
     step(store, ["a-1", "b-2"], [2, 2], [0, 1, 0, 1], hidden)
     want = hidden.to(dtype)
     a, b = store.take("a"), store.take("b")
-    got_a = decode_tensor(a["layers"]["0"])
+    got_a = decode_tensor(a.layers["0"])
     assert got_a.dtype == dtype and torch.equal(got_a, want[:2])
-    assert b["dtype"] == row_dtype.name(dtype)
-    raw = np.fromfile(b["file"], dtype=row_dtype.storage(dtype), count=2 * H, offset=b["offset_rows"] * H * 2)
-    assert torch.equal(row_dtype.as_tensor(raw.reshape(2, H), b["dtype"]), want[2:])
+    assert b.dtype == row_dtype.name(dtype)
+    raw = np.fromfile(b.file, dtype=row_dtype.storage(dtype), count=2 * H, offset=b.offset_rows * H * 2)
+    assert torch.equal(row_dtype.as_tensor(raw.reshape(2, H), b.dtype), want[2:])
     store.arena.close()

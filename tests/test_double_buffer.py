@@ -80,8 +80,10 @@ def test_engine_rows_land_as_the_workers_own_build():
     a payload that does not fit the worker's layers is refused whole."""
     import pytest
 
-    from steer_actors import wire
+    import msgspec
+
     from steer_actors.ops.change import rows_payload
+    from steer_actors.worker import protocol
     from steer_actors.specs import AblationSpec, AddSpec, LayerSteeringSpec, ProjectionCapSpec, SteeringSpec
     from steer_actors.worker.extension import SteerWorkerExtension
 
@@ -93,8 +95,10 @@ def test_engine_rows_land_as_the_workers_own_build():
         2: LayerSteeringSpec(operations=[AblationSpec(vector=v(), scale=0.25)])})
     worker = SteerWorkerExtension()
     worker._steer_layer_cache = dict(enumerate(layers))
-    payload = wire.unpackb(wire.packb(rows_payload(spec, list(range(L)), 2, H)))  # as the channel carries it
-    assert len(payload["vectors"]) == 3 * H * 4  # one row per op, not 2 slots x 2 rows per layer
+    # as the channel carries it
+    req = protocol.encode_request("steer_stage", (1, rows_payload(spec, list(range(L)), 2, H)))
+    _, (_, payload) = protocol.decode_request(req, "steer")
+    assert len(payload.vectors) == 3 * H * 4  # one row per op, not 2 slots x 2 rows per layer
     fp, rows = worker._rows_from_engine(payload)
     assert fp == spec.fingerprint() and rows[1] == ("", None)
     assert {i: rows[i][0] for i in (0, 2)} == {i: spec.layers[i].fingerprint() for i in (0, 2)}
@@ -103,11 +107,11 @@ def test_engine_rows_land_as_the_workers_own_build():
     assert torch.equal(got.flat[:-L], torch.from_numpy(__import__("numpy").concatenate(want)))
     assert got.flat[-L:].tolist() == [1.0, 0.0, 1.0]  # each layer's active flag, in the same buffer
 
-    bad = [({**payload, "vectors": payload["vectors"][:-4 * H]}, "vectors for"),
-           ({**payload, "steerable": [0, 1]}, "this worker steers"),
-           ({**payload, "hidden": H * 2}, "hidden"),
-           ({**payload, "layers": {**payload["layers"], "0": [payload["layers"]["0"][0], [["add"], ["bogus"]]]}},
-            "malformed op")]
+    edit = msgspec.structs.replace
+    bad = [(edit(payload, vectors=payload.vectors[:-4 * H]), "vectors for"),
+           (edit(payload, steerable=[0, 1]), "this worker steers"),
+           (edit(payload, hidden=H * 2), "hidden"),
+           (edit(payload, layers={**payload.layers, 0: (payload.layers[0][0], [["add"], ["bogus"]])}), "malformed op")]
     for change, msg in bad:
         with pytest.raises(ValueError, match=msg):
             worker._rows_from_engine(change)

@@ -103,7 +103,7 @@ def test_engine_payload_rows_equal_op_by_op_rows_at_full_width():
         AddSpec(vector=v(), scale=0.1 * i - 1.7), ProjectionCapSpec(vector=v(), min=-1.0, max=2.0),
         AblationSpec(vector=v(), scale=0.3)][i % 3:]) for i in range(L)})
     payload = rows_payload(spec, list(range(L)), 4, H)
-    got = np.frombuffer(payload["vectors"], dtype=np.float32).reshape(-1, H)
+    got = np.frombuffer(payload.vectors, dtype=np.float32).reshape(-1, H)
     want, params = [], []
     for i in range(L):
         ops = spec.layers[i].to_ops()
@@ -111,7 +111,7 @@ def test_engine_payload_rows_equal_op_by_op_rows_at_full_width():
         params.append(ops_to_compact(ops, rows))
         want.append(rows)
     assert got.tobytes() == np.concatenate(want).tobytes()
-    assert [payload["layers"][str(i)][1] for i in range(L)] == params
+    assert [payload.layers[i][1] for i in range(L)] == params
     u = spec.layers[1].operations[0].unit()
     assert abs(float(u.norm()) - 1.0) < 1e-6
 

@@ -62,7 +62,7 @@ class SteerEngine:
             async with self._channel_lock:
                 if self._channel is None:
                     try:
-                        from steer_actors.worker.channel import LANES
+                        from steer_actors.worker.protocol import LANES
                         from steer_actors.engine.channel_client import ChannelClient
 
                         ranks = await self.engine.collective_rpc("steer_channel_open",
@@ -80,7 +80,7 @@ class SteerEngine:
         cannot open. ``same_step``: with several ranks, each rank's channel would land the call before
         whichever forward it is at, so a change could split one forward across versions; collective_rpc
         runs it on every rank between the same two steps."""
-        from steer_actors.worker.channel import LANE_OF
+        from steer_actors.worker.protocol import LANE_OF
 
         channel = await self._side_channel(LANE_OF[method])
         if channel and not (same_step and len(channel.addresses) > 1):

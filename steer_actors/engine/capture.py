@@ -19,6 +19,7 @@ from steer_actors.engine.coalesce import Coalescer
 from steer_actors.results import GenerationResult
 from steer_actors.specs import check_capture_layers
 from steer_actors.worker.capture.arena import is_segment_path, shared_memory_key, stored_rows
+from steer_actors.worker.protocol import CaptureRequest, CaptureTaken
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +84,7 @@ class EngineCapture:
         need = sum(rows) * len(set(layers)) * self.hidden_size * row_dtype.itemsize(self.dtype)
         self.registry.reserve(need)
         try:
-            ranks = await self._coalesced("steer_capture_register")(ids, [(rid, sorted(set(layers)), r)
+            ranks = await self._coalesced("steer_capture_register")(ids, [CaptureRequest(rid, sorted(set(layers)), r)
                                                                           for rid, r in zip(ids, rows)])
             failed = {rid: why for r in ranks if r for rid, why in r.items()}
             if failed:  # the generate call's cleanup drops the others of this call
@@ -131,38 +132,38 @@ class EngineCapture:
         stored: list[str] = []
         try:
             for res, rid in zip(results, ids):
-                data = taken.get(rid) or {"error": f"capture of request {rid} was never registered on the worker"}
-                if "error" in data:
-                    raise ValueError(data["error"])
-                self.recomputed_rows += data.get("recomputed", 0)
+                data = taken.get(rid) or CaptureTaken(error=f"capture of request {rid} was never registered on the "
+                                                            f"worker")
+                if data.error is not None:
+                    raise ValueError(data.error)
+                self.recomputed_rows += data.recomputed
                 # rows past prompt + generated - 1 (e.g. rejected speculative drafts) are not the sequence
                 expected = len(res.prompt_token_ids) + len(res.token_ids) - 1
-                keep = sum(p < expected for p in data["positions"])
-                positions, tokens = data["positions"][:keep], data["token_ids"][:keep]
+                keep = sum(p < expected for p in data.positions)
+                positions, tokens = data.positions[:keep], data.token_ids[:keep]
                 if positions != list(range(expected)):  # never a silently short capture
                     raise ValueError(f"capture of request {rid} is incomplete: {keep} of {expected} positions "
                                      f"were captured")
-                if me is None or "file" not in data:
+                if me is None or data.file is None:
                     eager.append((res, rid, data, keep))
                     continue
                 # A task of this actor copies the rows into the object store: its refs exist now, so the
                 # response does not wait for the copy (all-layer captures are tens of MB per request),
                 # and a fetch waits only for its own rows.
-                layer_ids = data["layer_ids"]
-                rows = stored_rows(keep, int(data["shape"][1]))
-                dtype = data.get("dtype", "float32")
-                ref = me.materialize_capture.remote(data["file"], data["offset_rows"], data["shape"], rows, dtype)
-                handed.append(data["region"])
+                layer_ids, dtype = data.layer_ids, data.dtype
+                rows = stored_rows(keep, int(data.shape[1]))
+                ref = me.materialize_capture.remote(data.file, data.offset_rows, data.shape, rows, dtype)
+                handed.append(data.region)
                 pending.append(ref)
                 # what the object store holds
-                nbytes = len(layer_ids) * rows * int(data["shape"][2]) * row_dtype.itemsize(row_dtype.DTYPES[dtype])
+                nbytes = len(layer_ids) * rows * int(data.shape[2]) * row_dtype.itemsize(row_dtype.DTYPES[dtype])
                 res.captures = self.registry.put_ref(rid, ref, layer_ids, keep, positions, tokens, nbytes, dtype)
                 stored.append(rid)
 
             def store() -> None:  # copies into the object store: off the event loop, which serves every request
                 for res, rid, data, keep in eager:
                     layers = {layer: t[:keep] for layer, t in _capture_layers(data, self._segments).items()}
-                    res.captures = self.registry.put(rid, layers, data["positions"][:keep], data["token_ids"][:keep])
+                    res.captures = self.registry.put(rid, layers, data.positions[:keep], data.token_ids[:keep])
                     stored.append(rid)
 
             if eager:
@@ -173,7 +174,8 @@ class EngineCapture:
         finally:
             if pending:
                 self.background(self._free_when_stored(pending, handed))
-            rest = [data["region"] for data in taken.values() if data and "region" in data and data["region"] not in handed]
+            rest = [data.region for data in taken.values()
+                    if data is not None and data.region is not None and data.region not in handed]
             if rest:  # read here (eager), never handed on, or the call failed: the worker may reuse them
                 self.background(self._free_regions(rest))
 
@@ -202,7 +204,8 @@ class EngineCapture:
     def _free_taken(self, take: asyncio.Future) -> None:
         if take.cancelled() or take.exception() is not None:
             return
-        regions = [data["region"] for rank in take.result() for data in (rank or {}).values() if data and "region" in data]
+        regions = [data.region for rank in take.result() for data in (rank or {}).values()
+                   if data is not None and data.region is not None]
         if regions:
             self.background(self._free_regions(regions))
 
@@ -264,20 +267,20 @@ def _segment(maps: dict[Any, Any], path: str, dtype: str) -> Any:
     return arr
 
 
-def _capture_layers(data: dict[str, Any], maps: dict[str, Any]) -> dict[int, Any]:
+def _capture_layers(data: CaptureTaken, maps: dict[str, Any]) -> dict[int, Any]:
     """A worker's capture payload: inline tensors, or a region of a shared-memory segment
     ([layer, position, hidden], layer-major)."""
     import warnings
 
     from steer_actors.wire import decode_tensor
 
-    if "file" in data:
+    if data.file is not None:
         # rows by absolute position, mapped rather than read: the object store's put is the one copy here
-        dtype = data.get("dtype", "float32")
-        arr = _segment(maps, data["file"], dtype).reshape(-1, int(data["shape"][2]))
-        off, max_rows, n = int(data["offset_rows"]), int(data["shape"][1]), len(data["positions"])
+        dtype = data.dtype
+        arr = _segment(maps, data.file, dtype).reshape(-1, int(data.shape[2]))
+        off, max_rows, n = int(data.offset_rows), int(data.shape[1]), len(data.positions)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # a read-only mapping: nobody writes through these tensors
             return {int(layer): row_dtype.as_tensor(arr[off + i * max_rows:off + i * max_rows + n], dtype)
-                    for i, layer in enumerate(data["layer_ids"])}
-    return {int(k): decode_tensor(v) for k, v in data["layers"].items()}
+                    for i, layer in enumerate(data.layer_ids)}
+    return {int(k): decode_tensor(v) for k, v in data.layers.items()}

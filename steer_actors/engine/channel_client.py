@@ -1,5 +1,5 @@
-"""The engine actor's end of the side channel (:mod:`.channel`): one REQ socket per TP rank, driven from
-the actor's event loop. Payloads are msgpack (no pickle on the network)."""
+"""The engine actor's end of the worker side channel (:mod:`steer_actors.worker.channel`): one REQ socket per
+TP rank, driven from the actor's event loop. Messages: :mod:`steer_actors.worker.protocol`."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import asyncio
 import time
 from typing import Any
 
-from steer_actors import wire
+from steer_actors.worker import protocol
 
 
 class _Replies:
@@ -15,13 +15,12 @@ class _Replies:
     descriptor only says "look at the socket's events" (edge-triggered), so each callback, and one call now
     for a reply that came before the readers did, reads the events."""
 
-    def __init__(self, loop: Any, socks: list[Any]):
+    def __init__(self, loop: Any, socks: list[Any], method: str):
         import zmq
 
-        self.loop, self.socks = loop, socks
+        self.loop, self.socks, self.method = loop, socks, method
         self.replies: list[Any] = [None] * len(socks)
         self.fut = loop.create_future()
-        self.done_at: float | None = None
         self._fds: dict[int, int] = {}  # rank -> descriptor still watched
         try:
             for i, sock in enumerate(socks):
@@ -43,12 +42,11 @@ class _Replies:
             if sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
                 data = sock.recv(zmq.NOBLOCK)
                 self._unwatch(i)  # its socket has its reply: nothing more to read there
-                self.replies[i] = wire.unpackb(data)
+                self.replies[i] = protocol.decode_reply(self.method, data)
         except Exception as e:
             self.stop(e)
             return
         if all(r is not None for r in self.replies):
-            self.done_at = time.perf_counter()
             self.stop()
 
     def _unwatch(self, i: int) -> None:
@@ -95,8 +93,7 @@ class ChannelClient:
         self._current: _Replies | None = None
         self._tasks: set[Any] = set()  # exchanges finishing for callers that went
         self._closed = False
-        self.last_timing: list[Any] = []  # per rank, from the last locked call: [build, wait, commit] ms
-        self.last_exchange_ms: dict[str, float] = {}  # this side's share of the last call, see call()
+        self.last_timing: list[Any] = []  # per rank, the last change's (build, wait, copy) ms: see worker.channel
 
     def _connect(self, address: str):
         import zmq
@@ -149,12 +146,9 @@ class ChannelClient:
         if self._closed:
             raise RuntimeError("the steering channel is closed")
         loop = asyncio.get_running_loop()
-        marks = [time.perf_counter()]
-        payload = wire.packb({"m": method, "a": list(args)})
-        marks.append(time.perf_counter())
+        payload = protocol.encode_request(method, args)
         lock = self._turn(loop)
         await lock.acquire()  # no wait (and no yield) unless another call on this client is in flight
-        marks.append(time.perf_counter())
         ex: _Replies | None = None
         handed_off = False
         try:
@@ -170,8 +164,7 @@ class ChannelClient:
                     self._reset(range(i + 1))  # those ranks have this call (or a socket in a bad state)
                     raise RuntimeError(f"cannot send to steering worker {i}: {e}") from None
             self._inflight = True
-            marks.append(time.perf_counter())
-            ex = self._current = _Replies(loop, self._socks)
+            ex = self._current = _Replies(loop, self._socks, method)
             try:
                 replies = await asyncio.wait_for(asyncio.shield(ex.fut), self.timeout_s)
             except asyncio.CancelledError:
@@ -184,23 +177,16 @@ class ChannelClient:
             except asyncio.TimeoutError:
                 raise RuntimeError(f"steering worker(s) {ex.missing()} did not answer in {self.timeout_s:g} s") from None
             self._inflight = False
-            marks.append(ex.done_at or time.perf_counter())
         finally:
             if not handed_off:
                 self._settle(ex)
                 lock.release()
-        marks.append(time.perf_counter())
-        # where the exchange's time went (benchmarks read it): packing, waiting for this client's turn,
-        # sending, the replies (until the loop ran the reader that read the last), then the loop resuming
-        # this call
-        self.last_exchange_ms = dict(zip(("pack", "turn", "send", "replies", "to_loop"),
-                                         (round((b - a) * 1e3, 3) for a, b in zip(marks, marks[1:]))))
         for reply in replies:
-            if "err" in reply:
-                raise (ValueError if reply["err"] in ("ValueError", "TypeError") else RuntimeError)(reply["msg"])
-        if any("t" in r for r in replies):
-            self.last_timing = [r.get("t") for r in replies]
-        return [r["ok"] for r in replies]
+            if reply.err is not None:
+                raise (ValueError if reply.err in ("ValueError", "TypeError") else RuntimeError)(reply.msg)
+        if any(r.timing is not None for r in replies):
+            self.last_timing = [r.timing for r in replies]
+        return [r.ok for r in replies]
 
     def close(self) -> None:
         """From the loop's thread (or once no loop runs). A call in flight fails at once."""

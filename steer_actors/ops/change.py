@@ -8,13 +8,26 @@ from __future__ import annotations
 
 from typing import Any
 
+import msgspec
 import numpy as np
 
 from steer_actors.ops.rows import CompactRows, unit_rows
 from steer_actors.specs import SteeringSpec
 
 
-def rows_payload(spec: SteeringSpec, layers: Any, num_slots: int, hidden: int) -> dict[str, Any]:
+class ChangeRows(msgspec.Struct, array_like=True, frozen=True):
+    """A global change's rows for every TP rank (see the module docstring). Encoded as an array (compact, and
+    told apart from a spec's wire form, a map, where a worker method takes either)."""
+
+    fingerprint: str  # the spec's
+    layers: dict[int, tuple[str, list[list[Any]]]]  # steered layer -> (its fingerprint, its ops' numbers)
+    vectors: bytes  # float32 rows, one per op, layer by layer in ``layers``' order
+    steerable: list[int]  # the layers the rows are for (a worker steering others refuses them)
+    slots: int
+    hidden: int
+
+
+def rows_payload(spec: SteeringSpec, layers: Any, num_slots: int, hidden: int) -> ChangeRows:
     """``spec`` (validated) as the workers load it, for steerable ``layers`` of ``num_slots`` slots x ``hidden``.
     Bytes, not an array: the payload may also travel through vLLM's collective_rpc, which pickles. An
     all-layer add + cap change at 8B is 1.2 MB this way; the workers' K-slot layout would be 4.7 MB."""
@@ -24,7 +37,7 @@ def rows_payload(spec: SteeringSpec, layers: Any, num_slots: int, hidden: int) -
         if len(ls.operations) > num_slots:
             raise ValueError(f"layer {idx} has {len(ls.operations)} operations; the engine allows {num_slots} "
                              f"(max_ops_per_layer)")
-        out[str(idx)] = [ls.fingerprint(), [_params(o) for o in ls.operations]]
+        out[idx] = (ls.fingerprint(), [_params(o) for o in ls.operations])
     # every op's row in a few numpy calls for all layers (as ops_to_compact lays them out, bit for bit): this
     # runs on the engine actor's event loop, and op by op it was most of an all-layer change's build
     ops = [o for _, ls in steered for o in ls.operations]
@@ -35,8 +48,7 @@ def rows_payload(spec: SteeringSpec, layers: Any, num_slots: int, hidden: int) -
         vectors[adds] *= np.array([ops[k].scale for k in adds], dtype=np.float32)[:, None]
     if dirs:
         vectors[dirs] = unit_rows(vectors[dirs])
-    return {"layers": out, "vectors": vectors.tobytes(), "steerable": list(layers), "fingerprint": spec.fingerprint(),
-            "slots": num_slots, "hidden": hidden}
+    return ChangeRows(spec.fingerprint(), out, vectors.tobytes(), list(layers), num_slots, hidden)
 
 
 def _params(o: Any) -> list:
@@ -48,21 +60,20 @@ def _params(o: Any) -> list:
     return ["ablation", o.scale]
 
 
-def rows_from_payload(payload: dict[str, Any], layers: dict[int, Any]) -> tuple[str, dict[int, tuple[str, Any]]]:
+def rows_from_payload(payload: ChangeRows, layers: dict[int, Any]) -> tuple[str, dict[int, tuple[str, Any]]]:
     """(fingerprint, {layer: (key, CompactRows, or ("", None) for none)}) for a worker whose steerable
     ``layers`` (index -> :class:`~steer_actors.worker.layer_patch.LayerSteerer`) must be exactly the payload's."""
     any_layer = next(iter(layers.values()))
     K, H = any_layer.num_slots, any_layer.hidden
-    if (payload.get("slots"), payload.get("hidden")) != (K, H):
-        raise ValueError(f"rows for {payload.get('slots')} slots x hidden {payload.get('hidden')}; this worker "
-                         f"has {K} x {H}")
-    if sorted(payload.get("steerable") or []) != sorted(layers):
-        raise ValueError(f"rows for layers {payload.get('steerable')}; this worker steers {sorted(layers)}")
-    data = payload.get("vectors")
-    if not isinstance(data, (bytes, bytearray)) or len(data) % (4 * H):
+    if (payload.slots, payload.hidden) != (K, H):
+        raise ValueError(f"rows for {payload.slots} slots x hidden {payload.hidden}; this worker has {K} x {H}")
+    if sorted(payload.steerable) != sorted(layers):
+        raise ValueError(f"rows for layers {payload.steerable}; this worker steers {sorted(layers)}")
+    data = payload.vectors
+    if len(data) % (4 * H):
         raise ValueError(f"steering vectors must be float32 bytes in rows of hidden {H}")
     vectors = np.frombuffer(data, dtype="<f4").reshape(-1, H)
-    entries = [(int(k), key, params) for k, (key, params) in payload["layers"].items()]
+    entries = [(int(k), key, params) for k, (key, params) in payload.layers.items()]
     n_ops = sum(len(params) for _, _, params in entries)
     if n_ops != len(vectors):
         raise ValueError(f"{len(vectors)} steering vectors for {n_ops} ops")
@@ -73,4 +84,4 @@ def rows_from_payload(payload: dict[str, Any], layers: dict[int, Any]) -> tuple[
             raise ValueError(f"layer {idx}: {len(params)} ops for a layer of {K} slots this worker steers")
         rows[idx] = (key, CompactRows(params, vectors[at:at + len(params)]))
         at += len(params)
-    return payload["fingerprint"], rows
+    return payload.fingerprint, rows

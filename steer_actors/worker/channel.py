@@ -7,8 +7,9 @@ per lane). A global change is written into the copy of the rows no forward reads
 copies at its next forward's start (:mod:`.double_buffer`): it waits for no forward. A request slot's rows
 are copied where no forward is being enqueued (the model runner holds the forward lock while it enqueues one),
 by the channel thread when the lock is free or by the runner at its next forward's start
-(:meth:`~steer_actors.worker.runtime.ForwardGate.between_forwards`). Payloads are msgpack (no pickle on the
-network).
+(:meth:`~steer_actors.worker.runtime.ForwardGate.between_forwards`). Messages: :mod:`.protocol`.
+A change's reply says where its time went on the worker (``Reply.timing``, ms): building its rows, waiting for
+a gap between forwards, copying.
 """
 
 from __future__ import annotations
@@ -18,29 +19,20 @@ import threading
 import time
 from typing import Any
 
-from steer_actors import wire
+from steer_actors.worker import protocol
+from steer_actors.worker.protocol import LANES, Reply
 
 log = logging.getLogger(__name__)
-
-# Two lanes per worker, each a socket and thread of its own, so that a steering change never queues
-# behind a capture's bookkeeping (registering a request's shared-memory region, taking a finished one).
-# Per-request calls share the requests lane: a new request's slot load can wait for a finished
-# request's take (which waits for that request's last rows to be copied).
-LANES = {
-    "steer": frozenset({"steer_info", "steer_stage", "steer_commit", "steer_apply", "steer_abort"}),
-    "requests": frozenset({"steer_slot_load", "steer_route", "steer_unroute", "steer_capture_register",
-                           "steer_capture_take", "steer_capture_drop", "steer_capture_free",
-                           "steer_capture_stats"}),
-}
-ALLOWED = LANES["steer"] | LANES["requests"]
-LANE_OF = {m: lane for lane, methods in LANES.items() for m in methods}
-
 
 # Methods that only touch host state of their own (validation, building rows), that write what no
 # forward reads (a global change goes into the unread copy, see double_buffer), or that take the lock
 # themselves for just the moment they need it (capture bookkeeping): no lock around the call.
 UNLOCKED = frozenset({"steer_info", "steer_stage", "steer_commit", "steer_abort", "steer_capture_register",
                       "steer_capture_take", "steer_capture_drop", "steer_capture_free", "steer_capture_stats"})
+
+
+def _ms(seconds: float) -> float:
+    return round(seconds * 1e3, 3)
 
 
 def _bind_host() -> str:
@@ -77,26 +69,20 @@ class WorkerChannel:
         while True:
             try:
                 raw = self.sock.recv()
-                t_in = time.perf_counter()
-                msg = wire.unpackb(raw)
-                method, args = msg.get("m"), msg.get("a", [])
-                if method not in self.methods:
-                    raise ValueError(f"unknown steering method {method!r} on the {self.lane!r} lane")
+                t0 = time.perf_counter()  # "building" includes decoding the message
+                method, args = protocol.decode_request(raw, self.lane)
                 if method == "steer_apply":  # stage, then commit into the unread copy: no forward to wait for
-                    t0 = t_in  # "building" includes unpacking the message
                     self.worker.steer_stage(*args)
                     t1 = time.perf_counter()
-                    reply = {"ok": self.worker.steer_commit(args[0])}
-                    # where a change's latency goes: building rows, waiting for a forward (none), copying
-                    reply["t"] = [round((t1 - t0) * 1e3, 3), 0.0, round((time.perf_counter() - t1) * 1e3, 3)]
+                    ok = self.worker.steer_commit(args[0])
+                    reply = Reply(ok, timing=(_ms(t1 - t0), 0.0, _ms(time.perf_counter() - t1)))
                 elif method in UNLOCKED:  # no lock around the call (capture calls hold it only briefly)
-                    reply = {"ok": getattr(self.worker, method)(*args)}
+                    reply = Reply(getattr(self.worker, method)(*args))
                 else:
                     # between two forwards: a request slot's rows (validated and built here: the runner may be
                     # the one running the copy, and nothing slower than the copy belongs in the job), routes
-                    t0 = time.perf_counter()
                     if method == "steer_slot_load":
-                        method, args = "_slot_write", [args[0], self.worker._slot_build(*args)]
+                        method, args = "_slot_write", (args[0], self.worker._slot_build(*args))
                     t1 = time.perf_counter()
                     call = getattr(self.worker, method)
                     ran: list[float] = []
@@ -108,14 +94,12 @@ class WorkerChannel:
                         finally:
                             ran.append(time.perf_counter() - t)
 
-                    reply = {"ok": self.gate.between_forwards(job)}
+                    ok = self.gate.between_forwards(job)
                     copy_s = ran[0] if ran else 0.0
-                    # where a change's latency goes: building rows, waiting for a gap between forwards, copying
-                    reply["t"] = [round((t1 - t0) * 1e3, 3), round((time.perf_counter() - t1 - copy_s) * 1e3, 3),
-                                  round(copy_s * 1e3, 3)]
+                    reply = Reply(ok, timing=(_ms(t1 - t0), _ms(time.perf_counter() - t1 - copy_s), _ms(copy_s)))
             except Exception as e:  # every error goes back to the caller, the thread lives on
-                reply = {"err": type(e).__name__, "msg": str(e)}
+                reply = Reply(err=type(e).__name__, msg=str(e))
             try:
-                self.sock.send(wire.packb(reply))
+                self.sock.send(protocol.encode(reply))
             except Exception as e:
                 log.error("steer channel: cannot reply: %s", e)

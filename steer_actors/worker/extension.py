@@ -5,7 +5,7 @@ replica or on none: ``steer_stage`` takes the host rows of a version (built by t
 here from a spec) and packs what changed (nothing visible changes); ``steer_commit`` copies them into the
 layer buffers between two forward launches (over the side channel, see :mod:`.channel`; through
 ``collective_rpc``, between two engine steps).
-Payloads are msgpack-safe (see :mod:`steer_actors.wire`).
+Arguments and replies are those of :mod:`.protocol`.
 """
 
 from __future__ import annotations
@@ -13,11 +13,12 @@ from __future__ import annotations
 from typing import Any
 
 from steer_actors import vllm_compat
-from steer_actors.ops.change import rows_from_payload
+from steer_actors.ops.change import ChangeRows, rows_from_payload
 from steer_actors.ops.rows import ops_to_flat
 from steer_actors.specs import SteeringSpec
 from steer_actors.worker.layer_patch import LayerSteerer, install as install_patch, pack_rows, steerers
 from steer_actors.worker.plugin import dump_stacks_on_signal
+from steer_actors.worker.protocol import CaptureRequest, CaptureTaken
 from steer_actors.worker.runtime import WorkerRuntime
 
 # vLLM imports this class in every worker before the worker builds its model, so the decoder layers are
@@ -70,7 +71,8 @@ class SteerWorkerExtension:
     def steer_channel_open(self, switch_interval_s: float | None = None) -> dict[str, str]:
         """Start this worker's side channel (once): the address of each lane (see :mod:`.channel`).
         ``switch_interval_s``: see :meth:`steer_switch_interval`."""
-        from steer_actors.worker.channel import LANES, WorkerChannel
+        from steer_actors.worker.channel import WorkerChannel
+        from steer_actors.worker.protocol import LANES
 
         gate = self._steer_probe().gate
         self.steer_switch_interval(switch_interval_s)
@@ -120,18 +122,19 @@ class SteerWorkerExtension:
                                                                      layer.hidden))
         return spec.fingerprint(), rows
 
-    def _rows_from_engine(self, payload: dict[str, Any]):
+    def _rows_from_engine(self, payload: ChangeRows):
         """Rows the engine actor built from a spec it validated: (fingerprint, {layer: (key, CompactRows or
-        None)}), checked against this worker's layers (see :mod:`.change_rows`)."""
+        None)}), checked against this worker's layers (see :mod:`steer_actors.ops.change`)."""
         layers = self._steer_layers()
         if not layers:
             raise ValueError(self._no_layers())
         return rows_from_payload(payload, layers)
 
-    def steer_stage(self, version: int, change: dict[str, Any]) -> str:
+    def steer_stage(self, version: int, change: ChangeRows | dict[str, Any]) -> str:
         """``change``: a spec's wire form (validated and built here), or rows the engine actor built
-        (:func:`steer_actors.ops.change.rows_payload`, with ``"vectors"``). Nothing visible changes."""
-        fp, rows = self._rows_from_engine(change) if "vectors" in change else self._build_rows(change)
+        (:func:`steer_actors.ops.change.rows_payload`). Nothing visible changes."""
+        fp, rows = (self._rows_from_engine(change) if isinstance(change, ChangeRows) else
+                    self._build_rows(change))
         self._steer_state()["staged"][int(version)] = (fp, rows)
         return fp
 
@@ -171,18 +174,18 @@ class SteerWorkerExtension:
         st["version"], st["fingerprint"] = int(version), fp
         return fp
 
-    def steer_apply(self, version: int, spec_wire: dict[str, Any]) -> str:
+    def steer_apply(self, version: int, change: ChangeRows | dict[str, Any]) -> str:
         """Stage and commit in one RPC: one engine alone needs no two-phase round trip."""
-        self.steer_stage(version, spec_wire)
+        self.steer_stage(version, change)
         return self.steer_commit(version)
 
     def steer_abort(self, version: int) -> None:
         self._steer_state()["staged"].pop(int(version), None)
 
     # ---- activation capture (rank 0 only: every rank holds the same residual stream) ------------
-    def steer_capture_register(self, requests: list[tuple[str, list[int], int]], host: str | None = None,
+    def steer_capture_register(self, requests: list[CaptureRequest], host: str | None = None,
                                shared_cap_bytes: int | None = None) -> dict[str, str] | None:
-        """``requests``: (request id, layers, prompt + max_tokens). ``host``: the engine actor's
+        """``requests``: each with its layers and rows at most (prompt + max_tokens). ``host``: the engine actor's
         :func:`~steer_actors.worker.capture.arena.shared_memory_key`; where it is this worker's too, the rows go
         straight into a region of a shared-memory segment the engine maps, as steps complete, while the
         segments' reserved shared memory stays within ``shared_cap_bytes`` (the engine's capture budget).
@@ -199,14 +202,14 @@ class SteerWorkerExtension:
             raise ValueError("this engine was started with capture disabled (capture_rows_per_step=0)")
         to_dir = "/dev/shm" if host == shared_memory_key() and os.access("/dev/shm", os.W_OK) else None
         failed = {}
-        for request_id, layers, max_rows in requests:
+        for req in requests:
             try:
-                store.register(request_id, layers, int(max_rows), to_dir, shared_cap_bytes)
+                store.register(req.request_id, req.layers, int(req.max_rows), to_dir, shared_cap_bytes)
             except Exception as e:
-                failed[request_id] = str(e) if isinstance(e, ValueError) else f"{type(e).__name__}: {e}"
+                failed[req.request_id] = str(e) if isinstance(e, ValueError) else f"{type(e).__name__}: {e}"
         return failed
 
-    def steer_capture_take(self, request_ids: list[str]) -> dict[str, Any] | None:
+    def steer_capture_take(self, request_ids: list[str]) -> dict[str, CaptureTaken | None] | None:
         """Captured rows of finished requests (each a segment path and region on the engine's host, which
         the engine frees with :meth:`steer_capture_free` once it copied them out; else inline)."""
         if vllm_compat.tp_rank(self) != 0:
@@ -216,7 +219,7 @@ class SteerWorkerExtension:
             try:
                 out[rid] = store.take(rid)
             except Exception as e:  # this request's error; the others' files still reach the engine
-                out[rid] = {"error": f"{type(e).__name__}: {e}" if not isinstance(e, ValueError) else str(e)}
+                out[rid] = CaptureTaken(error=str(e) if isinstance(e, ValueError) else f"{type(e).__name__}: {e}")
         return out
 
     def steer_capture_drop(self, request_ids: list[str]) -> None:

@@ -28,11 +28,11 @@ import time
 import numpy as np
 import torch
 
-from steer_actors import row_dtype
-from steer_actors import wire
+from steer_actors import row_dtype, wire
 from steer_actors.worker.capture.arena import DEFAULT_SEGMENT_BYTES, DEFAULT_SHARED_SEGMENT_BYTES, Arena, Region, stored_rows
 from steer_actors.worker.capture.step import Plan, launch_direct, launch_host
 from steer_actors.worker.capture.host_write import write_step
+from steer_actors.worker.protocol import CaptureTaken
 from steer_actors.worker.transfer import h2d, to_device
 
 
@@ -307,9 +307,8 @@ class CaptureStore:
         """The host part of a step (see :func:`.host_write.write_step`)."""
         write_step(layout, layers, rows, pos, tok)
 
-    def take(self, request_id: str) -> dict[str, Any] | None:
-        """Everything captured for ``request_id``, one row per absolute position, sorted by position;
-        msgpack-safe. Rows in a shared-memory segment stay there: the segment's path, the region's first
+    def take(self, request_id: str) -> CaptureTaken | None:
+        """Everything captured for ``request_id``, one row per absolute position, sorted by position. Rows in a shared-memory segment stay there: the segment's path, the region's first
         row and id travel, and the region is the engine's until it frees it (:meth:`free`)."""
         with self._lock:  # the runner's thread reads ``wanted`` every step (and adds copies under the lock)
             pend = self.wanted.pop(request_id, None)
@@ -329,8 +328,8 @@ class CaptureStore:
         seg = region.segment
         counts = seg.counts[region.base:region.base + maxr]
         positions = np.flatnonzero(counts)
-        out = {"positions": positions.tolist(), "token_ids": seg.tokens[region.base + positions].tolist(),
-               "recomputed": int(counts[positions].sum()) - positions.size, "layer_ids": pend.layers}
+        out = CaptureTaken(positions=positions.tolist(), token_ids=seg.tokens[region.base + positions].tolist(),
+                           recomputed=int(counts[positions].sum()) - positions.size, layer_ids=pend.layers)
         if region.path is not None:
             # The engine may store the whole region (see stored_rows): rows this request never wrote hold an
             # earlier capture's activations, maybe another user's, and must not travel with it.
@@ -339,13 +338,13 @@ class CaptureStore:
                 # one call for every layer: each call lets go of the GIL, which the runner's thread then holds
                 # (H100: 29 calls per take were a fifth of this thread's samples)
                 region.view()[:len(pend.layers) * maxr].view(len(pend.layers), maxr, -1)[:, used:].zero_()
-            out.update(file=region.path, offset_rows=region.base, shape=[len(pend.layers), maxr, self.arena.hidden],
-                       dtype=row_dtype.name(self.arena.dtype), region=region.id)
+            out.file, out.offset_rows, out.region = region.path, region.base, region.id
+            out.shape, out.dtype = [len(pend.layers), maxr, self.arena.hidden], row_dtype.name(self.arena.dtype)
             self.handed[region.id] = time.monotonic()
             return out
         try:
             view, idx = region.view(), torch.from_numpy(positions)
-            out["layers"] = {str(layer): wire.encode_tensor(view[i * maxr:(i + 1) * maxr][idx])
+            out.layers = {str(layer): wire.encode_tensor(view[i * maxr:(i + 1) * maxr][idx])
                              for i, layer in enumerate(pend.layers)}
         finally:
             self.arena.free(region.id)
