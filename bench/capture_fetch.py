@@ -17,9 +17,8 @@ async def run(address: str, app: str, n: int, layers: list[int], max_tokens: int
 
     model = VLLMSteerModel.connect(address=address, app=app)
     prompts = [[(7 * i + j) % 900 + 10 for j in range(32 + i % 16)] for i in range(n)]
-    results = await model.generate(prompts, capture_layers=layers, max_tokens=max_tokens, temperature=0.0,
-                                   ignore_eos=True)
-    handles = [r.captures for r in results]
+    _, handles = await model.generate(prompts, capture_layers=layers, max_tokens=max_tokens, temperature=0.0,
+                                      ignore_eos=True)
     t = time.perf_counter()
     model.fetch_captures_batch(handles)
     dt = time.perf_counter() - t

@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import RAY_ADDRESS, rand_vec
 from steer_actors.specs import AblationSpec, AddSpec, LayerSteeringSpec, SteeringSpec
+from steer_actors.testing.engines import RAY_ADDRESS, rand_vec
 
 pytestmark = pytest.mark.engine
 
@@ -287,9 +287,8 @@ def _http_scenario(base: str) -> list[list[int]]:
 
 
 HANDLE_SCENARIO = f"""
-import asyncio, json, sys
-sys.path.insert(0, {str(REPO / 'tests')!r})
-from conftest import rand_vec
+import asyncio, json
+from steer_actors.testing.engines import rand_vec
 from steer_actors import VLLMSteerModel
 async def main():
     m = VLLMSteerModel.connect(address={RAY_ADDRESS!r}, app="steer")
@@ -309,7 +308,7 @@ def test_http_handle_and_separate_driver_agree(served_app, client, oracles):
     line = [ln for ln in proc.stdout.splitlines() if ln.startswith("TOKENS=")]
     assert line, proc.stderr[-3000:]
     driver_tokens = json.loads(line[0][len("TOKENS="):])
-    spec = run(client.export_steering_spec())
+    spec = client.export_steering_spec()
     o = oracles["qwen3"]
     want = [o.greedy(o.tokenizer(p).input_ids, 8, spec).token_ids for p in [PROMPT, "Hello world, the sea"]]
     assert http_tokens == driver_tokens == want
@@ -370,7 +369,8 @@ def test_msgpack_spec_round_trip_over_http(served_app):
     assert back["spec_fingerprint"] == spec.fingerprint()
     assert np.frombuffer(back["spec"]["layers"]["0"]["operations"][0]["vector"]["data"], "<f4").shape == (256,)
     httpx.delete(f"{served_app}/v1/steering")
-    assert httpx.get(f"{served_app}/openapi.json").status_code in (200, 404)
+    doc = httpx.get(f"{served_app}/openapi.json")
+    assert doc.status_code == 200 and "/v1/generate" in doc.json()["paths"]
 
 
 def test_capture_through_app_and_batched_fetch_from_separate_driver(served_app, client, oracles, tmp_path):

@@ -107,3 +107,78 @@ def test_malformed_msgpack():
         SteeringSpec.from_msgpack(b"\xc1\xff\x00")
     with pytest.raises(ValueError):
         SteeringSpec.from_wire(wire.unpackb(wire.packb([1, 2, 3])))
+
+
+def _vecs(n=3, dim=8):
+    g = torch.Generator().manual_seed(5)
+    return [torch.randn(dim, generator=g) for _ in range(n)]
+
+
+def test_chatspace_layer_form_is_the_operations_form():
+    """add=/projection_cap=/ablation= build the same layer as operations=[add, cap, ablation], whatever the
+    keyword order: same ops, fingerprint, msgpack bytes and wire form; the wire form reads back as either."""
+    v, d, e = _vecs()
+    add, cap, abl = AddSpec(vector=v, scale=3.0), ProjectionCapSpec(vector=d, min=-1.0, max=1.0), AblationSpec(
+        vector=e, scale=0.1)
+    chat = SteeringSpec(layers={4: LayerSteeringSpec(ablation=abl, add=add, projection_cap=cap)})
+    ops = SteeringSpec(layers={4: LayerSteeringSpec(operations=[add, cap, abl])})
+    assert [o.kind for o in chat.layers[4].operations] == ["add", "cap", "ablation"]
+    assert chat.fingerprint() == ops.fingerprint() and chat.to_msgpack() == ops.to_msgpack()
+    assert wire.packb(chat.to_wire()) == wire.packb(ops.to_wire()) == chat.to_msgpack()
+    assert SteeringSpec.from_msgpack(chat.to_msgpack()).fingerprint() == ops.fingerprint()
+    ls = chat.layers[4]
+    assert ls.add.scale == 3.0 and ls.projection_cap.max == 1.0 and ls.ablation.scale == 0.1
+    assert torch.equal(ls.add.vector, v)
+    only_cap = LayerSteeringSpec(projection_cap=cap)
+    assert only_cap.add is None and only_cap.ablation is None and [o.kind for o in only_cap.operations] == ["cap"]
+    # JSON / msgpack bodies in chatspace's form (no "kind"), as HTTP clients send them
+    body = {"layers": {"4": {"add": {"vector": v.tolist(), "scale": 3.0},
+                             "projection_cap": {"vector": d.tolist(), "min": -1.0, "max": 1.0},
+                             "ablation": {"vector": e.tolist(), "scale": 0.1}}}}
+    assert SteeringSpec.from_wire(body).fingerprint() == ops.fingerprint()
+    assert SteeringSpec.model_validate_json(chat.model_dump_json()).fingerprint() == ops.fingerprint()
+    assert chat == ops and hash(chat) == hash(ops) and chat != SteeringSpec()
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda v: LayerSteeringSpec(add=AddSpec(vector=v), operations=[AddSpec(vector=v)]), "not both"),
+    (lambda v: LayerSteeringSpec(add=AblationSpec(vector=v)), "add must be an AddSpec"),
+    (lambda v: LayerSteeringSpec(projection_cap=AddSpec(vector=v)), "must be an ProjectionCapSpec"),
+    (lambda v: AddSpec(vector=v, scal=2.0), "scal"),
+    (lambda v: ProjectionCapSpec(vector=v, max=1.0, maximum=2.0), "maximum"),
+    (lambda v: AblationSpec(vector=v, scale=0.0, strength=1.0), "strength"),
+    (lambda v: LayerSteeringSpec(adds=AddSpec(vector=v)), "adds"),
+    (lambda v: SteeringSpec(layer={1: LayerSteeringSpec()}), "layer"),
+    (lambda v: SteeringSpec.from_wire({"layers": {"1": {"ad": {"vector": v.tolist()}}}}), "layers.1.ad"),
+    (lambda v: SteeringSpec.from_wire({"layers": {"1": {"add": {"vector": v.tolist(), "scal": 2}}}}), "add: scal"),
+    (lambda v: SteeringSpec.from_wire({"layers": {"1": {"add": {"kind": "cap", "vector": v.tolist(), "max": 1}}}}),
+     "add"),
+    (lambda v: SteeringSpec.from_wire({"layers": {"1": {"operations": [{"kind": "add", "vector": v.tolist(),
+                                                                        "bogus": 1}]}}}), "bogus"),
+])
+def test_unknown_or_mixed_fields_are_errors(make, message):
+    with pytest.raises(ValueError, match=message):
+        make(_vecs(1)[0])
+
+
+def test_chatspace_defaults_and_merge_edit():
+    v, d, _ = _vecs()
+    assert AblationSpec(vector=d).scale == 1.0  # chatspace's default: a no-op until a scale is given
+    base = SteeringSpec(layers={1: LayerSteeringSpec(add=AddSpec(vector=v)), 2: LayerSteeringSpec(
+        ablation=AblationSpec(vector=d, scale=0.0))})
+    new = SteeringSpec(layers={2: LayerSteeringSpec(add=AddSpec(vector=d, scale=2.0)), 3: LayerSteeringSpec(
+        add=AddSpec(vector=v))})
+    merged = apply_edit(base, {"action": "merge", "spec": new.to_wire()})
+    assert merged == SteeringSpec(layers={1: base.layers[1], 2: new.layers[2], 3: new.layers[3]})
+    assert apply_edit(base, {"action": "replace", "spec": new.to_wire()}) == new
+    with pytest.raises(ValueError, match="merge needs"):
+        apply_edit(base, {"action": "merge"})
+
+
+def test_capture_layers_accepts_one_index():
+    from steer_actors.specs import check_capture_layers
+
+    assert check_capture_layers(3) == [3] and check_capture_layers([1, 2]) == [1, 2]
+    for bad in (True, 2.0, "1", [1, "2"]):
+        with pytest.raises(ValueError, match="capture_layers"):
+            check_capture_layers(bad)

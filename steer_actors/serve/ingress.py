@@ -15,7 +15,7 @@ from ray import serve
 
 from steer_actors import wire
 from steer_actors.control.coordinator import ReplicaUnavailableError
-from steer_actors.specs import SteeringSpec, plain_value_errors
+from steer_actors.specs import SteeringSpec, is_index, plain_value_errors
 
 from steer_actors.serve.http_models import ChatRequest, GenerateRequest, OpBody, PopBody, SpecBody
 
@@ -55,7 +55,10 @@ class SteerIngress:
         return await self.coordinator.info.remote()
 
     async def generate(self, prompts: list[Any], sampling: dict[str, Any] | None = None,
-                       capture_layers: list[int] | None = None, steering_spec: Any = None) -> list[dict[str, Any]]:
+                       capture_layers: int | list[int] | None = None, steering_spec: Any = None) -> list[dict[str, Any]]:
+        """One result dict per prompt (see :mod:`steer_actors.results`); ``capture_layers``: one or several."""
+        if is_index(capture_layers):
+            capture_layers = [int(capture_layers)]
         return await self.coordinator.generate.remote(prompts, sampling, capture_layers, steering_spec)
 
     async def chat(self, conversations: list[Any], sampling: dict[str, Any] | None = None,
