@@ -11,7 +11,7 @@ from typing import Any
 import msgspec
 import numpy as np
 
-from steer_actors.ops.rows import CompactRows, unit_rows
+from steer_actors.ops.rows import OP_KINDS, CompactRows, op_numbers, unit_rows
 from steer_actors.specs import SteeringSpec
 
 
@@ -37,27 +37,18 @@ def rows_payload(spec: SteeringSpec, layers: Any, num_slots: int, hidden: int) -
         if len(ls.operations) > num_slots:
             raise ValueError(f"layer {idx} has {len(ls.operations)} operations; the engine allows {num_slots} "
                              f"(max_ops_per_layer)")
-        out[idx] = (ls.fingerprint(), [_params(o) for o in ls.operations])
+        out[idx] = (ls.fingerprint(), [op_numbers(o) for o in ls.operations])
     # every op's row in a few numpy calls for all layers (as ops_to_compact lays them out, bit for bit): this
     # runs on the engine actor's event loop, and op by op it was most of an all-layer change's build
     ops = [o for _, ls in steered for o in ls.operations]
     vectors = np.stack([o.vector.numpy() for o in ops]) if ops else np.empty((0, hidden), dtype=np.float32)
-    adds = [k for k, o in enumerate(ops) if o.kind == "add"]
-    dirs = [k for k, o in enumerate(ops) if o.kind != "add"]
+    adds = [k for k, o in enumerate(ops) if not OP_KINDS[o.kind].direction]
+    dirs = [k for k, o in enumerate(ops) if OP_KINDS[o.kind].direction]
     if adds:
         vectors[adds] *= np.array([ops[k].scale for k in adds], dtype=np.float32)[:, None]
     if dirs:
         vectors[dirs] = unit_rows(vectors[dirs])
     return ChangeRows(spec.fingerprint(), out, vectors.tobytes(), list(layers), num_slots, hidden)
-
-
-def _params(o: Any) -> list:
-    """An op spec's numbers, as :func:`~steer_actors.ops.rows.ops_to_compact` gives them."""
-    if o.kind == "add":
-        return ["add"]
-    if o.kind == "cap":
-        return ["cap", o.min, o.max]
-    return ["ablation", o.scale]
 
 
 def rows_from_payload(payload: ChangeRows, layers: dict[int, Any]) -> tuple[str, dict[int, tuple[str, Any]]]:

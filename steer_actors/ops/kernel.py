@@ -71,16 +71,6 @@ if triton is not None:
             tl.store(cap_buf_ptr + dst * H + cols, s.to(cap_buf_ptr.dtype.element_ty), mask=mask)
 
 
-def _apply_rows(s, add, unit, lo, hi, gamma):
-    """K ops with per-row parameters: ``add``/``unit`` are [T, K, H], ``lo``/``hi``/``gamma`` [T, K]."""
-    for k in range(add.shape[1]):
-        s = s + add[:, k]
-        p = (s * unit[:, k]).sum(-1)
-        c = torch.clamp(p, min=lo[:, k], max=hi[:, k])
-        s = s + ((c - p) + (gamma[:, k] - 1.0) * p).unsqueeze(-1) * unit[:, k]
-    return s
-
-
 def _torch_impl(delta, residual, add, unit, lo, hi, gamma, active, sel, radd, runit, rlo, rhi, rgamma, slot_idx,
                 any_bound, cap_buf, cap_dst, cap_on, cap_any) -> None:
     b = int(sel.reshape(-1)[0])
@@ -99,7 +89,7 @@ def _torch_impl(delta, residual, add, unit, lo, hi, gamma, active, sel, radd, ru
         rows = (sid != 0).nonzero().squeeze(-1)
         if rows.numel():
             g = sid[rows]
-            s[rows] = _apply_rows(s[rows], radd[g], runit[g], rlo[g], rhi[g], rgamma[g])
+            s[rows] = apply_slots(s[rows], radd[g], runit[g], rlo[g], rhi[g], rgamma[g])
     if glob or per_request:
         delta.copy_((s - r).to(delta.dtype))
         s = delta.float() + r  # what the next layer sees: delta rounded to the model dtype

@@ -1,9 +1,10 @@
 """Pure math of the steering ops on the residual stream ``s = h + r`` (fp32, no vLLM).
 
-Two forms of the same ops:
+:data:`OP_KINDS` is the one table of op kinds: each kind's numbers, and where its vector and numbers go in a
+slot. Two forms of the same ops:
 
 * the reference form (``add``, ``cap``, ``ablate``, ``apply_reference``): one readable function per op,
-  used by the HF oracle and as the definition the fused form is tested against;
+  the definition the fused form is tested against;
 * the slot form (``apply_slots``): a fixed number of op slots per layer, each a branch-free
   ``s += a; p = s·u; s += (clamp(p, lo, hi) - p + (g - 1) p) u``. A neutral slot (a = u = 0,
   lo = -inf, hi = +inf, g = 1) is the identity, so the same code runs whatever is set, which is what
@@ -13,19 +14,19 @@ Two forms of the same ops:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Callable, Literal
 
 import numpy as np
 import torch
 
-OpKind = Literal["add", "cap", "ablation"]
+OpKindName = Literal["add", "cap", "ablation"]
 
 
 @dataclass(frozen=True)
 class Op:
     """One validated op, fp32 CPU tensors. ``vector`` is raw for add, unit-norm otherwise."""
 
-    kind: OpKind
+    kind: OpKindName
     vector: torch.Tensor
     scale: float = 1.0
     min: float | None = None
@@ -53,17 +54,37 @@ def ablate(s: torch.Tensor, u: torch.Tensor, scale: float) -> torch.Tensor:
     return s + (scale - 1.0) * (s @ u).unsqueeze(-1) * u
 
 
+@dataclass(frozen=True)
+class OpKind:
+    """One kind of op. ``numbers``: the op's fields that travel as numbers beside its row, in order (a
+    change's ``[kind, *numbers]``); ``slots``: the slot parameter each number sets (``lo``, ``hi``: the cap's
+    bounds, None = unbounded; ``gamma``: the ablation's scale). ``direction``: its row is a unit direction (the
+    slot's ``unit`` row), else ``scale·v`` (the slot's ``add`` row). ``reference``: ``(s, op) -> s'``."""
+
+    name: OpKindName
+    numbers: tuple[str, ...]
+    slots: tuple[str, ...]
+    direction: bool
+    reference: Callable[[torch.Tensor, Any], torch.Tensor]
+
+
+OP_KINDS: dict[str, OpKind] = {k.name: k for k in (
+    OpKind("add", (), (), False, lambda s, op: add(s, op.vector.to(s.device), op.scale)),
+    OpKind("cap", ("min", "max"), ("lo", "hi"), True, lambda s, op: cap(s, op.vector.to(s.device), op.min, op.max)),
+    OpKind("ablation", ("scale",), ("gamma",), True, lambda s, op: ablate(s, op.vector.to(s.device), op.scale)),
+)}
+
+
+def op_numbers(op: Any) -> list:
+    """``[kind, *numbers]`` of an op (an :class:`Op` or an op spec): what travels beside its row."""
+    return [op.kind, *(getattr(op, n) for n in OP_KINDS[op.kind].numbers)]
+
+
 def apply_reference(s: torch.Tensor, ops: list[Op]) -> torch.Tensor:
     """Apply ``ops`` in order to ``s`` (``[..., H]``), in fp32, returning a new tensor."""
     out = s.float()
     for op in ops:
-        v = op.vector.to(out.device)
-        if op.kind == "add":
-            out = add(out, v, op.scale)
-        elif op.kind == "cap":
-            out = cap(out, v, op.min, op.max)
-        else:
-            out = ablate(out, v, op.scale)
+        out = OP_KINDS[op.kind].reference(out, op)
     return out
 
 
@@ -85,7 +106,8 @@ def neutral_rows(num_slots: int, hidden: int) -> SlotRows:
 @dataclass(frozen=True)
 class CompactRows:
     """One layer's ops as they travel: one row of H floats per op (add: ``scale·v``; cap and ablation: the
-    unit direction) and each op's numbers (``["add"]``, ``["cap", lo, hi]``, ``["ablation", gamma]``).
+    unit direction) and each op's numbers (:func:`op_numbers`: ``["add"]``, ``["cap", lo, hi]``,
+    ``["ablation", gamma]``).
     :func:`ops_to_flat`'s K slots hold two rows per slot, most of them zero: 4 slots x 2 rows against the 2
     rows an add + cap layer needs."""
 
@@ -96,27 +118,21 @@ class CompactRows:
         if self.vectors.ndim != 2 or len(self.vectors) != len(self.params):
             raise ValueError(f"{len(self.vectors)} rows for {len(self.params)} ops")
         for p in self.params:
-            kind = p[0] if isinstance(p, (list, tuple)) and p else None
-            n = {"add": 1, "cap": 3, "ablation": 2}.get(kind)
-            if n != len(p) or not all(x is None or isinstance(x, (int, float)) for x in p[1:]):
+            kind = OP_KINDS.get(p[0]) if isinstance(p, (list, tuple)) and p and isinstance(p[0], str) else None
+            if kind is None or len(p) != 1 + len(kind.numbers) or not all(
+                    x is None or isinstance(x, (int, float)) for x in p[1:]):
                 raise ValueError(f"malformed op parameters {p!r}")
 
 
 def ops_to_compact(ops: list[Op], out: np.ndarray) -> list[list]:
     """Write each op's row into ``out`` (``[len(ops), H]`` float32) and return their numbers."""
-    params: list[list] = []
     for k, op in enumerate(ops):
         v = op.vector.numpy()
-        if op.kind == "add":
-            np.multiply(v, np.float32(op.scale), out=out[k])
-            params.append(["add"])
-        elif op.kind == "cap":
+        if OP_KINDS[op.kind].direction:
             out[k] = v
-            params.append(["cap", op.min, op.max])
         else:
-            out[k] = v
-            params.append(["ablation", op.scale])
-    return params
+            np.multiply(v, np.float32(op.scale), out=out[k])
+    return [op_numbers(op) for op in ops]
 
 
 def pack_flat(rows: list, num_slots: int, hidden: int, tail: int = 0) -> np.ndarray:
@@ -131,6 +147,8 @@ def pack_flat(rows: list, num_slots: int, hidden: int, tail: int = 0) -> np.ndar
     (`bench/worker_update.py`)."""
     K, H = num_slots, hidden
     F = 2 * K * H + 3 * K
+    slot_at = {"lo": 2 * K * H, "hi": 2 * K * H + K, "gamma": 2 * K * H + 2 * K}  # each parameter's K values
+    unbounded = {"lo": -np.inf, "hi": np.inf}  # a bound given as None
     whole = np.frombuffer(bytearray(4 * (len(rows) * F + tail)), dtype=np.float32)
     out = whole[:len(rows) * F].reshape(len(rows), F)
     out[:, 2 * K * H:2 * K * H + K] = -np.inf  # 3K values a layer: too few for numpy to let go of the GIL
@@ -149,14 +167,12 @@ def pack_flat(rows: list, num_slots: int, hidden: int, tail: int = 0) -> np.ndar
                 raise ValueError(f"{len(r.params)} ops of hidden {r.vectors.shape[1]} for {K} slots of hidden {H}")
             src = memoryview(np.ascontiguousarray(r.vectors, dtype=np.float32)).cast("B")
             for k, p in enumerate(r.params):
-                at = 4 * (i * F + (k if p[0] == "add" else K + k) * H)  # add rows 0..K-1, unit rows K..2K-1
+                kind = OP_KINDS[p[0]]
+                at = 4 * (i * F + (K + k if kind.direction else k) * H)  # add rows 0..K-1, unit rows K..2K-1
                 dest[at:at + row_bytes] = src[k * row_bytes:(k + 1) * row_bytes]
-                if p[0] == "cap":
-                    cells += [i * F + 2 * K * H + k, i * F + 2 * K * H + K + k]
-                    values += [-np.inf if p[1] is None else p[1], np.inf if p[2] is None else p[2]]
-                elif p[0] == "ablation":
-                    cells.append(i * F + 2 * K * H + 2 * K + k)
-                    values.append(p[1])
+                for slot, x in zip(kind.slots, p[1:]):
+                    cells.append(i * F + slot_at[slot] + k)
+                    values.append(unbounded[slot] if x is None else x)
     if cells:
         whole[cells] = values
     return whole
@@ -183,18 +199,15 @@ def ops_to_rows(ops: list[Op], num_slots: int, hidden: int) -> SlotRows:
     return rows_from_flat(ops_to_flat(ops, num_slots, hidden), num_slots, hidden)
 
 
-def apply_slots(
-    s: torch.Tensor,
-    add_: torch.Tensor,
-    unit: torch.Tensor,
-    lo: torch.Tensor,
-    hi: torch.Tensor,
-    gamma: torch.Tensor,
-) -> torch.Tensor:
-    """Fused form over K slots: ``s`` is ``[T, H]`` fp32; slot tensors as in :class:`SlotRows`."""
-    for k in range(add_.shape[0]):
-        s = s + add_[k]
-        p = s @ unit[k]
-        c = torch.clamp(p, min=lo[k], max=hi[k])
-        s = s + ((c - p) + (gamma[k] - 1.0) * p).unsqueeze(-1) * unit[k]
+def apply_slots(s: torch.Tensor, add_: torch.Tensor, unit: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor,
+                gamma: torch.Tensor) -> torch.Tensor:
+    """Fused form over K slots, the one torch loop over slots: ``s`` is ``[T, H]`` fp32. Slot tensors as in
+    :class:`SlotRows` (``add``/``unit`` [K, H], ``lo``/``hi``/``gamma`` [K]: every row the same ops), or with a
+    leading [T] (each row its own ops: per-request slots)."""
+    for k in range(add_.shape[-2]):
+        u = unit[..., k, :]
+        s = s + add_[..., k, :]
+        p = s @ u if u.dim() == 1 else (s * u).sum(-1)  # one direction for all rows: a matrix-vector product
+        c = torch.clamp(p, min=lo[..., k], max=hi[..., k])
+        s = s + ((c - p) + (gamma[..., k] - 1.0) * p).unsqueeze(-1) * u
     return s
