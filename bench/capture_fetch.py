@@ -1,15 +1,18 @@
 """Batched capture fetch from a separate Ray driver: 64 handles, one ``ray.get``, bytes/s.
 
-    python bench/capture_fetch.py --address 127.0.0.1:6390 --app steer --out bench/results/cpu-capture-fetch.json
+    python bench/capture_fetch.py --address auto --app steer --out bench/results/
+
+Run it as a job or driver beside a running app (``serve run examples/tiny_cpu.yaml``, or the GPU example);
+the model's layers must include ``--layers``. The result's card is this driver's GPU, ``cpu`` without one.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import json
-import platform
 import time
+
+from results_io import emit
 
 
 async def run(address: str, app: str, n: int, layers: list[int], max_tokens: int) -> dict:
@@ -26,8 +29,8 @@ async def run(address: str, app: str, n: int, layers: list[int], max_tokens: int
     shapes_ok = all(h.captures[layer][0]["hidden"].shape[0] == len(p) + max_tokens - 1
                     for h, p in zip(handles, prompts) for layer in layers)
     await model.release_captures(handles)
-    return {"handles": n, "layers": layers, "bytes": nbytes, "seconds": dt, "bytes_per_s": nbytes / dt,
-            "shapes_ok": shapes_ok, "machine": f"{platform.machine()} 2-core CPU dev box, driver and engine on one node"}
+    return {"handles": n, "layers": layers, "max_tokens": max_tokens, "bytes": nbytes, "seconds": dt,
+            "bytes_per_s": nbytes / dt, "shapes_ok": shapes_ok}
 
 
 def main() -> None:
@@ -37,13 +40,14 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=64)
     ap.add_argument("--max-tokens", type=int, default=8)
     ap.add_argument("--layers", default="0,1,2,3")
-    ap.add_argument("--out")
+    ap.add_argument("--shape", default="tiny", help="the served model, for the result's name")
+    ap.add_argument("--out", help="a file, or a directory (ending in /) for the standard name")
     args = ap.parse_args()
     res = asyncio.run(run(args.address, args.app, args.n, [int(x) for x in args.layers.split(",")], args.max_tokens))
-    print("RESULT=" + json.dumps(res))
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(res, f, indent=1)
+    import torch
+
+    card = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+    emit(res, args.out, card=card, shape=args.shape, measurement="capture-fetch")
 
 
 if __name__ == "__main__":

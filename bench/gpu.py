@@ -1,14 +1,17 @@
-"""GPU benchmark: steering against stock vLLM on the same card, in the same session.
+"""GPU benchmark: steer-actors against stock vLLM on the same card, in the same run, as ratios.
 
-    python bench/gpu.py --runs parity_eager,parity_graphs --out $OUT/parity.json       (V2 runner checks, tiny fp32)
-    python bench/gpu.py --model 0.6b --runs stock,ours,stock --out $OUT/b06.json      (stock twice brackets drift)
-    python bench/gpu.py --model 0.6b --runs capture,hooks --out $OUT/b06b.json
-    python bench/gpu.py --model 8b --runs stock,ours --out $OUT/b8.json
+    python bench/gpu.py --shape 8b --runs stock,ours --out bench/results/        steering ratios + update latency
+    python bench/gpu.py --shape 8b --runs update --out bench/results/            update latency alone
+    python bench/gpu.py --shape 0.6b --runs capture --out bench/results/         capture ratio + fetch GB/s
+    python bench/gpu.py --shape 0.6b --runs stock,hooks --out bench/results/     eager forward hooks on stock vLLM
+    python bench/gpu.py --runs parity_eager,parity_graphs --out bench/results/   eager == graphs, tiny fp32
 
-Each run is a fresh subprocess in its own session (killed whole on a timeout, so no engine keeps the GPU
-for the next run; BENCH_CHILD_TIMEOUT_S). Prompts are random token ids with ``ignore_eos`` so every mode
-does the same work; throughput = generated tokens / wall time. Budget: an engine start with graphs is
-70-110 s at 0.6B; a device call may last 10 minutes, so put at most three runs in one call.
+Each run is a fresh subprocess in its own session (killed whole after ``--child-timeout``, so no engine keeps
+the GPU for the next run). Prompts are random token ids with ``ignore_eos`` so every mode does the same work;
+throughput = generated tokens / wall time. Every mode runs ``--rounds`` times, the steered modes in rounds
+over the modes so drift hits each alike; ratios are best/best and mean/mean against stock. ``--out`` names
+a file, or a directory where the result gets ``<date>_<card>_<shape>_<measurement>.json``.
+``BENCH_SMOKE=1`` runs the same code on a tiny model on the CPU (a check before spending GPU time).
 """
 
 from __future__ import annotations
@@ -20,11 +23,11 @@ import os
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 from gpu_capture import run_capture
-from gpu_common import (GEN_LEN, N_PROMPTS, PROBE, PROMPT_LEN, REPO, build_checkpoint, engine_facts,
+from gpu_common import (GEN_LEN, N_PROMPTS, PROBE, PROMPT_LEN, REPO, SMOKE, build_checkpoint, engine_facts,
                         throughput, token_prompts)
+from results_io import emit
 
 
 def _engine_kwargs(model: str, eager: bool) -> dict:
@@ -32,7 +35,7 @@ def _engine_kwargs(model: str, eager: bool) -> dict:
                 gpu_memory_utilization=0.85, seed=0)
 
 
-async def run_stock(model: str, eager: bool, hooks: bool) -> dict:
+async def run_stock(model: str, eager: bool, hooks: bool, rounds: int) -> dict:
     """Stock vLLM (our plugin disabled by VLLM_PLUGINS in the parent); ``hooks`` = the seed's hooks."""
     import uuid
 
@@ -65,9 +68,8 @@ async def run_stock(model: str, eager: bool, hooks: bool) -> dict:
         probe = [list(t) for t in await generate(token_prompts(PROBE["n"], seed=PROBE["seed"]), PROBE["sp"])]
     except Exception as e:  # a failed check must not cost the timings
         probe = repr(e)[:500]
-    # best of as many runs as each steered mode gets (sessions 6-7 ran ours best of 1 against stock best of 3)
-    runs: list = []
-    tps = await throughput(generate, reps=int(os.environ.get("BENCH_ROUNDS", "3")), runs=runs)
+    runs: list = []  # as many runs as each steered mode gets, so best-of compares like with like
+    tps = await throughput(generate, reps=rounds, runs=runs)
     llm.shutdown()
     return {"tok_s": tps, "runs": runs, "start_s": start_s, "engine": engine_facts(llm), "probe_tokens": probe}
 
@@ -85,7 +87,7 @@ def _specs(hidden: int, layers: int):
     return one, all_layers
 
 
-def _request_specs(hidden: int, layers: int, n: int = 16) -> list:
+def _request_specs(hidden: int, layers: int, n: int) -> list:
     """``n`` distinct per-request specs, each add + cap on two layers."""
     import torch
 
@@ -98,31 +100,85 @@ def _request_specs(hidden: int, layers: int, n: int = 16) -> list:
         for k in range(n)]
 
 
-async def run_ours(model: str, eager: bool, measure: list[str]) -> dict:
+def _pct(xs: list[float]) -> dict:
+    xs = sorted(xs)
+    return {"p50": round(xs[len(xs) // 2], 3), "p99": round(xs[max(0, int(len(xs) * 0.99) - 1)], 3),
+            "max": round(xs[-1], 3)}
+
+
+async def update_series(eng, one, all_layers, generate) -> dict:
+    """100 global changes, alternating one layer and all layers, while 1,024 requests decode; where each
+    change's time went (the engine's and the workers' timers, where the runtime keeps them) and the garbage
+    collector's pauses in this process meanwhile."""
+    import gc
+
+    from steer_actors.specs import SteeringSpec
+
+    await eng.apply_spec(SteeringSpec().to_wire())
+    bg = asyncio.create_task(generate(token_prompts(2 * N_PROMPTS, seed=9), dict(
+        max_tokens=2 * GEN_LEN, ignore_eos=True, detokenize=False, temperature=0.0)))  # outlasts the changes
+    await asyncio.sleep(1.5)
+    lat, parts, exch, pauses, started = [], [], [], [], {}
+
+    def gc_timer(phase, info):
+        if phase == "start":
+            started["t"] = time.perf_counter()
+        elif "t" in started:
+            pauses.append((info["generation"], (time.perf_counter() - started.pop("t")) * 1e3))
+
+    channel = (getattr(eng, "_channel", None) or {}).get("steer")
+    gc.callbacks.append(gc_timer)
+    for i in range(100):
+        t = time.perf_counter()
+        await eng.apply_spec((one if i % 2 == 0 else all_layers).to_wire())
+        lat.append((time.perf_counter() - t) * 1000)
+        parts.append(((getattr(channel, "last_timing", None) or [None])[0], getattr(eng, "last_apply_ms", None)))
+        exch.append(dict(getattr(channel, "last_exchange_ms", None) or {}))
+        await asyncio.sleep(0.02)
+    gc.callbacks.remove(gc_timer)
+    running = not bg.done()  # the changes must all have landed while the batch was decoding
+    await bg
+    out = {"ms": {**_pct(lat), "n": len(lat), "all_while_decoding": running}, "all_layer_ms": _pct(lat[1::2]),
+           # a full collection walks every object of the process (vLLM's too): a pause stops the event loop
+           "gc_pauses": {f"gen{g}": {"n": sum(1 for x, _ in pauses if x == g),
+                                     "max_ms": round(max([d for x, d in pauses if x == g], default=0.0), 2)}
+                         for g in (0, 1, 2)}}
+    if all(w for w, _ in parts):  # the first worker's share: building rows, waiting for the lock, copying
+        out["worker_ms"] = {k: _pct([w[j] for w, _ in parts]) for j, k in enumerate(["build", "lock_wait", "copy"])}
+    if all(e for _, e in parts):  # the engine's: validating + building rows, the whole exchange with the workers
+        out["engine_ms"] = {k: _pct([e[j] for _, e in parts]) for j, k in enumerate(["build", "exchange"])}
+    if all(exch):  # the exchange on the engine's side: packing, waiting for its turn, sending, the workers'
+        # replies, then the event loop resuming the call
+        out["exchange_ms"] = {k: _pct([e[k] for e in exch]) for k in exch[0]}
+    return out
+
+
+async def run_ours(model: str, eager: bool, measure: list[str], rounds: int, n_specs: list[int]) -> dict:
     from steer_actors.engine.actor import SteerEngine
     from steer_actors.specs import SteeringSpec
 
     t0 = time.perf_counter()
     eng = SteerEngine(dict(model_name=model, dtype="bfloat16", enforce_eager=eager, max_model_len=1024,
-                           gpu_memory_utilization=0.85, max_steering_slots=16,
+                           gpu_memory_utilization=0.85, max_steering_slots=max([16, *n_specs]),
                            engine_kwargs={"skip_tokenizer_init": True}))
     res: dict = {"start_s": time.perf_counter() - t0, "engine": engine_facts(eng.engine)}
     info = await eng.info()
     one, all_layers = _specs(info["hidden_size"], info["num_layers"])
-    per_request = [s.to_wire() for s in _request_specs(info["hidden_size"], info["num_layers"])]
-    request_specs: list = []  # set per mode: [] = none, else one of 16 specs per prompt
+    request_specs: list = []  # set per mode: [] = none, else one of N specs per prompt, in turn
 
     async def generate(prompts, sp):
         specs = [request_specs[i % len(request_specs)] for i in range(len(prompts))] if request_specs else None
         return [r["token_ids"] for r in await eng.generate(prompts, sp, None, specs)]
 
-    modes = [(n, sp, rs) for n, sp, rs in [("idle", SteeringSpec(), []), ("one_layer", one, []),
-                                           ("all_layers", all_layers, []), ("specs16", SteeringSpec(), per_request)]
-             if n in measure]
+    modes = [("idle", SteeringSpec(), []), ("one_layer", one, []), ("all_layers", all_layers, [])]
+    modes += [(f"specs{n}", SteeringSpec(), [s.to_wire() for s in _request_specs(info["hidden_size"],
+                                                                                info["num_layers"], n)])
+              for n in n_specs]
+    modes = [m for m in modes if m[0] in measure or (m[0].startswith("specs") and "specs" in measure)]
     if modes:
         await throughput(generate, reps=1)  # warm-up: first-use kernels and allocator growth
         # the change paths on this runner: a spec applied globally and the same spec per request (the two
-        # kinds of table, loaded by the same code) give the same greedy tokens, and not the unsteered ones
+        # kinds of table, loaded by the same code), against the unsteered tokens
         try:  # a failed check must not cost the timings
             probeprompts = token_prompts(PROBE["n"], seed=PROBE["seed"])
             res["probe_idle"] = [list(t) for t in await generate(probeprompts, PROBE["sp"])]
@@ -131,19 +187,17 @@ async def run_ours(model: str, eager: bool, measure: list[str]) -> dict:
             await eng.apply_spec(SteeringSpec().to_wire())
             request_specs[:] = [one.to_wire()]
             steered_request = [list(t) for t in await generate(probeprompts, PROBE["sp"])]
-            # bf16 random weights: a greedy argmax flips with the batch alone (session 12, 8B: the idle engine
-            # matched stock on 1 of 8 prompts), so how many prompts agree says more than one boolean
+            # bf16 random weights: a greedy argmax can flip with the batch alone, so how many prompts agree
+            # says more than one boolean (the exact check is the fp32 parity run)
             same = lambda a, b: sum(x == y for x, y in zip(a, b))  # noqa: E731
-            res["probe_checks"] = {"global_equals_request": steered_global == steered_request,
-                                   "steered_differs_from_idle": steered_global != res["probe_idle"],
-                                   "prompts_global_eq_request": same(steered_global, steered_request),
+            res["probe_checks"] = {"prompts_global_eq_request": same(steered_global, steered_request),
                                    "prompts_global_eq_idle": same(steered_global, res["probe_idle"]),
                                    "of": len(probeprompts)}
         except Exception as e:
             res["probe_checks"] = {"error": repr(e)[:500]}
         request_specs[:] = []
     # Rounds over the modes (not one mode after another), so drift over time hits every mode alike.
-    for _ in range(int(os.environ.get("BENCH_ROUNDS", "3"))):
+    for _ in range(rounds):
         for name, spec, rs in modes:
             await eng.apply_spec(spec.to_wire())
             request_specs[:] = rs
@@ -152,142 +206,9 @@ async def run_ours(model: str, eager: bool, measure: list[str]) -> dict:
         print("RESULT=" + json.dumps(res), flush=True)  # partial results survive a timeout
     request_specs[:] = []
     if "update" in measure:
-        await eng.apply_spec(SteeringSpec().to_wire())
-        # load that outlasts the 100 updates below (~4x one throughput batch)
-        bg = asyncio.create_task(generate(token_prompts(2 * N_PROMPTS, seed=9), dict(max_tokens=2 * GEN_LEN, ignore_eos=True,
-                                                                                  detokenize=False, temperature=0.0)))
-        await asyncio.sleep(1.5)
-
-        def pct(xs):
-            xs = sorted(xs)
-            return {"p50": xs[len(xs) // 2], "p99": xs[max(0, int(len(xs) * 0.99) - 1)], "max": xs[-1]}
-
-        async def series(worker_switch_s: float) -> dict:
-            """100 changes, alternating one-layer and all-layer, with the worker processes' GIL switch interval
-            at ``worker_switch_s``; the garbage collector's pauses in this process meanwhile."""
-            import gc
-
-            await eng.engine.collective_rpc("steer_switch_interval", args=(worker_switch_s,))
-            lat, parts, exch, pauses, started = [], [], [], [], {}
-
-            def gc_timer(phase, info):
-                if phase == "start":
-                    started["t"] = time.perf_counter()
-                elif "t" in started:
-                    pauses.append((info["generation"], (time.perf_counter() - started.pop("t")) * 1e3))
-
-            gc.callbacks.append(gc_timer)
-            for i in range(100):
-                t = time.perf_counter()
-                await eng.apply_spec((one if i % 2 == 0 else all_layers).to_wire())
-                lat.append((time.perf_counter() - t) * 1000)
-                worker = (eng._channel["steer"].last_timing or [None])[0] if eng._channel else None
-                parts.append(None if worker is None else [*worker, *eng.last_apply_ms])
-                exch.append(dict(eng._channel["steer"].last_exchange_ms) if eng._channel else {})
-                await asyncio.sleep(0.02)
-            gc.callbacks.remove(gc_timer)
-            out = {"ms": {**pct(lat), "n": len(lat)}, "all_layer_ms": pct(lat[1::2]),
-                   "worker_switch_interval_s": worker_switch_s,
-                   # a full collection walks every object of the process (vLLM's too): a candidate for the spikes
-                   "gc_pauses": {f"gen{g}": {"n": sum(1 for x, _ in pauses if x == g),
-                                             "max_ms": round(max([d for x, d in pauses if x == g], default=0.0), 2)}
-                                 for g in (0, 1, 2)}}
-            if all(parts):  # worker side of each change: unpacking + building rows, waiting for the lock, copying
-                out["worker_ms"] = {k: pct([p[j] for p in parts]) for j, k in enumerate(["build", "lock_wait", "copy"])}
-                # the engine's share: validating + building rows, and the whole exchange with the worker (which
-                # holds the worker's share and the wake-ups of the engine's event loop)
-                out["engine_ms"] = {k: pct([p[3 + j] for p in parts]) for j, k in enumerate(["build", "exchange"])}
-            if all(exch):  # the exchange on the engine's side: packing, waiting for the client's turn, sending,
-                # the workers' replies (read by a reader callback on the loop), then the loop resuming the call
-                out["exchange_ms"] = {k: pct([e[k] for e in exch]) for k in exch[0]}
-            return out
-
-        # Python's 5 ms in the workers (what ships), then 0.5 ms: session 9 saw the worker's copy wait for the
-        # GIL (p50 0.22 ms, p99 6.3 ms); the engine side no longer hands the exchange to a thread
-        upd = await series(0.005)
-        res["update_worker_switch_0.5ms"] = await series(0.0005)
-        await eng.engine.collective_rpc("steer_switch_interval", args=(0.005,))
-        running = not bg.done()  # the updates must all have landed while the batch was decoding
-        await bg
-        res["update_ms"] = {**upd["ms"], "all_while_decoding": running}
-        for k in ("worker_ms", "engine_ms", "exchange_ms", "all_layer_ms", "worker_switch_interval_s", "gc_pauses"):
-            if k in upd:
-                res["update_" + k] = upd[k]
-        await eng.apply_spec(SteeringSpec().to_wire())
-        # what 0.5 ms in the workers costs the runner: idle throughput, alternating with Python's 5 ms
-        for r in range(int(os.environ.get("BENCH_SWITCH_ROUNDS", "2"))):
-            for w in (0.0005, 0.005):
-                await eng.engine.collective_rpc("steer_switch_interval", args=(w,))
-                runs = res.setdefault("idle_by_worker_switch", {}).setdefault(f"{w * 1e3:g}ms", [])
-                await throughput(generate, reps=1, runs=runs)
-            print("RESULT=" + json.dumps(res), flush=True)
-        await eng.engine.collective_rpc("steer_switch_interval", args=(0.005,))
+        res["update"] = await update_series(eng, one, all_layers, generate)
     eng.engine.shutdown()
     return res
-
-
-async def run_parity(eager: bool) -> dict:
-    """fp32 tiny Qwen3 on the GPU runner: greedy tokens under global specs, a mixed batch of per-request
-    specs (and each request alone), and captured rows (plain and steered) vs HF; run once eager and
-    once with graphs, the parent compares."""
-    import ray
-    import torch
-
-    from steer_actors.engine.actor import SteerEngine
-    from steer_actors.client.handles import CaptureHandle, fetch_captures_batch
-    from steer_actors.specs import AblationSpec, AddSpec, LayerSteeringSpec, ProjectionCapSpec, SteeringSpec
-    from steer_actors.testing import build_tiny_model
-
-    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)  # not a cluster of another step
-    path = build_tiny_model("qwen3")
-    eng = SteerEngine(dict(model_name=path, dtype="float32", enforce_eager=eager, max_model_len=512,
-                           gpu_memory_utilization=0.3, max_steering_slots=4))
-    g = torch.Generator().manual_seed(1)
-    v = lambda: torch.randn(256, generator=g)  # noqa: E731
-    L = lambda *ops: LayerSteeringSpec(operations=list(ops))  # noqa: E731
-    specs = {"none": SteeringSpec(),
-             "add": SteeringSpec(layers={1: L(AddSpec(vector=v(), scale=1.5))}),
-             "cap": SteeringSpec(layers={2: L(ProjectionCapSpec(vector=v(), min=0.5, max=1.0))}),
-             "ablation": SteeringSpec(layers={1: L(AblationSpec(vector=v(), scale=3.0))}),
-             "combo": SteeringSpec(layers={1: L(AddSpec(vector=v(), scale=1.0), AblationSpec(vector=v(), scale=0.0)),
-                                           2: L(ProjectionCapSpec(vector=v(), max=0.0))})}
-    prompts = [[5, 6, 7, 8, 9, 10], [100, 200, 300], list(range(40, 70))]
-    sp = dict(max_tokens=16, temperature=0.0, ignore_eos=True)
-    out: dict = {"global": {}}
-    for name, spec in specs.items():
-        await eng.apply_spec(spec.to_wire())
-        out["global"][name] = [r["token_ids"] for r in await eng.generate(prompts, sp)]
-    await eng.apply_spec(SteeringSpec().to_wire())
-    names = ["none", "add", "cap", "combo", "ablation", "add"]
-    mixedprompts = [prompts[i % 3] for i in range(len(names))]
-    mixed_specs = [None if n == "none" else specs[n].to_wire() for n in names]
-    out["mixed"] = [r["token_ids"] for r in await eng.generate(mixedprompts, sp, None, mixed_specs)]
-    out["alone"] = [(await eng.generate([p], sp, None, s))[0]["token_ids"] for p, s in zip(mixedprompts, mixed_specs)]
-    out["mixed_names"] = names
-    # capture: every layer, plain and under the combo spec; max error vs HF per case
-    layers = [0, 1, 2, 3]
-    from steer_actors.testing.hf_oracle import HFOracle
-
-    oracle = HFOracle(path)
-    out["capture_err"] = {}
-    for name in ("none", "combo"):
-        await eng.apply_spec(specs[name].to_wire())
-        rs = await eng.generate(prompts, dict(sp, max_tokens=8), layers)
-        hs = fetch_captures_batch([CaptureHandle.from_wire(r["captures"]) for r in rs])
-        worst = 0.0
-        for p, r, h in zip(prompts, rs, hs):
-            full = p + r["token_ids"]
-            assert h.positions == list(range(len(full) - 1)) and h.token_ids == full[:-1]
-            ref = oracle.hidden_states(full[:-1], None if name == "none" else specs[name])
-            for layer in layers:
-                got = h.captures[layer][0]["hidden"]
-                worst = max(worst, (got - ref[layer]).abs().max().item() / max(1.0, ref[layer].abs().max().item()))
-        out["capture_err"][name] = worst
-    out["arena"] = await eng.capture_arena_stats()  # mapped_segments > 0: rows written by the GPU (capture_direct)
-    out["hf"] = {name: [oracle.greedy(p, 16, spec if not spec.is_empty() else None).token_ids for p in prompts]
-                 for name, spec in specs.items()}
-    eng.engine.shutdown()
-    return out
 
 
 def child(args) -> None:
@@ -295,12 +216,15 @@ def child(args) -> None:
 
     try:
         if args.child == "stock":
-            res = asyncio.run(run_stock(build_checkpoint(args.model), args.eager, args.hooks))
+            res = asyncio.run(run_stock(build_checkpoint(args.shape), args.eager, args.hooks, args.rounds))
         elif args.child == "ours":
-            res = asyncio.run(run_ours(build_checkpoint(args.model), args.eager, args.measure.split(",")))
+            res = asyncio.run(run_ours(build_checkpoint(args.shape), args.eager, args.measure.split(","), args.rounds,
+                                       [int(n) for n in args.specs.split(",")]))
         elif args.child == "capture":
-            res = run_capture(build_checkpoint(args.model))
+            res = run_capture(build_checkpoint(args.shape), args.capture_dtype, args.rounds, args.profile)
         else:
+            from gpu_parity import run_parity
+
             res = asyncio.run(run_parity(args.eager))
     except Exception as e:  # after partial RESULT lines, the error must be the last word
         import traceback
@@ -311,15 +235,14 @@ def child(args) -> None:
     print("RESULT=" + json.dumps(res), flush=True)  # the parent keeps the last RESULT line
 
 
-def spawn(name: str, argv: list[str], plugins: bool = True, timeout_s: float | None = None) -> dict:
+def spawn(name: str, argv: list[str], timeout_s: float, plugins: bool = True) -> dict:
     """One mode in a fresh process (its own session: on a timeout the whole tree goes, so no engine is
     left holding the GPU for the next mode)."""
     import signal
 
     env = {**os.environ, "PYTHONPATH": f"{REPO}:{os.environ.get('PYTHONPATH', '')}"}
     if not plugins:
-        env["VLLM_PLUGINS"] = ""
-    timeout_s = timeout_s or float(os.environ.get("BENCH_CHILD_TIMEOUT_S", "1800"))
+        env["VLLM_PLUGINS"] = ""  # stock vLLM: the steering plugin is not loaded
     t = time.perf_counter()
     proc = subprocess.Popen([sys.executable, __file__, *argv], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, cwd=REPO, start_new_session=True)
@@ -346,46 +269,86 @@ def spawn(name: str, argv: list[str], plugins: bool = True, timeout_s: float | N
     return res
 
 
+# run name -> (child arguments, stock vLLM?, measurement it belongs to)
 RUNS = {
-    "stock": lambda m: spawn(f"stock-{m}", ["--child", "stock", "--model", m], plugins=False),
-    "ours": lambda m: spawn(f"ours-{m}", ["--child", "ours", "--model", m,
-                                          "--measure", "idle,one_layer,all_layers,specs16,update"]),
-    "update_only": lambda m: spawn(f"update-{m}", ["--child", "ours", "--model", m, "--measure", "update"]),
-    "ours_update": lambda m: spawn(f"ours-update-{m}", ["--child", "ours", "--model", m, "--measure", "idle,update"]),
-    "capture": lambda m: spawn(f"capture-{m}", ["--child", "capture", "--model", m]),
-    "stock_eager": lambda m: spawn(f"stock-eager-{m}", ["--child", "stock", "--model", m, "--eager"], plugins=False),
-    "hooks": lambda m: spawn(f"hooks-{m}", ["--child", "stock", "--model", m, "--eager", "--hooks"], plugins=False),
-    "ours_eager": lambda m: spawn(f"ours-eager-{m}", ["--child", "ours", "--model", m, "--eager", "--measure",
-                                                       "all_layers"]),
-    "parity_graphs": lambda m: spawn("parity-graphs", ["--child", "parity"]),
-    "parity_eager": lambda m: spawn("parity-eager", ["--child", "parity", "--eager"]),
+    "stock": (["--child", "stock"], True, "steering"),
+    "ours": (["--child", "ours", "--measure", "idle,one_layer,all_layers,specs,update"], False, "steering"),
+    "update": (["--child", "ours", "--measure", "update"], False, "update-latency"),
+    "capture": (["--child", "capture"], False, "capture"),
+    "hooks": (["--child", "stock", "--eager", "--hooks"], True, "seed-hooks"),
+    "parity_eager": (["--child", "parity", "--eager"], False, "parity"),
+    "parity_graphs": (["--child", "parity"], False, "parity"),
 }
 
 
+def summarize(results: dict) -> None:
+    """Ratios against stock (best/best, mean/mean over every stock run of this benchmark run) and the eager
+    against graphs comparison, beside the raw runs."""
+    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+    stock = [x for k, v in results.items() if k.startswith("stock") and isinstance(v, dict) for x in v.get("runs", [])]
+    if stock:
+        results["stock_runs"] = stock
+        ratios = {}
+        for k, v in results.items():
+            if k.startswith("ours") and isinstance(v, dict):
+                ratios.update({m: {"best": round(max(r) / max(stock), 3), "mean": round(mean(r) / mean(stock), 3),
+                                   "runs": r} for m, r in v.get("runs", {}).items() if r})
+            if k == "hooks" and v.get("runs"):
+                ratios["seed_hooks_eager"] = {"best": round(max(v["runs"]) / max(stock), 3),
+                                              "mean": round(mean(v["runs"]) / mean(stock), 3), "runs": v["runs"]}
+        results["ratios"] = ratios
+        ours = results.get("ours", {})
+        if isinstance(results["stock"].get("probe_tokens"), list) and isinstance(ours.get("probe_idle"), list):
+            # informational: random bf16 weights leave argmax fragile, and graphs differ around the steering op
+            pairs = list(zip(results["stock"]["probe_tokens"], ours["probe_idle"]))
+            results["probe_idle_vs_stock"] = {"prompts_equal": sum(a == b for a, b in pairs), "of": len(pairs)}
+    e, g = results.get("parity_eager", {}), results.get("parity_graphs", {})
+    if "global" in e and "global" in g:
+        results["parity"] = {
+            "tokens_eager_eq_graphs": all(e[k] == g[k] for k in ("global", "mixed", "alone", "specs64")),
+            "tokens_eq_hf": all(r["global"] == r["hf"] for r in (e, g)),
+            "mixed_batch_eq_alone": all(r["mixed"] == r["alone"] for r in (e, g)),
+            "specs64_eager_eq_graphs": e["specs64"] == g["specs64"],
+            "capture_err_vs_hf": {"eager": e["capture_err"], "graphs": g["capture_err"]}}
+
+
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--runs", default="stock,ours", help=f"comma-separated, in order: {', '.join(RUNS)}")
+    ap.add_argument("--shape", default="8b", choices=["0.6b", "8b"], help="random-weight Qwen3 shape")
+    ap.add_argument("--rounds", type=int, default=3, help="runs of every mode (alternating, in the steered engine)")
+    ap.add_argument("--specs", default="16", help="distinct per-request spec counts measured by `ours`, e.g. 16,64")
+    ap.add_argument("--capture-dtype", default="model", help="`capture`: the rows' dtype (model = the model's)")
+    ap.add_argument("--profile", help="`capture`: py-spy the engine and its worker into this directory")
+    ap.add_argument("--child-timeout", type=float, default=1800.0, help="seconds per run (one engine)")
+    ap.add_argument("--measurement", help="the result's name (default: from the runs)")
+    ap.add_argument("--out", help="a file, or a directory (ending in /) for the standard name")
     ap.add_argument("--child")
-    ap.add_argument("--model", default="0.6b")
     ap.add_argument("--eager", action="store_true")
     ap.add_argument("--hooks", action="store_true")
     ap.add_argument("--measure", default="")
-    ap.add_argument("--runs", default="")
-    ap.add_argument("--out")
     args = ap.parse_args()
     if args.child:
         child(args)
         return
-    results = {"model": args.model, "nprompts": N_PROMPTS, "prompt_len": PROMPT_LEN, "gen_len": GEN_LEN}
-    for run in args.runs.split(","):
-        key = run if run not in results else f"{run}_again"
-        results[key] = RUNS[run](args.model)
-        stock, ours = results.get("stock", {}), results.get("ours", {})
-        if isinstance(stock.get("probe_tokens"), list) and isinstance(ours.get("probe_idle"), list):
-            # informational: random weights leave argmax fragile, and graphs differ around the steering op
-            pairs = list(zip(stock["probe_tokens"], ours["probe_idle"]))
-            results["probe_idle_vs_stock"] = {"prompts_equal": sum(a == b for a, b in pairs), "of": len(pairs)}
-        if args.out:
-            Path(args.out).write_text(json.dumps(results, indent=1))
+    runs = args.runs.split(",")
+    unknown = [r for r in runs if r not in RUNS]
+    if unknown:
+        ap.error(f"unknown runs {unknown}; choose from {list(RUNS)}")
+    parity_only = all(r.startswith("parity") for r in runs)
+    shape = "tiny-fp32" if parity_only else args.shape
+    measurement = args.measurement or "+".join(dict.fromkeys(RUNS[r][2] for r in runs))
+    passed = ["--shape", args.shape, "--rounds", str(args.rounds), "--specs", args.specs,
+              "--capture-dtype", args.capture_dtype, *(["--profile", args.profile] if args.profile else [])]
+    results: dict = {"workload": {"prompts": N_PROMPTS, "prompt_len": PROMPT_LEN, "gen_len": GEN_LEN,
+                                  "rounds": args.rounds, "smoke": SMOKE}}
+    for run in runs:
+        key = run if run not in results else f"{run}_again"  # stock,ours,stock brackets drift
+        argv, stock, _ = RUNS[run]
+        results[key] = spawn(f"{run}-{shape}", [*argv, *passed], args.child_timeout, plugins=not stock)
+        summarize(results)
+        card = next((v["card"] for v in results.values() if isinstance(v, dict) and "card" in v), "unknown")
+        emit(dict(results), args.out, card=card, shape=shape, measurement=measurement)
 
 
 if __name__ == "__main__":

@@ -6,14 +6,16 @@ import asyncio
 import json
 import os
 import time
-from pathlib import Path
 
-from gpu_common import GEN_LEN, token_prompts, throughput
+from gpu_common import GEN_LEN, profile_processes, token_prompts, throughput
 
-def run_capture(model: str) -> dict:
+
+def run_capture(model: str, capture_dtype: str = "model", rounds: int = 3, profile_dir: str | None = None) -> dict:
     """The engine as a Ray actor (as served), this process a Ray driver: throughput with every request
     capturing every layer (prompt + decode; each request's capture released once it is back), and the
-    bytes/s of one batched fetch of 64 all-layer captures."""
+    bytes/s of one batched fetch of 64 all-layer captures. Captured and uncaptured runs alternate in one
+    engine for ``rounds`` rounds; ``profile_dir``: py-spy of the engine actor and its GPU worker during the
+    first measured capture run."""
     import ray
 
     from steer_actors.engine.actor import engine_actor_class
@@ -28,10 +30,10 @@ def run_capture(model: str) -> dict:
              log_to_driver=False)
     eng = engine_actor_class().remote(dict(model_name=model, dtype="bfloat16", max_model_len=1024,
                                            gpu_memory_utilization=0.8, capture_budget_bytes=room,
-                                           # "model" (bf16 rows here) unless a run asks for float32 rows
-                                           capture_dtype=os.environ.get("BENCH_CAPTURE_DTYPE", "model"),
+                                           capture_dtype=capture_dtype,  # "model": bf16 rows here
                                            engine_kwargs={"skip_tokenizer_init": True}))
     info = ray.get(eng.info.remote())
+    engine_pid = ray.get(eng.__ray_call__.remote(lambda _self: os.getpid()))
     layers = list(range(info["num_layers"]))
     sp = dict(max_tokens=GEN_LEN, temperature=0.0, ignore_eos=True, detokenize=False)
     res: dict = {"capture_dtype": info.get("capture_dtype", "float32")}
@@ -77,28 +79,26 @@ def run_capture(model: str) -> dict:
         await eng.release_captures.remote([h.capture_id for h in handles])
         report()
 
-    quick = os.environ.get("BENCH_CAPTURE_QUICK") == "1"  # a second variant in the same session: 512 only
-
     async def main():
-        if not quick:
-            await fetch("fetch")  # a fresh object store: its pages fault as the copies first touch them
+        await fetch("fetch")  # a fresh object store: its pages fault as the copies first touch them
         await throughput(await generate(False), reps=1)  # warm-up
         res["no_capture"] = await throughput(await generate(False), reps=1)
         res["timeline_no_capture"] = timeline()
         report()
-        if not quick:  # a quarter of the batch first, so a slow capture path still leaves a same-size ratio
-            res["no_capture_128"] = await throughput(await generate(False), n=128, reps=1)
+        # a quarter of the batch first, so a slow capture path still leaves a same-size ratio
+        res["no_capture_128"] = await throughput(await generate(False), n=128, reps=1)
         # warm-up at the largest size measured: the capture arena grows onto new shared-memory pages once,
         # then recycles them (a serving engine's steady state)
         await throughput(await generate(True), reps=1)
-        if not quick:
-            res["capture_all_layers_128"] = await throughput(await generate(True), n=128, reps=1)
+        res["capture_all_layers_128"] = await throughput(await generate(True), n=128, reps=1)
         report()
-        Path("/tmp/phase-capture").touch()  # gpu_step.sh profiles the engine from here on
+        profilers = profile_processes(engine_pid, profile_dir) if profile_dir else []
         before = await eng.capture_arena_stats.remote()
         res["capture_all_layers"] = await throughput(await generate(True), reps=1,
                                                       runs=res.setdefault("runs", {}).setdefault("capture", []))
         res["timeline_capture"] = timeline()
+        for p in profilers:
+            p.wait()
         after = await eng.capture_arena_stats.remote()
         # the worker's host time per capturing forward in this run alone (runner thread, copy thread)
         steps = after.get("capture_steps", 0) - before.get("capture_steps", 0)
@@ -107,11 +107,11 @@ def run_capture(model: str) -> dict:
             for k in ("runner_us_per_step", "copy_thread_us_per_step") if k in after}}
         report()
         res["no_capture_again"] = await throughput(await generate(False), reps=1)
-        # More rounds, uncaptured and captured in turn (session 9: one engine's two uncaptured runs were 16% apart,
-        # so one capture run against them cannot resolve a few percent); best and mean of each.
+        # More rounds, uncaptured and captured in turn (one engine's uncaptured runs can differ by 16% at the
+        # host-bound 0.6B shape, so one capture run against them cannot resolve a few percent); best and mean.
         runs = res.setdefault("runs", {})
         runs.setdefault("no_capture", []).extend([round(res["no_capture"], 1), round(res["no_capture_again"], 1)])
-        for _ in range(int(os.environ.get("BENCH_CAPTURE_ROUNDS", "2"))):
+        for _ in range(max(0, rounds - 1)):
             await throughput(await generate(True), reps=1, runs=runs["capture"])
             await throughput(await generate(False), reps=1, runs=runs["no_capture"])
             res["ratio_best"] = round(max(runs["capture"]) / max(runs["no_capture"]), 3)
@@ -120,8 +120,7 @@ def run_capture(model: str) -> dict:
             report()
         res["arena"] = await eng.capture_arena_stats.remote()  # mapped_segments > 0: the GPU wrote the rows
         res["worker_calls"] = (await eng.capture_stats.remote()).get("worker_calls")  # round trips (coalesced)
-        if not quick:
-            await fetch("fetch_warm")  # the object store's pages recycled (a serving engine's steady state)
+        await fetch("fetch_warm")  # the object store's pages recycled (a serving engine's steady state)
 
     asyncio.run(main())
     ray.kill(eng)

@@ -87,3 +87,26 @@ def engine_facts(llm) -> dict:
     return {"num_gpu_blocks": vc.cache_config.num_gpu_blocks, "block_size": vc.cache_config.block_size,
             "max_num_seqs": vc.scheduler_config.max_num_seqs,
             "max_num_batched_tokens": vc.scheduler_config.max_num_batched_tokens}
+
+
+def profile_processes(engine_pid: int, out_dir: str, seconds: int = 8) -> list:
+    """py-spy (raw stacks per thread, 100 Hz, ``--nonblocking`` so the sampled run is not slowed) of the engine
+    actor and of every vLLM process below it (the engine core and its workers run the GPU's forwards), for
+    ``seconds``. Returns the samplers to wait for; none where py-spy is not installed."""
+    import shutil
+    import subprocess
+
+    import psutil
+
+    if shutil.which("py-spy") is None:
+        print("profile: py-spy is not installed (pip install py-spy); running unprofiled", flush=True)
+        return []
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    procs = [psutil.Process(engine_pid), *psutil.Process(engine_pid).children(recursive=True)]
+    out = []
+    for i, p in enumerate(procs):
+        name = "engine" if i == 0 else f"vllm_{p.pid}"
+        out.append(subprocess.Popen(["py-spy", "record", "-p", str(p.pid), "-d", str(seconds), "-r", "100", "-t",
+                                     "--nonblocking", "-f", "raw", "-o", str(Path(out_dir) / f"prof_{name}.txt")],
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+    return out

@@ -1,14 +1,15 @@
 """Multi-GPU runs on one host with several raylets (``ray start`` twice = two simulated nodes).
 
-    python bench/gpu_multi.py --part tp  --out $OUT/tp.json     # 2+ GPUs: TP=2 (Ray executor) == TP=1
-    python bench/gpu_multi.py --part app --out $OUT/app.json    # 4 GPUs: two TP=2 replicas, one per raylet
+    python bench/gpu_multi.py --part tp --out bench/results/     # 2+ GPUs: TP=2 (Ray executor) == TP=1
+    python bench/gpu_multi.py --part app --out bench/results/    # 4 GPUs: two TP=2 replicas, one per raylet
 
 ``tp``: tiny fp32 Qwen3, steered greedy tokens of a TP=2 replica on vLLM's Ray executor (its own placement
 group, made by steer_actors.control.replicas) against a TP=1 replica.
 ``app``: the Serve app with two TP=2 replicas (8B shape by default: GPU-bound, as served; the 0.6B shape
 at TP=2 is bound by the host, which two replicas on one host share) pinned to raylets A and B: version
 atomicity under concurrent readers and writers, a capture made on B fetched by this driver (on A), and
-throughput of two replicas against one in the same run.
+throughput of two replicas against one in the same run. It starts its own Ray cluster (port 6400) and
+stops it at the end (``ray stop --force``): run it on a host where no other Ray cluster runs.
 """
 
 from __future__ import annotations
@@ -24,11 +25,12 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 PORT = 6400
+sys.path.insert(0, str(REPO / "bench"))
+from results_io import emit  # noqa: E402
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 
 def start_raylets(gpus_a: str, gpus_b: str | None) -> None:
-    # no `ray stop` here: other steps may run their own Ray beside this one (gpu_step.sh stops Ray first)
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": gpus_a}
     n_a = len(gpus_a.split(","))
     subprocess.run(["ray", "start", "--head", f"--port={PORT}", f"--num-gpus={n_a}", "--num-cpus=8",
@@ -115,8 +117,7 @@ def part_app(res: dict, shape: str = "8b") -> dict:
     import torch
     from ray import serve
 
-    sys.path.insert(0, str(REPO / "bench"))
-    from gpu_common import build_checkpoint, token_prompts  # noqa: E402
+    from gpu_common import build_checkpoint, token_prompts
 
     from steer_actors.serve.app import build_app
     from steer_actors.client.handles import CaptureHandle, fetch_captures_batch
@@ -133,8 +134,7 @@ def part_app(res: dict, shape: str = "8b") -> dict:
                tensor_parallel_size=2, distributed_executor_backend="ray", placement_strategy="STRICT_PACK",
                num_replicas=2, replica_overrides=[pin("raylet_a"), pin("raylet_b")],
                # vLLM 0.26 fuses all-reduce + RMSNorm through FlashInfer's "mnnvl" workspace, which needs NVSwitch
-               # multicast: off on these machines (it can take a shared host's GPUs out of service); session 5's
-               # app run made that workspace, then failed in cublasCreate. Never again.
+               # multicast; where multicast is off the engine cores fail in cublasCreate, so the fusion stays off
                engine_kwargs={"skip_tokenizer_init": True,
                               "compilation_config": {"pass_config": {"fuse_allreduce_rms": False}}})
     app = serve.run(build_app(cfg), name="steer", route_prefix="/steer")
@@ -154,8 +154,8 @@ def part_app(res: dict, shape: str = "8b") -> dict:
     async def atomicity():
         seen, committed = [], {}
 
-        # Readers come back in rounds and writers space their changes out, so responses run on both sides
-        # of changes (session 7: one round of readers all ran before the first change: 1 version seen).
+        # Readers come back several times and writers space their changes out, so responses run on both sides
+        # of changes (one burst of readers can all finish before the first change and see one version).
         async def reader(k):
             for j in range(4):
                 out = await app.generate.remote(token_prompts(2, seed=1000 * j + k), sp)
@@ -250,8 +250,8 @@ def part_app(res: dict, shape: str = "8b") -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--part", choices=["tp", "app"], required=True)
-    ap.add_argument("--model", default="8b", help="app: the checkpoint shape (bench/gpu.py)")
-    ap.add_argument("--out", required=True)
+    ap.add_argument("--shape", default="8b", choices=["0.6b", "8b"], help="app: the checkpoint shape (bench/gpu.py)")
+    ap.add_argument("--out", help="a file, or a directory (ending in /) for the standard name")
     args = ap.parse_args()
     import torch
 
@@ -268,19 +268,19 @@ def main() -> None:
     t = time.perf_counter()
     res: dict = {}  # filled as each phase ends: a later failure keeps what was measured
     try:
-        part_tp(res) if args.part == "tp" else part_app(res, args.model)
+        part_tp(res) if args.part == "tp" else part_app(res, args.shape)
     except (Exception, StepTimeout) as e:
         import traceback
 
         res.update(error=repr(e), trace=traceback.format_exc()[-4000:])
-    res.update(card=torch.cuda.get_device_name(0), gpus=torch.cuda.device_count(), wall_s=time.perf_counter() - t)
-    Path(args.out).write_text(json.dumps(res, indent=1))
-    print(json.dumps(res)[:3000])
+    res["wall_s"] = time.perf_counter() - t
+    emit(res, args.out, card=torch.cuda.get_device_name(0), gpus=torch.cuda.device_count(),
+         shape="tiny-fp32" if args.part == "tp" else args.shape,
+         measurement="tp2-parity" if args.part == "tp" else "multi-replica")
     import ray
 
     ray.shutdown()
-    if not os.environ.get("BENCH_KEEP_RAY"):  # set when other steps share the host: gpu_step.sh stops Ray
-        subprocess.run(["ray", "stop", "--force"], capture_output=True)
+    subprocess.run(["ray", "stop", "--force"], capture_output=True)
 
 
 if __name__ == "__main__":
