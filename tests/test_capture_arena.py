@@ -207,15 +207,13 @@ a = 2  # the run: tokens 2..6
 off = torch.tensor([[10, 10, 30, 30, -1], [20, 20, 40, 40, 50], [-1, -1, 60, 60, 70]], dtype=torch.int64)
 maxr = torch.tensor([8, 8, 6, 6, 8], dtype=torch.int64)  # step token 5 (pos 3 < 6) kept, 4 (pos 6) and 6 (pos 9) not
 outs = []
-for mode in ("triton", "torch"):
-    import os
-    os.environ["STEER_CAPTURE_SCATTER"] = mode
+for kernel in (True, False):
     dest = torch.full((100, H), -7.0)
-    cd.scatter_rows(dest, snap, pos, a, a + 5, off, maxr, 0)
+    cd.scatter_rows(dest, snap, pos, a, a + 5, off, maxr, 0, kernel=kernel)
     outs.append(dest)
-os.environ["STEER_CAPTURE_SCATTER"] = "triton"
+import os
 if os.environ.get("TRITON_INTERPRET") == "1":
-    assert cd._use_triton(snap)
+    assert cd.kernel_usable(snap)
     dest = outs[0]
     assert torch.equal(dest[1:], outs[1][1:]) and (dest[0] == -7.0).all()  # no trash write
     assert torch.equal(dest[10 + 2], snap[0, 2]) and torch.equal(dest[60 + 3], snap[2, 5])
@@ -263,7 +261,7 @@ def test_the_scatter_kernel_compiles_for_an_h100():
 
 
 def test_write_run_lands_rows_counts_and_tokens_and_sends_the_rest_to_row_0():
-    """The direct path's per-run write (capture_direct.write_run, here on the CPU where the "device" views are
+    """The direct path's per-run write (device_write.write_run, here on the CPU where the "device" views are
     the host arrays): every kept (layer, position) row at its region's place, a count of 1 (2 once the same
     position lands again: recomputed) and its token beside it; a layer a request does not capture and a
     position past its max_rows touch nothing but row 0."""

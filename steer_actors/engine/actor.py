@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
 import uuid
 from typing import Any
 
@@ -41,7 +40,6 @@ class SteerEngine:
         self.num_layers = mc.get_num_layers(self.engine.vllm_config.parallel_config)
         self.spec = SteeringSpec()
         self.version = 0
-        self.last_apply_ms: tuple[float, float] | None = None  # see apply_spec
         self.fingerprint = self.spec.fingerprint()
         self._tokenizer = None
         self._layers: list[int] | None = None
@@ -143,21 +141,16 @@ class SteerEngine:
 
     async def apply_spec(self, spec_wire: dict[str, Any], version: int | None = None) -> dict[str, Any]:
         """Change this engine alone (no coordinator): validate, then stage+commit in one RPC."""
-        t0 = time.perf_counter()
         v = self.version + 1 if version is None else int(version)
         spec = await self._validated(spec_wire)
         channel = await self._side_channel()
         payload = self._rows_payload(spec)
-        t1 = time.perf_counter()
         if channel and len(channel.addresses) == 1:  # one round trip: rows built, then copied
             fps = await channel.call("steer_apply", v, payload)
         else:
             await self._workers("steer_stage", v, payload)  # no wait for any forward
             fps = await self._workers("steer_commit", v, same_step=True)
         self.version, self.spec, self.fingerprint = v, spec, fps[0]
-        # where this engine's share of the change went (benchmarks read it): validating and building the
-        # rows here, then the exchange with the workers (their own share comes back in the channel's timing)
-        self.last_apply_ms = (round((t1 - t0) * 1e3, 3), round((time.perf_counter() - t1) * 1e3, 3))
         return {"spec_version": self.version, "spec_fingerprint": self.fingerprint}
 
     async def edit(self, edit: dict[str, Any]) -> dict[str, Any]:

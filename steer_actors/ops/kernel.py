@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import torch
 
+from steer_actors import envs
 from steer_actors.ops.rows import apply_slots
 
 try:
@@ -99,10 +100,11 @@ def _torch_impl(delta, residual, add, unit, lo, hi, gamma, active, sel, radd, ru
         cap_buf[dst[rows]] = s[rows].to(cap_buf.dtype)
 
 
-def _use_triton(delta: torch.Tensor) -> bool:
-    import os
+_INTERPRET = envs.TRITON_INTERPRET  # read once (this runs every forward): Triton's interpreter on a CPU (tests)
 
-    return triton is not None and (delta.is_cuda or os.environ.get("TRITON_INTERPRET") == "1")
+
+def _use_triton(delta: torch.Tensor) -> bool:
+    return triton is not None and (delta.is_cuda or _INTERPRET)
 
 
 # ``cap_buf`` is written but not declared mutated, as vLLM's attention op does with the KV cache:

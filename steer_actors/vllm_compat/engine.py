@@ -20,8 +20,10 @@ def keep_off_multicast(env: Any = None) -> None:
     user chose one; Ray-executor workers inherit the engine's environment."""
     import os
 
+    from steer_actors import envs
+
     env = os.environ if env is None else env
-    if env.get("NCCL_NVLS_ENABLE") == "0":
+    if envs.VARIABLES["NCCL_NVLS_ENABLE"].read(env) == "0":
         env.setdefault("VLLM_FLASHINFER_ALLREDUCE_BACKEND", "trtllm")
 
 

@@ -13,9 +13,9 @@ def register() -> None:
 def dump_stacks_on_signal() -> None:
     """With ``STEER_ACTORS_DUMP_STACKS`` set, ``kill -USR1 <pid>`` writes every thread's stack to stderr
     (what a hung engine process is doing, where no debugger can attach)."""
-    import os
+    from steer_actors import envs
 
-    if os.environ.get("STEER_ACTORS_DUMP_STACKS"):
+    if envs.STEER_ACTORS_DUMP_STACKS:
         import faulthandler
         import signal
 

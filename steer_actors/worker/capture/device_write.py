@@ -20,12 +20,11 @@ from __future__ import annotations
 import ctypes
 import logging
 import mmap
-import os
 
 import numpy as np
 import torch
 
-from steer_actors import row_dtype
+from steer_actors import envs, row_dtype
 
 try:
     import triton
@@ -40,10 +39,9 @@ _CAN_USE_HOST_POINTER_FOR_REGISTERED_MEM = 91  # CUdevice_attribute
 _PORTABLE_MAPPED = 0x1 | 0x2  # cudaHostRegisterPortable | cudaHostRegisterMapped
 
 
-def enabled(device: torch.device) -> bool:
-    """On a GPU unless ``STEER_CAPTURE_DIRECT=0`` (the host path, for comparison or a driver that misbehaves
-    with registered shared memory); ``always`` runs the same logic on a CPU engine too (tests)."""
-    mode = os.environ.get("STEER_CAPTURE_DIRECT", "1")
+def enabled(device: torch.device, mode: str) -> bool:
+    """Whether captures on ``device`` take the direct path, under ``mode`` (``envs.STEER_CAPTURE_DIRECT``): on a
+    GPU unless ``0`` (the host path); ``always`` runs the same logic on a CPU engine too (tests)."""
     return mode == "always" or (device.type == "cuda" and mode != "0")
 
 
@@ -137,33 +135,35 @@ def dest_offsets(run: list, layers: list[int], same: bool) -> tuple[np.ndarray, 
 
 
 def scatter_rows(dest: torch.Tensor, snap: torch.Tensor, pos: torch.Tensor, a: int, b: int, off: torch.Tensor,
-                 maxr: torch.Tensor, trash: int) -> None:
-    """``dest[off + pos] = snap[:, a:b]`` for the step's tokens ``a:b``; rows a request does not keep
-    (a layer it does not capture, a position past its ``max_rows``) are not written (the torch form sends
-    them to the segment's ``trash`` row). Everything stays on the device: no sync, nothing the host waits
-    for."""
-    global _TRITON_FAILED
-    if os.environ.get("STEER_CAPTURE_SCATTER") == "skip":  # benchmarks only: what capture costs without the writes
-        return
-    if _use_triton(snap) and not _TRITON_FAILED:
+                 maxr: torch.Tensor, trash: int, kernel: bool = True, programs: int = 8) -> None:
+    """``dest[off + pos] = snap[:, a:b]`` for the step's tokens ``a:b`` by the bounded Triton kernel below
+    (``kernel``, where Triton runs: see :func:`kernel_usable`), else torch's ``index_copy_``; rows a request
+    does not keep (a layer it does not capture, a position past its ``max_rows``) are not written (the torch
+    form sends them to the segment's ``trash`` row). Everything stays on the device: no sync, nothing the host
+    waits for.
+
+    Not the runtime's write (:func:`write_run` uses ``index_copy_``): in a serving engine on an H100 (0.6B,
+    all-layer captures, 128 prompts) the 8-program kernel gave 0.63 of uncaptured throughput against 0.69 for
+    ``index_copy_``, its Python launch path costing the runner's thread more than the torch ops do. It is kept
+    for the scatter benchmark (``bench/gpu_scatter.py``), where it slows a busy GPU least.
+
+    ``programs``: few. Its stores go over PCIe and stall when the link is full; a kernel with a program per row
+    holds every SM while it waits, and the next forward with it. Measured on an H100 (a matmul beside the
+    scatter): index_copy_ slowed it 1.9x (decode step) / 3.5x (8192-token prefill step), 32 programs 1.05x /
+    2.0x, 8 programs 1.14x / 1.12x at 25-30 GB/s, several times what capturing every layer of a full batch
+    needs."""
+    if kernel and kernel_usable(snap):
         n_items = off.numel()
-        try:
-            if n_items:
-                grid = (min(n_items, _programs()),)
-                _scatter_kernel[grid](snap, pos, off, maxr, dest, a, off.shape[1], snap.shape[1], n_items,
-                                      snap.shape[2], BLOCK_H=triton.next_power_of_2(snap.shape[2]), num_warps=4)
-            return
-        except Exception as e:  # a launch that fails (compile, pointer checks) must not take the forward with it
-            _TRITON_FAILED = True
-            log.warning("capture scatter: the Triton kernel failed (%s); using index_copy_ from now on", e)
+        if n_items:
+            grid = (min(n_items, max(1, programs)),)
+            _scatter_kernel[grid](snap, pos, off, maxr, dest, a, off.shape[1], snap.shape[1], n_items,
+                                  snap.shape[2], BLOCK_H=triton.next_power_of_2(snap.shape[2]), num_warps=4)
+        return
     p = pos[a:b]
     idx = off + p[None, :]
     keep = (off >= 0) & (p < maxr)[None, :]
     idx = torch.where(keep, idx, trash)
     dest.index_copy_(0, idx.reshape(-1), snap[:, a:b].reshape(-1, snap.shape[-1]))
-
-
-_TRITON_FAILED = False
 
 
 def write_run(dest: torch.Tensor, counts: torch.Tensor, tokens: torch.Tensor, snap: torch.Tensor, p: torch.Tensor,
@@ -180,39 +180,19 @@ def write_run(dest: torch.Tensor, counts: torch.Tensor, tokens: torch.Tensor, sn
     if not same:
         t.clamp_(min=0)  # NOT_KEPT offsets
     idx, m = t[:-1], t[-1]
-    mode = os.environ.get("STEER_CAPTURE_SCATTER", "torch")
-    if mode == "triton" and _use_triton(snap) and not _TRITON_FAILED:
-        scatter_rows(dest, snap, p, a, b, offb[:-1], maxr, 0)
-    elif mode != "skip":  # skip: benchmarks only, what capture costs without the rows
-        src = snap if a == 0 and b == snap.shape[1] else snap[:, a:b]
-        dest.index_copy_(0, idx.reshape(-1), src.reshape(-1, snap.shape[-1]))
+    src = snap if a == 0 and b == snap.shape[1] else snap[:, a:b]
+    dest.index_copy_(0, idx.reshape(-1), src.reshape(-1, snap.shape[-1]))
     counts.index_copy_(0, m, counts.index_select(0, m) + 1)
     tokens.index_copy_(0, m, tok[a:b])
 
 
-def _use_triton(snap: torch.Tensor) -> bool:
-    """``STEER_CAPTURE_SCATTER=triton``: the bounded kernel below (on a CPU only under Triton's interpreter,
-    for tests); else torch's ``index_copy_`` (``skip``: no rows written at all, a benchmark's way to tell
-    the writes' cost from the rest).
-
-    ``index_copy_`` is the default again: in the engine on an H100 (0.6B, all-layer captures, 128 prompts, no
-    profiler attached) the 8-program kernel gave 0.63 of uncaptured throughput (session 8) where
-    ``index_copy_`` had given 0.69 (session 7), and its Python launch path costs the runner's thread more
-    than the torch ops do. The micro-benchmark that had favoured the kernel (``bench/gpu_scatter.py``)
-    timed it against a matmul, not a serving engine. (Session 8's 512-prompt run with the kernel, 0.31,
-    ran under a py-spy that paused the worker at every sample: not a measure of the kernel.)"""
-    if triton is None or os.environ.get("STEER_CAPTURE_SCATTER", "torch") != "triton":
-        return False
-    return snap.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
+_INTERPRET = envs.TRITON_INTERPRET  # read once: Triton's interpreter runs the kernel on a CPU (tests)
 
 
-def _programs() -> int:
-    """Programs of the scatter: few. Its stores go over PCIe and stall when the link is full; a kernel
-    with a program per row holds every SM while it waits, and the next forward with it. Measured on an H100
-    (bench/gpu_scatter.py, a matmul beside the scatter): index_copy_ slowed it 1.9x (decode step) / 3.5x
-    (8192-token prefill step), 32 programs 1.05x / 2.0x, 8 programs 1.14x / 1.12x at 25-30 GB/s, several
-    times what capturing every layer of a full batch needs."""
-    return max(1, int(os.environ.get("STEER_CAPTURE_SCATTER_PROGRAMS", "8")))
+def kernel_usable(snap: torch.Tensor) -> bool:
+    """Triton is installed and can run the kernel on ``snap``'s device (a GPU, or a CPU under its
+    interpreter)."""
+    return triton is not None and (snap.is_cuda or _INTERPRET)
 
 
 if triton is not None:

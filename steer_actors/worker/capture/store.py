@@ -28,7 +28,7 @@ import time
 import numpy as np
 import torch
 
-from steer_actors import row_dtype, wire
+from steer_actors import envs, row_dtype, wire
 from steer_actors.worker.capture.arena import DEFAULT_SEGMENT_BYTES, DEFAULT_SHARED_SEGMENT_BYTES, Arena, Region, stored_rows
 from steer_actors.worker.capture.step import Plan, launch_direct, launch_host
 from steer_actors.worker.capture.host_write import write_step
@@ -105,7 +105,7 @@ class CaptureStore:
     def _mapper(self, device: torch.device):
         from steer_actors.worker.capture import device_write
 
-        want = self._direct if self._direct is not None else device_write.enabled(device)
+        want = self._direct if self._direct is not None else device_write.enabled(device, envs.STEER_CAPTURE_DIRECT)
         if not want:
             return None
         mapper = device_write.HostMapper(device)
