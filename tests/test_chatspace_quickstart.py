@@ -1,0 +1,97 @@
+"""chatspace's README Quick Start runs as written, with only the import path and the model changed, on
+its own engine (compiled, layers 2, 4, 6 steerable): it prints HF's texts, and the steered one differs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+
+import pytest
+import torch
+
+from steer_actors.testing.chatspace import build_deep_tiny_qwen3, oracle_text
+from steer_actors.testing.hf_oracle import HFOracle
+
+pytestmark = pytest.mark.engine
+
+# chatspace's Quick Start; only the import and the model name (replaced by the test) differ
+QUICK_START = '''
+import torch
+import asyncio
+from vllm import SamplingParams
+from steer_actors import (
+    VLLMSteerModel,
+    VLLMSteeringConfig,
+)
+
+async def main():
+    # Initialize model
+    cfg = VLLMSteeringConfig(
+        model_name="Qwen/Qwen3-0.6B",
+        tensor_parallel_size=1,
+        gpu_memory_utilization=0.9,
+        max_model_len=2048,
+    )
+    model = VLLMSteerModel(cfg, bootstrap_layers=(2, 4, 6))
+
+    # Generate baseline
+    sampling = SamplingParams(temperature=0.0, max_tokens=64)
+    baseline = await model.generate(
+        "Question: What is the capital of France? Answer:",
+        sampling
+    )
+    print("Baseline:", baseline[0])
+
+    # Apply steering vector to layer 4
+    steering_vector = torch.randn(model.hidden_size) * 100.0
+    await model.set_layer_vector(4, steering_vector)
+
+    # Generate with steering
+    steered = await model.generate(
+        "Question: What is the capital of France? Answer:",
+        sampling
+    )
+    print("Steered:", steered[0])
+
+    # Clear steering
+    await model.clear_all_vectors()
+
+if __name__ == "__main__":
+    asyncio.run(main())
+'''
+
+
+@pytest.fixture(scope="module")
+def deep_path(qwen3_path, tmp_path_factory) -> str:
+    return build_deep_tiny_qwen3(qwen3_path, str(tmp_path_factory.mktemp("deep-qwen3")))
+
+
+@pytest.fixture(scope="module")
+def oracle(deep_path):
+    return HFOracle(deep_path)
+
+
+def test_quick_start(ray_local, deep_path, oracle):
+    """Runs as written (its own engine: compiled, layers 2, 4, 6); prints HF's texts, steered != baseline."""
+    from ray import serve
+
+    from steer_actors import AddSpec, LayerSteeringSpec, SteeringSpec
+
+    code = QUICK_START.replace('"Qwen/Qwen3-0.6B"', repr(deep_path))
+    out = io.StringIO()
+    torch.manual_seed(1234)
+    try:
+        with contextlib.redirect_stdout(out):
+            exec(compile(code, "chatspace-quick-start", "exec"), {"__name__": "__main__"})
+        state = serve.get_app_handle("steer").get_spec.remote().result()
+    finally:
+        serve.delete("steer")
+    torch.manual_seed(1234)
+    vec = torch.randn(256) * 100.0  # the example's steering_vector, drawn again from the same seed
+    spec = SteeringSpec(layers={4: LayerSteeringSpec(add=AddSpec(vector=vec))})
+    prompt = "Question: What is the capital of France? Answer:"
+    base, steered = oracle_text(oracle, prompt, 64), oracle_text(oracle, prompt, 64, spec)
+    assert out.getvalue() == f"Baseline: {base}\nSteered: {steered}\n"
+    assert base != steered
+    assert state["spec"] == {"layers": {}} and state["stack_depth"] == 0  # cleared at the end, as written
