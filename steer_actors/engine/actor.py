@@ -235,12 +235,16 @@ class SteerEngine:
                 inp["cache_salt"] = rid
             elif steer_key:
                 inp["cache_salt"] = steer_key
-            final = None
+            final, completions = None, {}
             try:
                 async for out in self.engine.generate(inp, params, request_id=rid):
+                    # with n > 1 each streamed output carries only the completion that moved (cumulative):
+                    # the last one seen of each index is that completion whole
                     final = out
+                    completions.update((c.index, c) for c in out.outputs)
             except vllm_compat.client_error_types() as e:
                 raise ValueError(str(e)) from None
+            final.outputs = [completions[k] for k in sorted(completions)]
             res = result_from_output(final, version, fp)
             res.request_spec_fingerprint = request_fp.get(rid)
             return res
