@@ -16,7 +16,7 @@ from typing import Any, AsyncIterator, NamedTuple, Sequence
 
 import torch
 
-from steer_actors.client.calls import (ExportedSteeringSpec, call_blocking, capture_layer_list, layer_index,
+from steer_actors.client.calls import (ExportedSteeringSpec, blocking, call_blocking, capture_layer_list, layer_index,
                                        sampling_dict, unwrap)
 from steer_actors.client.handles import CaptureBatch, CaptureHandle, fetch_captures_batch
 from steer_actors.config import VLLMSteeringConfig
@@ -78,8 +78,11 @@ class VLLMSteerModel:
                 ray.init(include_dashboard=False, log_to_driver=False)
             from steer_actors.serve import build_app
 
-            serve.start(http_options={"host": "127.0.0.1", "port": http_port or 8000})
-            _handle = serve.run(build_app(cfg), name=app_name, route_prefix=f"/{app_name}")
+            def deploy() -> Any:
+                serve.start(http_options={"host": "127.0.0.1", "port": http_port or 8000})
+                return serve.run(build_app(cfg), name=app_name, route_prefix=f"/{app_name}")
+
+            _handle = blocking(deploy)  # chatspace's Quick Start constructs the model inside its event loop
         elif engine_kwargs or bootstrap_layers is not None:
             raise ValueError("engine options apply only to an embedded model (VLLMSteerModel(cfg, ...))")
         self._handle = _handle
