@@ -16,8 +16,8 @@ from typing import Any, AsyncIterator, NamedTuple, Sequence
 
 import torch
 
-from steer_actors.client.calls import (ExportedSteeringSpec, blocking, call_blocking, capture_layer_list, layer_index,
-                                       sampling_dict, unwrap)
+from steer_actors.client.calls import (ExportedSteeringSpec, blocking, call_blocking, capture_layer_list,
+                                       layer_index, sampling_dict, unwrap)
 from steer_actors.client.handles import CaptureBatch, CaptureHandle, fetch_captures_batch
 from steer_actors.config import VLLMSteeringConfig
 from steer_actors.results import GenerationResult
