@@ -243,7 +243,8 @@ def test_http_chatspace_form_spec_steers(model, want):
     v, d = rand_vec(51, norm=6.0), rand_vec(52)
     body = {"layers": {"1": {"add": {"vector": v.tolist(), "scale": 1.0},
                              "ablation": {"vector": d.tolist(), "scale": 0.0}}}}
-    expected = SteeringSpec(layers={1: LayerSteeringSpec(operations=[AddSpec(vector=v), AblationSpec(vector=d, scale=0.0)])})
+    expected = SteeringSpec(layers={1: LayerSteeringSpec(operations=[AddSpec(vector=v),
+                                                                     AblationSpec(vector=d, scale=0.0)])})
     r = httpx.put(f"{BASE}/v1/steering", json=body, timeout=60)
     assert r.status_code == 200, r.text
     state = _spec_state()

@@ -55,7 +55,8 @@ class SteerIngress:
         return await self.coordinator.info.remote()
 
     async def generate(self, prompts: list[Any], sampling: dict[str, Any] | None = None,
-                       capture_layers: int | list[int] | None = None, steering_spec: Any = None) -> list[dict[str, Any]]:
+                       capture_layers: int | list[int] | None = None,
+                       steering_spec: Any = None) -> list[dict[str, Any]]:
         """One result dict per prompt (see :mod:`steer_actors.results`); ``capture_layers``: one or several."""
         if is_index(capture_layers):
             capture_layers = [int(capture_layers)]
