@@ -336,7 +336,7 @@ def main() -> None:
     if unknown:
         ap.error(f"unknown runs {unknown}; choose from {list(RUNS)}")
     parity_only = all(r.startswith("parity") for r in runs)
-    shape = "tiny-fp32" if parity_only else args.shape
+    shape = ("tiny-fp32" if parity_only else args.shape) + ("-smoke" if SMOKE else "")
     measurement = args.measurement or "+".join(dict.fromkeys(RUNS[r][2] for r in runs))
     passed = ["--shape", args.shape, "--rounds", str(args.rounds), "--specs", args.specs,
               "--capture-dtype", args.capture_dtype, *(["--profile", args.profile] if args.profile else [])]
