@@ -39,7 +39,7 @@ def rows_payload(spec: SteeringSpec, layers: Any, num_slots: int, hidden: int) -
                              f"(max_ops_per_layer)")
         out[idx] = (ls.fingerprint(), [op_numbers(o) for o in ls.operations])
     # every op's row in a few numpy calls for all layers (as ops_to_compact lays them out, bit for bit): this
-    # runs on the engine actor's event loop, and op by op it was most of an all-layer change's build
+    # runs on the engine actor's event loop, and op by op it would be most of an all-layer change's build
     ops = [o for _, ls in steered for o in ls.operations]
     vectors = np.stack([o.vector.numpy() for o in ops]) if ops else np.empty((0, hidden), dtype=np.float32)
     adds = [k for k, o in enumerate(ops) if not OP_KINDS[o.kind].direction]

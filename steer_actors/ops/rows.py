@@ -143,8 +143,7 @@ def pack_flat(rows: list, num_slots: int, hidden: int, tail: int = 0) -> np.ndar
     the GIL, which that thread may then keep for a whole switch interval. So the big moves here hold the GIL
     instead: the buffer is zeroed by ``bytearray`` and rows are copied through memoryviews, a memcpy each (an
     all-layer change at 8B: 72 rows of 16 KB, about 0.1 ms). Under a Python-bound runner, numpy's zeroing and
-    scatter (and a concatenation, one release per layer) took 60-90 ms to pack 36 layers
-    (`bench/worker_update.py`)."""
+    scatter (and a concatenation, one release per layer) took 60-90 ms to pack 36 layers."""
     K, H = num_slots, hidden
     F = 2 * K * H + 3 * K
     slot_at = {"lo": 2 * K * H, "hi": 2 * K * H + K, "gamma": 2 * K * H + 2 * K}  # each parameter's K values

@@ -145,7 +145,7 @@ def scatter_rows(dest: torch.Tensor, snap: torch.Tensor, pos: torch.Tensor, a: i
     Not the runtime's write (:func:`write_run` uses ``index_copy_``): in a serving engine on an H100 (0.6B,
     all-layer captures, 128 prompts) the 8-program kernel gave 0.63 of uncaptured throughput against 0.69 for
     ``index_copy_``, its Python launch path costing the runner's thread more than the torch ops do. It is kept
-    for the scatter benchmark (``bench/gpu_scatter.py``), where it slows a busy GPU least.
+    for benchmarks of the scatter alone, where it slows a busy GPU least.
 
     ``programs``: few. Its stores go over PCIe and stall when the link is full; a kernel with a program per row
     holds every SM while it waits, and the next forward with it. Measured on an H100 (a matmul beside the

@@ -136,9 +136,9 @@ class CaptureStore:
     def _forget(self, request_id: str) -> None:
         """``request_id`` starts or stops capturing (the caller holds the forward lock): forget what was
         looked up, and the kept plan if that request is in its batch. Requests come and go all the time
-        while others decode, and a plan for a batch without them still holds (on the H100, 512 captures 128
-        at a time, when every register and take dropped the plan: up to one step in five rebuilt it, and
-        building plans was near half of the store's samples on the runner's thread)."""
+        while others decode, and a plan for a batch without them still holds: dropping the plan at every
+        register and take makes up to one step in five rebuild it (H100, 512 captures 128 at a time), and
+        building plans costs the runner's thread."""
         self._resolved.clear()
         plan = self._plan
         if plan is not None and plan.key is not None and any(
