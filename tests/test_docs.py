@@ -54,6 +54,15 @@ def test_documented_defaults_are_the_real_defaults():
             f"{name}: documented default {default} but the code has {real!r}")
 
 
+def test_every_environment_variable_is_documented():
+    from steer_actors import envs
+
+    text = (DOCS / "configuration.md").read_text()
+    documented = set(re.findall(r"^\| `([A-Z][A-Z0-9_]+)` \|", text, re.M))
+    assert set(envs.VARIABLES) <= documented, sorted(set(envs.VARIABLES) - documented)
+    assert documented <= set(envs.VARIABLES), sorted(documented - set(envs.VARIABLES))
+
+
 def _routes() -> set[tuple[str, str]]:
     from steer_actors.serve.ingress import api
 
