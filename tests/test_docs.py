@@ -110,4 +110,5 @@ def test_no_development_history_in_docs(path):
     text = path.read_text()
     for pattern in _HISTORY:
         m = re.search(pattern, text, re.I)
-        assert m is None, f"{path.name}: {m.group(0)!r} narrates development history: {text[max(0, m.start() - 80):m.end() + 80]!r}"
+        context = text[max(0, m.start() - 80):m.end() + 80] if m else ""
+        assert m is None, f"{path.name}: {m.group(0)!r} narrates development history: {context!r}"
