@@ -112,3 +112,19 @@ def test_no_development_history_in_docs(path):
         m = re.search(pattern, text, re.I)
         context = text[max(0, m.start() - 80):m.end() + 80] if m else ""
         assert m is None, f"{path.name}: {m.group(0)!r} narrates development history: {context!r}"
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "examples").glob("*.yaml")), ids=lambda p: p.name)
+def test_example_serve_configs_are_valid(path):
+    """Each example passes Serve's own schema (as `serve deploy` checks) and its args are a valid config."""
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    from steer_actors.config import VLLMSteeringConfig
+
+    config = yaml.safe_load(path.read_text())
+    ServeDeploySchema.model_validate(config)
+    assert config["http_options"]["host"] == "127.0.0.1", "the HTTP API has no authentication: bind loopback"
+    for app in config["applications"]:
+        assert app["import_path"] == "steer_actors.serve:build_app"
+        VLLMSteeringConfig.model_validate(app["args"])
