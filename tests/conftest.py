@@ -13,9 +13,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # inherits this, so none needs Ray's token.
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
-# RAY_ADDRESS and rand_vec stay importable from here until tests/test_serving.py takes them from
-# steer_actors.testing.engines; nothing else may import conftest.
-from steer_actors.testing.engines import RAY_ADDRESS, RAY_PORT, engine_lifetime, rand_vec  # noqa: E402,F401
+from steer_actors.testing.engines import RAY_ADDRESS, RAY_PORT, engine_lifetime  # noqa: E402
 
 
 # tests/multinode runs in a pytest process of its own (see test_multinode.py)

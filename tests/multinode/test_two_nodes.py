@@ -3,18 +3,18 @@ version across them, a capture made on node B fetched on node A, a replica kille
 coordinator killed and restored from GCS.
 
 Runs in a pytest process of its own (``tests/test_multinode.py`` starts it): the two-node cluster needs
-this process's Ray driver, and the main session's engine handles would not survive a reconnect."""
+this process's Ray driver, and the main pytest process's engine handles would not survive a reconnect."""
 
 from __future__ import annotations
 
 import asyncio
-import time
 
 import pytest
 
 from steer_actors.client.handles import CaptureHandle, fetch_captures_batch
 from steer_actors.specs import AddSpec, LayerSteeringSpec, ProjectionCapSpec, SteeringSpec
 from steer_actors.testing.engines import rand_vec
+from steer_actors.testing.waits import wait_until
 
 pytestmark = pytest.mark.engine
 
@@ -94,21 +94,6 @@ def direct_tokens(i: int) -> list[list[int]]:
     return [r["token_ids"] for r in ray.get(engine(i).generate.remote(PROMPTS, SAMPLING), timeout=300)]
 
 
-def wait_until(fn, timeout_s=300.0, every=1.0):
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            value = fn()
-            if value:
-                return value
-        except Exception:
-            if time.monotonic() > deadline:
-                raise
-        if time.monotonic() > deadline:
-            raise TimeoutError("condition not met in time")
-        time.sleep(every)
-
-
 def test_replicas_on_two_nodes_and_one_change_steers_both(cluster, app, oracles):
     nodes = node_ids(cluster)
     assert node_of_engine(0) == nodes["node_a"] and node_of_engine(1) == nodes["node_b"]
@@ -129,7 +114,7 @@ def test_capture_made_on_node_b_is_fetched_on_node_a(cluster, app, oracles):
     spec = SteeringSpec.from_wire(app.get_spec.remote().result()["spec"])
     for prompt, res, h in zip(PROMPTS, results, handles):
         full = prompt + res["token_ids"]
-        ref = oracles["qwen3"].hidden_states(full[:-1], spec if not spec.is_empty() else None)
+        ref = oracles["qwen3"].hidden_states(full[:-1], spec)
         assert h.positions == list(range(len(full) - 1))
         for layer in (0, 3):
             got = h.captures[layer][0]["hidden"]
