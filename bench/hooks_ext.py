@@ -10,10 +10,10 @@ class HookExtension:
 
         model = self.model_runner.get_model()
         layers = [m for n, m in model.named_modules() if n.rsplit(".", 1)[-1].isdigit() and ".layers." in f".{n}"]
+        hidden = self.vllm_config.model_config.get_hidden_size()  # weights may be repacked (CPU): not their shape
         g = torch.Generator().manual_seed(seed)
         handles = []
         for layer in layers:
-            hidden = next(p for p in layer.parameters()).shape[-1]
             v = (torch.randn(hidden, generator=g) * scale).to(next(layer.parameters()).device)
 
             def hook(_m, _i, out, v=v):
