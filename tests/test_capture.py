@@ -126,10 +126,19 @@ def test_release_frees_budget_and_unknown_capture_is_clear(ray_local, capture_en
 
 
 def test_capture_layers_must_be_layer_indices(ray_local, capture_engine):
-    # 2.0 and True would pass as layers 2 and 1 in a set; a scalar is not a list of layers
-    for bad in ([2.5], [2.0], [True], 5, [None]):
+    # 2.0 and True would pass as layers 2 and 1 in a set
+    for bad in ([2.5], [2.0], [True], [None], 2.0, True, "2"):
         with pytest.raises(ValueError, match="capture_layers must be"):
             ray_local.get(capture_engine.generate.remote(PROMPTS[:1], SAMPLING, bad))
+    with pytest.raises(ValueError, match=r"cannot capture layers \[5\]"):
+        ray_local.get(capture_engine.generate.remote(PROMPTS[:1], SAMPLING, 5))
+    # one int is one layer
+    one = ray_local.get(capture_engine.generate.remote(PROMPTS[:1], SAMPLING, 2))
+    (h,) = fetch_captures_batch([CaptureHandle.from_wire(one[0]["captures"])])
+    listed = ray_local.get(capture_engine.generate.remote(PROMPTS[:1], SAMPLING, [2]))
+    (ref,) = fetch_captures_batch([CaptureHandle.from_wire(listed[0]["captures"])])
+    assert h.layer_indices == [2] and torch.equal(h.captures[2][0]["hidden"], ref.captures[2][0]["hidden"])
+    ray_local.get(capture_engine.release_captures.remote([h.capture_id, ref.capture_id]))
 
 
 def test_cancelled_capturing_call_leaves_nothing_held(ray_local, capture_engine):
