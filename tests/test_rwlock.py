@@ -6,6 +6,7 @@ import random
 import pytest
 
 from steer_actors.control.rwlock import AsyncRWLock
+from steer_actors.testing.waits import until
 
 
 def run(coro):
@@ -46,16 +47,15 @@ def test_waiting_writer_blocks_new_readers():
         lock, order = AsyncRWLock(), []
         await lock.acquire_read()
         w = asyncio.create_task(lock.acquire_write())
-        await asyncio.sleep(0.01)
-        assert lock.writers_waiting == 1
+        await until(lambda: lock.writers_waiting == 1)
 
         async def late_reader():
             async with lock.read():
                 order.append("reader")
 
         r = asyncio.create_task(late_reader())
-        await asyncio.sleep(0.01)
-        assert order == [] and not w.done()
+        await until(lambda: lock.readers_waiting == 1)  # it reached the lock and queues behind the writer
+        assert order == [] and not w.done() and lock.readers == 1
         await lock.release_read()
         await w
         order.append("writer")
@@ -72,10 +72,11 @@ def test_cancelled_waiter_leaves_lock_consistent(kind):
         lock = AsyncRWLock()
         await lock.acquire_write()
         waiter = asyncio.create_task(lock.acquire_read() if kind == "read" else lock.acquire_write())
-        await asyncio.sleep(0.01)
+        await until(lambda: (lock.readers_waiting if kind == "read" else lock.writers_waiting) == 1)
         waiter.cancel()
         with pytest.raises(asyncio.CancelledError):
             await waiter
+        assert lock.readers_waiting == 0 and lock.writers_waiting == 0  # the cancelled waiter counts no more
         await lock.release_write()
         assert lock.readers == 0 and lock.writers_waiting == 0 and not lock.writer_active
         async with lock.read():
@@ -91,12 +92,12 @@ def test_cancelled_writer_unblocks_readers():
         lock = AsyncRWLock()
         await lock.acquire_read()
         w = asyncio.create_task(lock.acquire_write())
-        await asyncio.sleep(0.01)
+        await until(lambda: lock.writers_waiting == 1)
         r = asyncio.create_task(lock.acquire_read())
-        await asyncio.sleep(0.01)
+        await until(lambda: lock.readers_waiting == 1)
         assert not r.done()
         w.cancel()
         await asyncio.wait_for(r, 1)  # the reader proceeds once the writer gave up
-        assert lock.readers == 2
+        assert lock.readers == 2 and lock.readers_waiting == 0 and lock.writers_waiting == 0
 
     run(main())

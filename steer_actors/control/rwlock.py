@@ -19,6 +19,7 @@ class AsyncRWLock:
         self._readers = 0
         self._writer = False
         self._writers_waiting = 0
+        self._readers_waiting = 0
 
     @property
     def readers(self) -> int:
@@ -32,9 +33,20 @@ class AsyncRWLock:
     def writers_waiting(self) -> int:
         return self._writers_waiting
 
+    @property
+    def readers_waiting(self) -> int:
+        """Readers blocked behind a writer (held or waiting); one that enters at once is never counted."""
+        return self._readers_waiting
+
     async def acquire_read(self) -> None:
         async with self._cond:
-            await self._cond.wait_for(lambda: not self._writer and self._writers_waiting == 0)
+            # counted only while it waits (wait_for returns without yielding when it may enter), and
+            # uncounted however it stops waiting, cancellation included
+            self._readers_waiting += 1
+            try:
+                await self._cond.wait_for(lambda: not self._writer and self._writers_waiting == 0)
+            finally:
+                self._readers_waiting -= 1
             self._readers += 1
 
     async def release_read(self) -> None:
