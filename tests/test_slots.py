@@ -5,6 +5,7 @@ import asyncio
 import pytest
 
 from steer_actors.engine.slot_pool import SlotPool
+from steer_actors.testing.waits import until
 
 
 def run(coro):
@@ -58,16 +59,17 @@ def test_failed_load_frees_the_slot_and_sharers_fail_too():
 
 def test_cancelled_sharer_drops_its_reference():
     async def main():
-        gate = asyncio.Event()
+        gate, loading = asyncio.Event(), asyncio.Event()
 
         async def load(slot, spec):
+            loading.set()
             await gate.wait()
 
         pool = SlotPool(1, load)
         first = asyncio.create_task(pool.acquire("a", "a"))
-        await asyncio.sleep(0.01)
+        await loading.wait()
         sharer = asyncio.create_task(pool.acquire("a", "a"))
-        await asyncio.sleep(0.01)
+        await until(lambda: pool._refs.get(1) == 2)  # the sharer holds its reference and waits for the load
         sharer.cancel()
         with pytest.raises(asyncio.CancelledError):
             await sharer
