@@ -6,10 +6,12 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from types import SimpleNamespace
 
 import pytest
 
 from steer_actors.engine import channel_client
+from steer_actors.testing.waits import until
 from steer_actors.worker import channel
 from steer_actors.worker.protocol import CaptureTaken
 from steer_actors.worker.runtime import ForwardGate
@@ -35,6 +37,8 @@ class Worker:
         self.rank, self.staged, self.committed = rank, {}, []
         self.gate = threading.Event()
         self.gate.set()
+        # what the tests wait on: a commit has reached the gate, a capture take has started / returned
+        self.committing, self.taking, self.took = threading.Event(), threading.Event(), threading.Event()
 
     def steer_info(self):
         return {"rank": self.rank}
@@ -46,12 +50,15 @@ class Worker:
         return f"fp{version}"
 
     def steer_commit(self, version):
+        self.committing.set()
         self.gate.wait()
         self.committed.append(version)
         return f"fp{version}-r{self.rank}"
 
     def steer_capture_take(self, ids, host=None):
+        self.taking.set()
         time.sleep(float(ids[0]))
+        self.took.set()
         return {ids[0]: CaptureTaken(positions=[self.rank])}
 
 
@@ -103,7 +110,7 @@ def test_cancelled_caller_leaves_sockets_in_step(ranks):
         for w in workers:
             w.gate.clear()
         task = asyncio.create_task(client.call("steer_apply", 5, {}))
-        await asyncio.sleep(0.1)
+        await until(lambda: all(w.committing.is_set() for w in workers))  # every rank holds the exchange
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
@@ -125,7 +132,7 @@ def test_concurrent_calls_take_turns_and_each_gets_its_own_replies(ranks):
         for w in workers:
             w.gate.clear()
         calls = [asyncio.create_task(client.call("steer_apply", v, {})) for v in range(10, 20)]
-        await asyncio.sleep(0.05)
+        await until(lambda: all(w.committing.is_set() for w in workers))  # the first is held, the rest queue
         for w in workers:
             w.gate.set()
         return await asyncio.gather(*calls)
@@ -140,7 +147,8 @@ def test_timeout_names_the_rank_and_the_channel_recovers(lanes):
     client = clients["requests"]
     with pytest.raises(RuntimeError, match="did not answer"):
         asyncio.run(client.call("steer_capture_take", ["1.5"]))
-    time.sleep(0.6)  # the workers finish the late call; their replies go to the closed sockets
+    # the workers finish the late call; their replies go to the closed sockets
+    assert all(w.took.wait(5) for w in workers)
     assert asyncio.run(client.call("steer_capture_take", ["0"])) == [{"0": CaptureTaken(positions=[r])} for r in (0, 1)]
 
 
@@ -172,7 +180,7 @@ def test_a_change_does_not_queue_behind_capture_calls(lanes):
 
     async def main():
         slow = asyncio.create_task(clients["requests"].call("steer_capture_take", ["0.5"]))
-        await asyncio.sleep(0.05)
+        await until(lambda: all(w.taking.is_set() for w in workers))  # every rank is inside the slow take
         t = time.perf_counter()
         out = await clients["steer"].call("steer_apply", 7, {})
         took = time.perf_counter() - t
@@ -204,7 +212,7 @@ def test_busy_runner_picks_a_change_up_at_its_next_forward():
 
     th = threading.Thread(target=runner, name="runner", daemon=True)
     th.start()
-    time.sleep(0.05)
+    assert inside.wait(5)  # the runner is forwarding
     waits = []
     for _ in range(20):
         t = time.perf_counter()
@@ -250,36 +258,45 @@ def test_a_change_that_finds_no_gap_is_withdrawn_not_applied_late():
 
 
 def _rep_server(replies):
-    """A bare REP socket answering its n-th request with ``replies(n)``: (delay s, raw bytes)."""
+    """A bare REP socket answering its n-th request with ``replies(n)``: (delay s or an event to wait for,
+    raw bytes). Returns its ``address`` and the events ``received`` (a request arrived) and ``replied`` (a
+    reply was sent)."""
     import zmq
 
     from steer_actors import wire
 
     sock = zmq.Context.instance().socket(zmq.REP)
     port = sock.bind_to_random_port("tcp://127.0.0.1")
+    srv = SimpleNamespace(address=f"tcp://127.0.0.1:{port}", received=threading.Event(), replied=threading.Event())
 
     def serve():
         n = 0
         while True:
             sock.recv()
+            srv.received.set()
             delay, raw = replies(n)
-            time.sleep(delay)
+            if isinstance(delay, threading.Event):
+                delay.wait(10)
+            else:
+                time.sleep(delay)
             sock.send(raw if raw is not None else wire.packb({"ok": n}))
+            srv.replied.set()
             n += 1
 
     threading.Thread(target=serve, daemon=True).start()
-    return f"tcp://127.0.0.1:{port}"
+    return srv
 
 
 def test_a_malformed_reply_fails_one_call_and_the_next_gets_fresh_sockets():
     """The rank still owing its reply gets a new socket (its REQ socket could never send again)."""
-    addrs = [_rep_server(lambda n: (0, b"\xc1" if n == 0 else None)), _rep_server(lambda n: (0.2 if n == 0 else 0, None))]
-    client = channel_client.ChannelClient(addrs, timeout_s=2)
+    servers = [_rep_server(lambda n: (0, b"\xc1" if n == 0 else None)),
+               _rep_server(lambda n: (0.2 if n == 0 else 0, None))]
+    client = channel_client.ChannelClient([s.address for s in servers], timeout_s=2)
 
     async def main():
         with pytest.raises(ValueError, match="malformed msgpack"):
             await client.call("steer_info")
-        await asyncio.sleep(0.3)
+        await until(servers[1].replied.is_set)  # the slow rank answered the failed call, to its old socket
         return await client.call("steer_info")
 
     assert asyncio.run(main()) == [1, 1]
@@ -289,12 +306,14 @@ def test_a_malformed_reply_fails_one_call_and_the_next_gets_fresh_sockets():
 def test_a_call_right_after_a_timeout_hears_every_rank():
     """The timed-out exchange stops watching its sockets before the next call watches them (a deferred
     removal would take the healthy rank's new reader with it)."""
-    addrs = [_rep_server(lambda n: (0, None)), _rep_server(lambda n: (0.6 if n == 0 else 0, None))]
-    client = channel_client.ChannelClient(addrs, timeout_s=0.3)
+    late = threading.Event()  # rank 1 answers the first call only once it has timed out
+    servers = [_rep_server(lambda n: (0, None)), _rep_server(lambda n: (late if n == 0 else 0, None))]
+    client = channel_client.ChannelClient([s.address for s in servers], timeout_s=0.3)
 
     async def main():
         with pytest.raises(RuntimeError, match=r"worker\(s\) \[1\] did not answer in 0.3 s"):
             await client.call("steer_info")
+        late.set()  # no step of the loop: rank 1 is free for the next call, which must hear both ranks
         return await client.call("steer_info")  # at once, in the same step of the loop
 
     assert asyncio.run(main()) == [1, 1]
@@ -302,12 +321,12 @@ def test_a_call_right_after_a_timeout_hears_every_rank():
 
 
 def test_close_fails_a_call_in_flight_at_once():
-    addrs = [_rep_server(lambda n: (0.5, None))]
-    client = channel_client.ChannelClient(addrs, timeout_s=5)
+    server = _rep_server(lambda n: (0.5, None))
+    client = channel_client.ChannelClient([server.address], timeout_s=5)
 
     async def main():
         call = asyncio.create_task(client.call("steer_info"))
-        await asyncio.sleep(0.05)
+        await until(server.received.is_set)  # in flight: the rank has the request
         t = time.perf_counter()
         client.close()
         with pytest.raises(RuntimeError, match="closed"):
