@@ -7,6 +7,7 @@ import time
 from multiprocessing import shared_memory
 
 from steer_actors.engine import reaper
+from steer_actors.testing.waits import wait_until
 
 # as vLLM's message queues: no resource tracker that would unlink the file when the holder dies
 HOLD = ("import sys, time; from multiprocessing import resource_tracker, shared_memory; "
@@ -72,7 +73,8 @@ def test_the_next_engine_removes_what_a_killed_engine_left(tmp_path):
             for pid in (int(child), engine.pid):
                 os.kill(pid, signal.SIGKILL)
             engine.wait(10)
-            time.sleep(0.5)
+            # the orphaned grandchild is dead (maybe a zombie not yet collected): it maps nothing any more
+            wait_until(lambda: not reaper.shm_files(child), timeout_s=10, every=0.02)
             assert os.path.exists(f"/dev/shm/{tag}-queue")  # killed: nobody removed it
             assert reaper.sweep_dead_engines() == [f"/dev/shm/{tag}-queue"]
         finally:
