@@ -88,6 +88,18 @@ def run(coro):
     return asyncio.run(coro)
 
 
+async def lock_until(client, cond, running: asyncio.Task | None = None, timeout_s: float = 120.0) -> dict:
+    """Poll the coordinator's lock (``info()["lock"]``) until ``cond(lock)`` holds and return it; fails once
+    ``running`` (a request the wanted state needs in flight) has ended, or at the deadline."""
+    deadline = time.monotonic() + timeout_s
+    while not cond(lock := (await client.info())["lock"]):
+        assert running is None or not running.done(), f"the request ended first; lock {lock}"
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"lock state not reached in {timeout_s} s; last {lock}")
+        await asyncio.sleep(0.01)
+    return lock
+
+
 def test_lock_semantics_under_concurrency(client, oracle_tokens):
     """32 readers and 8 writers at once: versions are consecutive, each response's tokens are those
     of the spec its version names (HF), on both replicas."""
@@ -134,10 +146,11 @@ def test_writer_waits_for_in_flight_and_later_readers_see_new_spec(client, oracl
 
         long_gen = asyncio.create_task(timed("long", client.generate([PROMPT], max_tokens=300, temperature=0.0,
                                                                       ignore_eos=True)))
-        await asyncio.sleep(1.0)
+        await lock_until(client, lambda lock: lock["readers"] == 1, long_gen)  # it runs
         write = asyncio.create_task(timed("write", client.apply_steering_spec(new)))
-        await asyncio.sleep(0.5)
+        await lock_until(client, lambda lock: lock["writers_waiting"] == 1, long_gen)  # the change waits for it
         late = asyncio.create_task(timed("late", client.generate([PROMPT], **SAMPLING)))
+        await lock_until(client, lambda lock: lock["readers_waiting"] == 1, long_gen)  # queued behind the change
         return v0, done, await long_gen, await write, await late
 
     v0, done, long_out, write, late = run(main())
@@ -213,7 +226,7 @@ def test_cancelled_steering_context_leaves_nothing_behind(client, oracle_tokens)
         base = await client.steering_state()
         long_gen = asyncio.create_task(client.generate([PROMPT] * 4, max_tokens=480, temperature=0.0,
                                                        ignore_eos=True))
-        await asyncio.sleep(0.5)
+        await lock_until(client, lambda lock: lock["readers"] == 1, long_gen)  # the generations run
         entered = asyncio.Event()
 
         async def body():
@@ -221,7 +234,7 @@ def test_cancelled_steering_context_leaves_nothing_behind(client, oracle_tokens)
                 entered.set()
 
         enter = asyncio.create_task(body())
-        await asyncio.sleep(0.5)
+        await lock_until(client, lambda lock: lock["writers_waiting"] == 1 or enter.done() or long_gen.done())
         # the case under test: the push is still waiting for the generations (else try again, longer)
         waiting = not long_gen.done() and not enter.done() and not entered.is_set()
         enter.cancel()

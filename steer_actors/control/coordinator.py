@@ -235,8 +235,11 @@ class SteeringCoordinator:
         return sum(counts)
 
     async def info(self) -> dict[str, Any]:
+        lock = self.lock  # shown so an operator (or a test) sees requests queued behind a change
         return {**self._info, **self._state(), "num_replicas": len(self.replicas),
-                "healthy_replicas": sum(r.healthy for r in self.replicas), "replica_failures": self.replica_failures}
+                "healthy_replicas": sum(r.healthy for r in self.replicas), "replica_failures": self.replica_failures,
+                "lock": {"readers": lock.readers, "writer_active": lock.writer_active,
+                         "writers_waiting": lock.writers_waiting, "readers_waiting": lock.readers_waiting}}
 
     def _state(self) -> dict[str, Any]:
         return {"spec_version": self.version, "spec_fingerprint": self.fingerprint, "stack_depth": len(self.stack)}
