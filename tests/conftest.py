@@ -60,3 +60,18 @@ def oracles(qwen3_path, llama_path):
 
     return {"qwen3": HFOracle(qwen3_path), "llama": HFOracle(llama_path)}
 
+
+
+@pytest.fixture(scope="session")
+def deep_qwen3_path(qwen3_path, tmp_path_factory) -> str:
+    """The tiny Qwen3 made 10 layers deep (chatspace's examples steer layers up to 8)."""
+    from steer_actors.testing.chatspace import build_deep_tiny_qwen3
+
+    return build_deep_tiny_qwen3(qwen3_path, str(tmp_path_factory.mktemp("deep-qwen3")))
+
+
+@pytest.fixture(scope="session")
+def deep_oracle(deep_qwen3_path):
+    from steer_actors.testing.hf_oracle import HFOracle
+
+    return HFOracle(deep_qwen3_path)

@@ -14,29 +14,16 @@ import io
 import pytest
 import torch
 
-from steer_actors.testing.chatspace import build_deep_tiny_qwen3
-from steer_actors.testing.hf_oracle import HFOracle
-
 pytestmark = pytest.mark.engine
 
 APP = "steer-compat"
 
 
 @pytest.fixture(scope="module")
-def deep_path(qwen3_path, tmp_path_factory) -> str:
-    return build_deep_tiny_qwen3(qwen3_path, str(tmp_path_factory.mktemp("deep-qwen3")))
-
-
-@pytest.fixture(scope="module")
-def oracle(deep_path):
-    return HFOracle(deep_path)
-
-
-@pytest.fixture(scope="module")
-def model(ray_local, deep_path):
+def model(ray_local, deep_qwen3_path):
     from steer_actors import VLLMSteerModel, VLLMSteeringConfig
 
-    m = VLLMSteerModel(VLLMSteeringConfig(model_name=deep_path, dtype="float32", max_model_len=512,
+    m = VLLMSteerModel(VLLMSteeringConfig(model_name=deep_qwen3_path, dtype="float32", max_model_len=512,
                                           enforce_eager=True), app_name=APP)
     yield m
     m.close()
@@ -51,7 +38,7 @@ def run(coro):
 
 
 @pytest.fixture(scope="module")
-def tools(model, oracle):
+def tools(model, deep_oracle):
     """Names the examples use without defining them, and HF's tokens for a prompt under a spec."""
     from vllm import SamplingParams
 
@@ -63,7 +50,7 @@ def tools(model, oracle):
         return v / v.norm() * norm
 
     def hf(prompt: str, spec=None) -> list[int]:
-        return oracle.greedy(oracle.tokenizer(prompt).input_ids, N, spec).token_ids
+        return deep_oracle.greedy(deep_oracle.tokenizer(prompt).input_ids, N, spec).token_ids
 
     return dict(sampling=SamplingParams(temperature=0.0, max_tokens=N, ignore_eos=True), rnd=rnd, hf=hf)
 
@@ -201,7 +188,7 @@ def test_projection_capping_and_ablation(model, tools):
         assert seen[name][1].token_ids != seen["pushed"][1].token_ids, f"{name} changed nothing"
 
 
-def test_activation_capture(model, tools, oracle):
+def test_activation_capture(model, tools, deep_oracle):
     """The capture example and "Analyze steering effects", as written: rows are HF's, unsteered and steered."""
     from steer_actors import AddSpec, LayerSteeringSpec, SteeringSpec
 
@@ -261,7 +248,7 @@ def test_activation_capture(model, tools, oracle):
     spec = SteeringSpec(layers={4: LayerSteeringSpec(add=AddSpec(vector=steering_vec))})
     for h, r, s in [(handles[0], results[0], None), (handles[1], results[1], None),
                     (baseline_handles[0], None, None), (steered_handles[0], steered_results[0], spec)]:
-        ref = oracle.hidden_states(h.token_ids, s)
+        ref = deep_oracle.hidden_states(h.token_ids, s)
         for layer in h.layer_indices:
             got = h.captures[layer][0]["hidden"]
             assert got.shape == (len(h.token_ids), model.hidden_size)
@@ -336,7 +323,7 @@ def test_steering_stack(model, tools):
     assert tokens(results_baseline) == unsteered and model.export_steering_spec() == SteeringSpec()
 
 
-def test_chat(model, tools, oracle):
+def test_chat(model, tools, deep_oracle):
     from steer_actors import AddSpec, LayerSteeringSpec, SteeringSpec
 
     sampling = tools["sampling"]
@@ -360,9 +347,9 @@ def test_chat(model, tools, oracle):
 
     with contextlib.redirect_stdout(printed):
         messages, responses, steered = run(example())
-    ids = oracle.tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)
+    ids = deep_oracle.tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)
     ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
-    want = oracle.greedy(ids, N).token_ids
+    want = deep_oracle.greedy(ids, N).token_ids
     assert responses[0].prompt_token_ids == ids and responses[0].token_ids == want
     assert printed.getvalue() == f"{responses[0].text}\n"
-    assert steered[0].token_ids == oracle.greedy(ids, N, spec).token_ids != want
+    assert steered[0].token_ids == deep_oracle.greedy(ids, N, spec).token_ids != want

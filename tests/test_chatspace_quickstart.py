@@ -10,8 +10,7 @@ import io
 import pytest
 import torch
 
-from steer_actors.testing.chatspace import build_deep_tiny_qwen3, oracle_text
-from steer_actors.testing.hf_oracle import HFOracle
+from steer_actors.testing.chatspace import oracle_text
 
 pytestmark = pytest.mark.engine
 
@@ -62,17 +61,7 @@ if __name__ == "__main__":
 '''
 
 
-@pytest.fixture(scope="module")
-def deep_path(qwen3_path, tmp_path_factory) -> str:
-    return build_deep_tiny_qwen3(qwen3_path, str(tmp_path_factory.mktemp("deep-qwen3")))
-
-
-@pytest.fixture(scope="module")
-def oracle(deep_path):
-    return HFOracle(deep_path)
-
-
-def test_quick_start(ray_local, deep_path, oracle):
+def test_quick_start(ray_local, deep_qwen3_path, deep_oracle):
     """Runs as written (its own engine: compiled, layers 2, 4, 6 steerable) and prints the model's texts.
 
     The example's ``dtype="auto"`` runs this float32 checkpoint in the platform's half precision (vLLM's
@@ -85,7 +74,7 @@ def test_quick_start(ray_local, deep_path, oracle):
     from steer_actors import AddSpec, LayerSteeringSpec, SteeringSpec
 
     prompt = "Question: What is the capital of France? Answer:"
-    code = QUICK_START.replace('"Qwen/Qwen3-0.6B"', repr(deep_path))
+    code = QUICK_START.replace('"Qwen/Qwen3-0.6B"', repr(deep_qwen3_path))
     out = io.StringIO()
     torch.manual_seed(1234)
     try:
@@ -99,7 +88,7 @@ def test_quick_start(ray_local, deep_path, oracle):
     torch.manual_seed(1234)
     vec = torch.randn(256) * 100.0  # the example's steering_vector, drawn again from the same seed
     spec = SteeringSpec(layers={4: LayerSteeringSpec(add=AddSpec(vector=vec))})
-    steered = oracle_text(oracle, prompt, 64, spec)
+    steered = oracle_text(deep_oracle, prompt, 64, spec)
     assert out.getvalue() == f"Baseline: {again['text']}\nSteered: {steered}\n"
     assert again["text"] != steered and again["spec_fingerprint"] == SteeringSpec().fingerprint()
     assert state["spec"] == {"layers": {}} and state["stack_depth"] == 0  # cleared at the end, as written
