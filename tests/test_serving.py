@@ -157,6 +157,9 @@ def test_writer_waits_for_in_flight_and_later_readers_see_new_spec(client, oracl
     assert done["long"] <= done["write"] <= done["late"]
     assert long_out[0].spec_version == v0 and write["spec_version"] == v0 + 1
     assert late[0].spec_version == v0 + 1 and late[0].token_ids == oracle_tokens(new)
+    # all done: nothing holds or waits for the lock, and HTTP shows it as the handle does
+    idle = {"readers": 0, "writer_active": False, "writers_waiting": 0, "readers_waiting": 0}
+    assert httpx.get(f"{BASE}/v1/info", timeout=30).json()["lock"] == idle
 
 
 def test_steering_context_and_stack(client, oracle_tokens):
